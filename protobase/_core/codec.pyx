@@ -1,0 +1,1660 @@
+"""The value codec: Python values <-> MessagePack bytes with extension types.
+
+Why MessagePack
+---------------
+Every value a user stores is snapshotted into bytes at write time (DESIGN.md §4), so the
+encoder sits on the hot path of every write and the decoder on every cold read. MessagePack
+is compact, self-delimiting, needs no schema, and is readable by outside tools: the
+`msgpack` package decodes our bytes for the plain types (None, bool, 64-bit ints, float,
+str, bytes, list, dict), and we emit exactly the bytes `msgpack.packb` emits for them. What
+MessagePack lacks (tuples, sets, big ints, dates, decimals, classes...) travels as an
+*extension* ``(code, payload)``; codes 0..63 are ours (table in docs/format.md), 64..127
+belong to the layers above through ``default``/``ext_hook``.
+
+Layout of one encoded value
+---------------------------
+::
+
+    plain:      [type byte | length/short value] [payload]           (MessagePack)
+    extension:  [d4..d8 | c7..c9 + len] [code] [payload .......]
+                                               |
+                    structured codes: payload = array header + N nested values
+                    raw codes:        payload = bytes (uuid, complex, decimal text...)
+
+    e.g. (1, "a")  ->  d6 01 | 92 01 a1 61
+                       fixext4, code 1 (tuple), array of 2: 1, "a"
+
+A structured extension's payload length is unknown until its contents are written, so the
+encoder reserves the largest header (6 bytes), writes the payload, then writes the smallest
+header that fits and slides the payload left over the unused bytes. Output is therefore
+canonical MessagePack (shortest form everywhere), which `dumps_key` relies on.
+
+Encoder
+-------
+One growing C buffer (PyMem, doubling) per call; ``bytes`` is built once at the end.
+Dispatch is by *exact* type with C checks (``PyDict_CheckExact``...), cheapest first. A
+type that is not a plain built-in goes, in order, to ``ref_hook`` (pb collections are
+stored by reference), ``default`` (extension codes of upper layers), then to a per-class
+``_ClassInfo`` computed once and cached in a dict: Enum, numpy, namedtuple, dataclass,
+ordinary instance, or refused with the reason. Subclasses of built-in value types (a
+``dict`` subclass, a ``str`` subclass...) are refused: encoding them as the base type
+would silently lose their class, and restoring them would need their own ``__new__``.
+
+Errors carry a path. Nothing is tracked on the success path: when a child fails, each
+container frame appends ``(container, step)`` to the encoder while the exception unwinds,
+and ``dumps`` formats ``value['k'][3].attr``. Cycles cost nothing either: a cycle recurses
+until the depth limit (``MAX_DEPTH``, 1000 levels), and the unwound path then shows the first container
+that repeats, which is reported as the cycle at the path of its second occurrence.
+
+Decoder
+-------
+Direct reads from the caller's buffer with an explicit ``end``; every length is checked
+against the bytes that remain *before* anything is allocated (an array of N items needs at
+least N bytes), so a forged header cannot cause a huge allocation. An extension narrows
+``end`` to its payload and must consume it exactly. Nesting deeper than ``DEPTH_LIMIT``, bad
+UTF-8, unknown codes, values of the wrong type inside an extension, and trailing bytes are
+all ``DecodeError``; any other failure while building a value from forged fields (an
+invalid date, an unhashable key) is converted to ``DecodeError`` too. Exceptions raised by
+the caller's own hooks (``ref_resolver``, ``ext_hook``) pass through unchanged.
+
+Classes
+-------
+Stored by name ``module:qualname`` (or the name given to ``register_class``). Decoding
+imports the module, finds the class, creates the instance with ``cls.__new__(cls)`` and
+sets its state with ``object.__setattr__`` semantics (``__init__`` is never called), or
+calls its ``__setstate__``; no other code runs: no ``__reduce__``, no arbitrary callables.
+``strict=True`` refuses every class that is not registered.
+
+Keys
+----
+``dumps_key`` writes a canonical form so equal keys give identical bytes: numbers by exact
+value (int when integral, float when the value is exactly a float, else an exact fraction;
+one NaN), aware datetimes/times converted to UTC, frozensets with sorted members, IntEnum /
+StrEnum members as their plain value (they are equal to it in a dict).
+
+Complexity: O(size of the value) both ways, plus O(depth) memmove per structured extension
+nesting level (the header slide); class metadata O(1) after the first use of each class.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.dict cimport PyDict_New, PyDict_SetItem, PyDict_Next, PyDict_GetItem
+from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_ITEM
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM, PyTuple_GET_ITEM
+from cpython.set cimport PySet_Add, PySet_New, PyFrozenSet_New
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.ref cimport PyObject, Py_INCREF
+from cpython.object cimport PyObject_GenericSetAttr
+from libc.string cimport memcpy, memmove
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.math cimport isnan, isinf
+cimport cpython.datetime as cdt
+
+import sys
+import importlib
+import datetime as _dt
+import decimal as _decimal
+import fractions as _fractions
+import uuid as _uuid
+import enum as _enum
+import dataclasses as _dataclasses
+
+from protobase.errors import SerializationError, DecodeError
+
+cdef extern from *:
+    const char *PB_SOURCE_DIGEST
+__source_digest__ = PB_SOURCE_DIGEST.decode("ascii")
+
+cdef extern from "Python.h":
+    bint PyUnicode_CheckExact(object)
+    bint PyBytes_CheckExact(object)
+    bint PyLong_CheckExact(object)
+    bint PyFloat_CheckExact(object)
+    bint PyBool_Check(object)
+    bint PyList_CheckExact(object)
+    bint PyTuple_CheckExact(object)
+    bint PyDict_CheckExact(object)
+    bint PyByteArray_CheckExact(object)
+    Py_ssize_t PyList_GET_SIZE(object)
+    Py_ssize_t PyTuple_GET_SIZE(object)
+    Py_ssize_t PyDict_GET_SIZE(object)
+    const char *_utf8_or_null "PyUnicode_AsUTF8AndSize"(object, Py_ssize_t *)
+    bint PyErr_ExceptionMatches(object)
+    void PyErr_Clear()
+    object PyUnicode_DecodeUTF8(const char *, Py_ssize_t, const char *)
+    char *PyByteArray_AS_STRING(object)
+    Py_ssize_t PyByteArray_GET_SIZE(object)
+    object PyByteArray_FromStringAndSize(const char *, Py_ssize_t)
+    long long PyLong_AsLongLongAndOverflow(object, int *) except? -1
+    unsigned long long PyLong_AsUnsignedLongLong(object) except? -1
+    object PyLong_FromLongLong(long long)
+    object PyLong_FromUnsignedLongLong(unsigned long long)
+    double PyFloat_AS_DOUBLE(object)
+    object PyFloat_FromDouble(double)
+    object PyComplex_FromDoubles(double, double)
+    double PyComplex_RealAsDouble(object) except? -1
+    double PyComplex_ImagAsDouble(object) except? -1
+    object PyObject_CallOneArg(object, object)
+    object PyObject_CallNoArgs(object)
+    object PyNumber_Index(object)
+    object PyUnicode_FromObject(object)
+    unsigned long Py_TPFLAGS_HEAPTYPE
+    ctypedef struct PyTypeObject:
+        unsigned long tp_flags
+
+cdt.import_datetime()
+
+cdef enum:
+    DEPTH_LIMIT = 1000      # nesting levels, for encoding and decoding alike
+
+# Kinds of _ClassInfo.
+cdef enum:
+    K_REFUSED = 0
+    K_ENUM = 1
+    K_NAMEDTUPLE = 2
+    K_DATACLASS = 3
+    K_OBJECT = 4
+    K_NDARRAY = 5
+    K_NPSCALAR = 6
+    K_ZONEINFO = 7
+    K_VALUE_ENUM = 8        # Enum mixed with int/float/str/bytes: a key is its plain value
+
+# Steps of an error path (how a child sits in its container).
+cdef enum:
+    S_OBJECT = -1           # entering an instance (no text; its state steps follow)
+    S_INDEX = 0
+    S_KEY = 1
+    S_DICTKEY = 2
+    S_MEMBER = 3
+    S_ATTR = 4
+    S_STATE = 5
+    S_DEPTH = 6
+
+__all__ = ["dumps", "loads", "dumps_key", "register_class", "MAX_DEPTH"]
+
+MAX_DEPTH = DEPTH_LIMIT
+
+cdef object _Decimal = _decimal.Decimal
+cdef object _Fraction = _fractions.Fraction
+cdef object _UUID = _uuid.UUID
+cdef object _timezone = _dt.timezone
+cdef object _timedelta = _dt.timedelta
+cdef object _tzinfo = _dt.tzinfo
+cdef object _utc = _dt.timezone.utc
+cdef object _Enum = _enum.Enum
+cdef object _object_getstate = object.__getstate__
+cdef object _object_new = object.__new__
+cdef object _canonical_nan = float("nan")
+
+# Built-in value types whose subclasses are refused (see the essay).
+cdef tuple _BUILTIN_VALUE_TYPES = (
+    dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, complex,
+    _dt.datetime, _dt.date, _dt.time, _dt.timedelta, _dt.timezone, _decimal.Decimal,
+    _fractions.Fraction, _uuid.UUID,
+)
+
+# --------------------------------------------------------------------------- registry
+
+cdef dict _name_to_class = {}       # registered name -> class
+cdef dict _class_to_name = {}       # class -> registered name (the latest registration)
+cdef dict _enc_info = {}            # class -> _ClassInfo, for encoding
+cdef dict _dec_info = {}            # stored name -> _ClassInfo, for decoding
+
+
+def register_class(cls, name):
+    """Store instances of `cls` under the stable `name`, and resolve `name` to `cls` when
+    decoding. A renamed or moved class keeps loading old data when registered under the
+    name it was stored with. `strict=True` decoding accepts registered classes only."""
+    if not isinstance(cls, type):
+        raise TypeError(f"register_class expects a class, got {type(cls).__name__}")
+    if not isinstance(name, str) or not name:
+        raise TypeError("register_class expects a non-empty str name")
+    other = _name_to_class.get(name)
+    if other is not None and other is not cls:
+        raise ValueError(f"the name {name!r} is already registered for {other!r}")
+    _name_to_class[name] = cls
+    _class_to_name[cls] = name
+    _enc_info.clear()
+    _dec_info.clear()
+
+
+cdef str _default_name(cls):
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+cdef object _lookup_qualname(str module, str qualname):
+    mod = sys.modules.get(module)
+    if mod is None:
+        mod = importlib.import_module(module)
+    obj = mod
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+cdef _ClassInfo _classify(object cls):
+    """Everything the encoder needs to know about a class, computed once."""
+    cdef _ClassInfo info = _ClassInfo.__new__(_ClassInfo)
+    info.cls = cls
+    info.kind = K_REFUSED
+    tname = cls.__qualname__
+    if issubclass(cls, type):
+        info.refusal = f"cannot store a class object ({tname}); store data, not classes"
+        return info
+    if issubclass(cls, _Enum):
+        info.kind = K_ENUM
+        for base in (int, float, str, bytes):
+            if issubclass(cls, base):
+                info.kind = K_VALUE_ENUM
+        return _named(info)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if issubclass(cls, np.ndarray):
+            if cls is np.ndarray:
+                info.kind = K_NDARRAY
+            else:
+                info.refusal = (f"cannot store a numpy.ndarray subclass ({tname}); "
+                                f"convert it with numpy.asarray()")
+            return info
+        if issubclass(cls, np.generic):
+            info.kind = K_NPSCALAR
+            return info
+    zi = sys.modules.get("zoneinfo")
+    if zi is not None and cls is zi.ZoneInfo:
+        info.kind = K_ZONEINFO
+        return info
+    if issubclass(cls, tuple) and isinstance(getattr(cls, "_fields", None), tuple) \
+            and cls.__dict__.get("__slots__", None) == ():
+        info.kind = K_NAMEDTUPLE
+        info.fields = tuple(sys.intern(f) for f in cls._fields)
+        return _named(info)
+    for base in _BUILTIN_VALUE_TYPES:
+        if issubclass(cls, base):
+            info.refusal = (f"cannot store an instance of {tname}, a subclass of "
+                            f"{base.__name__}: its class would be lost; convert it to a plain "
+                            f"{base.__name__} or make it an ordinary class")
+            return info
+    if not (cls.__flags__ & Py_TPFLAGS_HEAPTYPE):
+        info.refusal = _c_type_refusal(cls)
+        return info
+    for base in cls.__mro__:
+        if base is not object and base is not _tzinfo and not (base.__flags__ & Py_TPFLAGS_HEAPTYPE):
+            info.refusal = (f"cannot store an instance of {tname}: it extends the built-in "
+                            f"type {base.__qualname__}, whose internal state cannot be saved")
+            return info
+    getstate = getattr(cls, "__getstate__", _object_getstate)
+    info.custom_state = getstate is not _object_getstate
+    info.has_setstate = hasattr(cls, "__setstate__")
+    info.new = cls.__new__
+    # dataclass(slots=True, frozen=True) adds its own get/setstate: plain fields all the same.
+    generated = getattr(getstate, "__qualname__", "") == "_dataclass_getstate"
+    if _dataclasses.is_dataclass(cls) and (generated or not (info.custom_state or info.has_setstate)):
+        info.kind = K_DATACLASS
+        info.fields = tuple(sys.intern(f.name) for f in _dataclasses.fields(cls))
+        info.use_dict = cls.__dictoffset__ != 0
+    else:
+        info.kind = K_OBJECT
+    return _named(info)
+
+
+cdef str _c_type_refusal(cls):
+    import types
+    tname = cls.__qualname__
+    if issubclass(cls, (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                        types.LambdaType)):
+        return f"cannot store a function ({tname}): functions and lambdas are code, not data"
+    if issubclass(cls, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
+        return f"cannot store a {tname}: its running state cannot be saved"
+    if issubclass(cls, types.ModuleType):
+        return "cannot store a module; store the data it holds"
+    return (f"cannot store a value of type {cls.__module__}.{tname}: it is not a supported "
+            f"value type (see docs/format.md); convert it, or pass default= to dumps")
+
+
+cdef _ClassInfo _named(_ClassInfo info):
+    cls = info.cls
+    name = _class_to_name.get(cls)
+    if name is None:
+        name = _default_name(cls)
+        try:
+            found = _lookup_qualname(cls.__module__, cls.__qualname__)
+        except Exception:
+            found = None
+        if found is not cls:
+            info.kind = K_REFUSED
+            info.refusal = (f"cannot store an instance of {cls.__qualname__}: the class cannot "
+                            f"be found again by its name {name!r} (a local or replaced class); "
+                            f"give it a stable name with pb.register_class(cls, name)")
+            return info
+    info.name = name
+    cdef _Encoder e = _Encoder.__new__(_Encoder)
+    _w_str(e, name)
+    info.name_packed = e.take()
+    return info
+
+
+cdef inline _ClassInfo _class_info(object cls):
+    cdef PyObject *p = PyDict_GetItem(_enc_info, cls)
+    if p != NULL:
+        return <_ClassInfo>p
+    info = _classify(cls)
+    _enc_info[cls] = info
+    return info
+
+
+cdef _ClassInfo _resolve(_Decoder d, str name, int expect):
+    """The class stored under `name`, checked to be of the kind the bytes claim."""
+    cdef PyObject *p = PyDict_GetItem(_dec_info, name)
+    cdef _ClassInfo info
+    if p != NULL:
+        info = <_ClassInfo>p
+    else:
+        cls = _name_to_class.get(name)
+        if cls is None:
+            if d.strict:
+                raise DecodeError(f"class {name!r} is not registered and strict=True refuses "
+                                  f"it; call pb.register_class(cls, {name!r}) to allow it")
+            module, sep, qualname = name.partition(":")
+            if not sep or not module or not qualname:
+                raise DecodeError(f"malformed class name {name!r} in the stored value")
+            try:
+                cls = _lookup_qualname(module, qualname)
+            except Exception as exc:
+                raise DecodeError(
+                    f"class {name!r} of a stored value cannot be found ({exc!r}); import its "
+                    f"module, or call pb.register_class(cls, {name!r}) if it was renamed") from None
+            if not isinstance(cls, type):
+                raise DecodeError(f"{name!r} in the stored value does not name a class")
+        info = _classify(cls)
+        if info.kind == K_REFUSED:
+            raise DecodeError(f"class {name!r} cannot hold a stored value: {info.refusal}")
+        _dec_info[name] = info
+    if d.strict and _name_to_class.get(name) is not info.cls:
+        raise DecodeError(f"class {name!r} is not registered and strict=True refuses it; "
+                          f"call pb.register_class(cls, {name!r}) to allow it")
+    kind = info.kind
+    if kind == K_VALUE_ENUM:
+        kind = K_ENUM
+    elif kind == K_DATACLASS and expect == K_OBJECT:
+        kind = K_OBJECT         # a dataclass with extra attributes is stored as an object
+    if kind != expect:
+        raise DecodeError(f"class {name!r} is not of the kind the stored value needs "
+                          f"(the class changed since the value was written?)")
+    return info
+
+
+# --------------------------------------------------------------------------- encoder
+
+@cython.final
+@cython.freelist(8)
+cdef class _ClassInfo:
+    pass
+
+
+@cython.final
+@cython.freelist(8)
+cdef class _Encoder:
+
+    def __dealloc__(self):
+        if self.buf != NULL:
+            PyMem_Free(self.buf)
+
+    cdef bytes take(self):
+        if self.buf == NULL:
+            return b""
+        return PyBytes_FromStringAndSize(self.buf, self.length)
+
+
+cdef int _grow(_Encoder e, Py_ssize_t need) except -1:
+    cdef Py_ssize_t cap = e.cap * 2 if e.cap else 256
+    while cap < e.length + need:
+        cap *= 2
+    cdef char *nb = <char *>PyMem_Realloc(e.buf, cap)
+    if nb == NULL:
+        raise MemoryError()
+    e.buf = nb
+    e.cap = cap
+    return 0
+
+
+cdef inline int _reserve(_Encoder e, Py_ssize_t need) except -1:
+    if e.length + need > e.cap:
+        _grow(e, need)
+    return 0
+
+
+cdef inline void _be16(char *p, uint16_t v) noexcept:
+    p[0] = <char>(v >> 8)
+    p[1] = <char>v
+
+
+cdef inline void _be32(char *p, uint32_t v) noexcept:
+    p[0] = <char>(v >> 24)
+    p[1] = <char>(v >> 16)
+    p[2] = <char>(v >> 8)
+    p[3] = <char>v
+
+
+cdef inline void _be64(char *p, uint64_t v) noexcept:
+    _be32(p, <uint32_t>(v >> 32))
+    _be32(p + 4, <uint32_t>v)
+
+
+cdef inline int _w_byte(_Encoder e, uint8_t b) except -1:
+    _reserve(e, 1)
+    e.buf[e.length] = <char>b
+    e.length += 1
+    return 0
+
+
+cdef inline int _w_raw(_Encoder e, const char *p, Py_ssize_t n) except -1:
+    _reserve(e, n)
+    memcpy(e.buf + e.length, p, n)
+    e.length += n
+    return 0
+
+
+cdef int _w_i64(_Encoder e, int64_t v) except -1:
+    _reserve(e, 9)
+    cdef char *p = e.buf + e.length
+    if v >= 0:
+        if v < 128:
+            p[0] = <char>v
+            e.length += 1
+        elif v < 256:
+            p[0] = <char>0xcc
+            p[1] = <char>v
+            e.length += 2
+        elif v < 65536:
+            p[0] = <char>0xcd
+            _be16(p + 1, <uint16_t>v)
+            e.length += 3
+        elif v < 4294967296:
+            p[0] = <char>0xce
+            _be32(p + 1, <uint32_t>v)
+            e.length += 5
+        else:
+            p[0] = <char>0xcf
+            _be64(p + 1, <uint64_t>v)
+            e.length += 9
+    else:
+        if v >= -32:
+            p[0] = <char>v
+            e.length += 1
+        elif v >= -128:
+            p[0] = <char>0xd0
+            p[1] = <char>v
+            e.length += 2
+        elif v >= -32768:
+            p[0] = <char>0xd1
+            _be16(p + 1, <uint16_t>v)
+            e.length += 3
+        elif v >= -2147483648:
+            p[0] = <char>0xd2
+            _be32(p + 1, <uint32_t>v)
+            e.length += 5
+        else:
+            p[0] = <char>0xd3
+            _be64(p + 1, <uint64_t>v)
+            e.length += 9
+    return 0
+
+
+cdef int _w_int(_Encoder e, object o) except -1:
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(o, &overflow)
+    if overflow == 0:
+        return _w_i64(e, v)
+    cdef unsigned long long u
+    if overflow > 0 and o.bit_length() <= 64:
+        u = PyLong_AsUnsignedLongLong(o)
+        _reserve(e, 9)
+        e.buf[e.length] = <char>0xcf
+        _be64(e.buf + e.length + 1, u)
+        e.length += 9
+        return 0
+    # Beyond 64 bits: minimal two's complement, big-endian.
+    nbytes = ((o if o >= 0 else ~o).bit_length() + 8) // 8
+    raw = o.to_bytes(nbytes, "big", signed=True)
+    _w_ext_header(e, EXT_BIGINT, len(raw))
+    return _w_raw(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+
+
+cdef int _w_float(_Encoder e, double f) except -1:
+    cdef uint64_t bits
+    _reserve(e, 9)
+    memcpy(&bits, &f, 8)
+    e.buf[e.length] = <char>0xcb
+    _be64(e.buf + e.length + 1, bits)
+    e.length += 9
+    return 0
+
+
+cdef int _w_len_header(_Encoder e, Py_ssize_t n, uint8_t fix, uint8_t fixmax,
+                       uint8_t c8, uint8_t c16, uint8_t c32) except -1:
+    _reserve(e, 5)
+    cdef char *p = e.buf + e.length
+    if n < fixmax:
+        p[0] = <char>(fix | n)
+        e.length += 1
+    elif c8 != 0 and n < 256:
+        p[0] = <char>c8
+        p[1] = <char>n
+        e.length += 2
+    elif n < 65536:
+        p[0] = <char>c16
+        _be16(p + 1, <uint16_t>n)
+        e.length += 3
+    elif n <= 0xffffffff:
+        p[0] = <char>c32
+        _be32(p + 1, <uint32_t>n)
+        e.length += 5
+    else:
+        raise SerializationError("a value is too large for the format (over 2**32-1 items or bytes)",
+                                 type_name="int")
+    return 0
+
+
+cdef inline int _w_array_header(_Encoder e, Py_ssize_t n) except -1:
+    return _w_len_header(e, n, 0x90, 16, 0, 0xdc, 0xdd)
+
+
+cdef inline int _w_map_header(_Encoder e, Py_ssize_t n) except -1:
+    return _w_len_header(e, n, 0x80, 16, 0, 0xde, 0xdf)
+
+
+cdef inline int _w_bin(_Encoder e, const char *p, Py_ssize_t n) except -1:
+    _w_len_header(e, n, 0, 0, 0xc4, 0xc5, 0xc6)
+    return _w_raw(e, p, n)
+
+
+cdef int _w_str(_Encoder e, object s) except -1:
+    cdef Py_ssize_t n
+    cdef const char *p
+    p = _utf8_or_null(s, &n)
+    if p == NULL:
+        if not PyErr_ExceptionMatches(UnicodeEncodeError):
+            raise MemoryError()
+        PyErr_Clear()
+        # Lone surrogates are valid in a str but not in UTF-8: keep them in an extension.
+        raw = (<str>s).encode("utf-8", "surrogatepass")
+        _w_ext_header(e, EXT_SURROGATE_STR, len(raw))
+        return _w_raw(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+    _w_len_header(e, n, 0xa0, 32, 0xd9, 0xda, 0xdb)
+    return _w_raw(e, p, n)
+
+
+cdef int _w_ext_header(_Encoder e, int code, Py_ssize_t n) except -1:
+    _reserve(e, 6)
+    cdef char *p = e.buf + e.length
+    if n == 1 or n == 2 or n == 4 or n == 8 or n == 16:
+        p[0] = <char>(0xd4 if n == 1 else 0xd5 if n == 2 else 0xd6 if n == 4 else
+                      0xd7 if n == 8 else 0xd8)
+        p[1] = <char>code
+        e.length += 2
+    elif n < 256:
+        p[0] = <char>0xc7
+        p[1] = <char>n
+        p[2] = <char>code
+        e.length += 3
+    elif n < 65536:
+        p[0] = <char>0xc8
+        _be16(p + 1, <uint16_t>n)
+        p[3] = <char>code
+        e.length += 4
+    elif n <= 0xffffffff:
+        p[0] = <char>0xc9
+        _be32(p + 1, <uint32_t>n)
+        p[5] = <char>code
+        e.length += 6
+    else:
+        raise SerializationError("a value is too large for the format", type_name="bytes")
+    return 0
+
+
+cdef inline Py_ssize_t _ext_begin(_Encoder e) except -1:
+    """Reserve the largest ext header; the payload follows. Returns the header position."""
+    _reserve(e, 6)
+    e.length += 6
+    return e.length - 6
+
+
+cdef int _ext_end(_Encoder e, Py_ssize_t start, int code) except -1:
+    """Write the smallest header for the payload written since `start` and slide it left."""
+    cdef Py_ssize_t n = e.length - start - 6
+    e.length = start
+    _w_ext_header(e, code, n)
+    cdef Py_ssize_t hdr = e.length - start
+    if hdr != 6:
+        memmove(e.buf + e.length, e.buf + start + 6, n)
+    e.length += n
+    return 0
+
+
+cdef inline void _step(_Encoder e, object container, int kind, object key):
+    if e.steps is None:
+        e.steps = []
+    e.steps.append((container, kind, key))
+
+
+cdef int _too_deep(_Encoder e, object obj) except -1:
+    _step(e, obj, S_DEPTH, None)
+    raise SerializationError(f"value nested deeper than {DEPTH_LIMIT} levels", type_name=type(obj).__name__)
+
+
+cdef int _refuse(object obj, str why) except -1:
+    raise SerializationError(why, type_name=type(obj).__qualname__)
+
+
+cdef int _enc(_Encoder e, object obj, int depth) except -1:
+    """Append the encoding of `obj`. Exact built-in types first, cheapest checks first."""
+    cdef Py_ssize_t i, n, start
+    if PyUnicode_CheckExact(obj):
+        return _w_str(e, obj)
+    if PyLong_CheckExact(obj):
+        return _w_int(e, obj)
+    if obj is None:
+        return _w_byte(e, 0xc0)
+    if PyBool_Check(obj):
+        return _w_byte(e, 0xc3 if obj is True else 0xc2)
+    if PyFloat_CheckExact(obj):
+        return _w_float(e, PyFloat_AS_DOUBLE(obj))
+    if PyDict_CheckExact(obj):
+        if depth >= DEPTH_LIMIT:
+            return _too_deep(e, obj)
+        return _enc_dict(e, obj, depth, S_KEY)
+    if PyList_CheckExact(obj):
+        if depth >= DEPTH_LIMIT:
+            return _too_deep(e, obj)
+        n = PyList_GET_SIZE(obj)
+        _w_array_header(e, n)
+        for i in range(n):
+            try:
+                _enc(e, <object>PyList_GET_ITEM(obj, i), depth + 1)
+            except BaseException:
+                _step(e, obj, S_INDEX, i)
+                raise
+        if PyList_GET_SIZE(obj) != n:
+            raise RuntimeError("list changed size during encoding")
+        return 0
+    if PyBytes_CheckExact(obj):
+        return _w_bin(e, PyBytes_AS_STRING(obj), PyBytes_GET_SIZE(obj))
+    if PyTuple_CheckExact(obj):
+        if depth >= DEPTH_LIMIT:
+            return _too_deep(e, obj)
+        start = _ext_begin(e)
+        _enc_tuple_items(e, obj, depth)
+        return _ext_end(e, start, EXT_TUPLE)
+    return _enc_other(e, obj, depth)
+
+
+cdef int _enc_tuple_items(_Encoder e, tuple t, int depth) except -1:
+    cdef Py_ssize_t i, n = PyTuple_GET_SIZE(t)
+    _w_array_header(e, n)
+    for i in range(n):
+        try:
+            _enc(e, <object>PyTuple_GET_ITEM(t, i), depth + 1)
+        except BaseException:
+            _step(e, t, S_INDEX, i)
+            raise
+    return 0
+
+
+cdef int _enc_dict(_Encoder e, dict d, int depth, int kind) except -1:
+    """A map; `kind` is S_KEY for a dict value, S_ATTR for an instance's __dict__ state."""
+    cdef Py_ssize_t pos = 0, n = PyDict_GET_SIZE(d), seen = 0
+    cdef PyObject *k
+    cdef PyObject *v
+    _w_map_header(e, n)
+    while PyDict_Next(d, &pos, &k, &v):
+        try:
+            _enc(e, <object>k, depth + 1)
+        except BaseException:
+            _step(e, d, S_DICTKEY, seen)
+            raise
+        try:
+            _enc(e, <object>v, depth + 1)
+        except BaseException:
+            _step(e, d, kind, <object>k)
+            raise
+        seen += 1
+    if seen != n or PyDict_GET_SIZE(d) != n:
+        raise RuntimeError("dict changed size during encoding")
+    return 0
+
+
+cdef int _enc_members(_Encoder e, object s, int depth, int code) except -1:
+    cdef Py_ssize_t i = 0, n = len(s)
+    start = _ext_begin(e)
+    _w_array_header(e, n)
+    for item in s:
+        try:
+            _enc(e, item, depth + 1)
+        except BaseException:
+            _step(e, s, S_MEMBER, i)
+            raise
+        i += 1
+    if i != n:
+        raise RuntimeError("set changed size during encoding")
+    return _ext_end(e, start, code)
+
+
+cdef inline int64_t _td_us(object td):
+    return ((<int64_t>cdt.timedelta_days(td) * 86400 + cdt.timedelta_seconds(td)) * 1000000
+            + cdt.timedelta_microseconds(td))
+
+
+cdef int _enc_tz_field(_Encoder e, object owner, object tz, int depth) except -1:
+    if tz is None:
+        return _w_byte(e, 0xc0)
+    try:
+        _enc(e, tz, depth + 1)
+    except BaseException:
+        _step(e, owner, S_ATTR, "tzinfo")
+        raise
+    return 0
+
+
+cdef int _enc_other(_Encoder e, object obj, int depth) except -1:
+    """Everything but the six commonest types: extensions, hooks, classes."""
+    cdef Py_ssize_t start, n
+    cdef double re, im
+    cdef uint64_t bits
+    cdef object t = type(obj)
+    if depth >= DEPTH_LIMIT:
+        return _too_deep(e, obj)
+    if t is set or t is frozenset:
+        return _enc_members(e, obj, depth, EXT_SET if t is set else EXT_FROZENSET)
+    if PyByteArray_CheckExact(obj):
+        _w_ext_header(e, EXT_BYTEARRAY, PyByteArray_GET_SIZE(obj))
+        return _w_raw(e, PyByteArray_AS_STRING(obj), PyByteArray_GET_SIZE(obj))
+    if cdt.PyDateTime_CheckExact(obj):
+        start = _ext_begin(e)
+        _w_array_header(e, 9)
+        _w_i64(e, cdt.datetime_year(obj))
+        _w_i64(e, cdt.datetime_month(obj))
+        _w_i64(e, cdt.datetime_day(obj))
+        _w_i64(e, cdt.datetime_hour(obj))
+        _w_i64(e, cdt.datetime_minute(obj))
+        _w_i64(e, cdt.datetime_second(obj))
+        _w_i64(e, cdt.datetime_microsecond(obj))
+        _w_i64(e, cdt.datetime_fold(obj))
+        _enc_tz_field(e, obj, cdt.datetime_tzinfo(obj), depth)
+        return _ext_end(e, start, EXT_DATETIME)
+    if cdt.PyDate_CheckExact(obj):
+        start = _ext_begin(e)
+        _w_array_header(e, 3)
+        _w_i64(e, cdt.date_year(obj))
+        _w_i64(e, cdt.date_month(obj))
+        _w_i64(e, cdt.date_day(obj))
+        return _ext_end(e, start, EXT_DATE)
+    if cdt.PyTime_CheckExact(obj):
+        start = _ext_begin(e)
+        _w_array_header(e, 6)
+        _w_i64(e, cdt.time_hour(obj))
+        _w_i64(e, cdt.time_minute(obj))
+        _w_i64(e, cdt.time_second(obj))
+        _w_i64(e, cdt.time_microsecond(obj))
+        _w_i64(e, cdt.time_fold(obj))
+        _enc_tz_field(e, obj, cdt.time_tzinfo(obj), depth)
+        return _ext_end(e, start, EXT_TIME)
+    if cdt.PyDelta_CheckExact(obj):
+        start = _ext_begin(e)
+        _w_array_header(e, 3)
+        _w_i64(e, cdt.timedelta_days(obj))
+        _w_i64(e, cdt.timedelta_seconds(obj))
+        _w_i64(e, cdt.timedelta_microseconds(obj))
+        return _ext_end(e, start, EXT_TIMEDELTA)
+    if t is _timezone:
+        args = obj.__getinitargs__()
+        start = _ext_begin(e)
+        _w_array_header(e, len(args))
+        _w_i64(e, _td_us(args[0]))
+        if len(args) > 1:
+            _w_str(e, args[1])
+        return _ext_end(e, start, EXT_TIMEZONE)
+    if t is _Decimal:
+        raw = str(obj).encode("ascii")
+        _w_ext_header(e, EXT_DECIMAL, len(raw))
+        return _w_raw(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+    if t is _Fraction:
+        start = _ext_begin(e)
+        _w_array_header(e, 2)
+        _w_int(e, obj.numerator)
+        _w_int(e, obj.denominator)
+        return _ext_end(e, start, EXT_FRACTION)
+    if t is _UUID:
+        raw = obj.bytes
+        _w_ext_header(e, EXT_UUID, 16)
+        return _w_raw(e, PyBytes_AS_STRING(raw), 16)
+    if t is complex:
+        re = PyComplex_RealAsDouble(obj)
+        im = PyComplex_ImagAsDouble(obj)
+        _w_ext_header(e, EXT_COMPLEX, 16)
+        _reserve(e, 16)
+        memcpy(&bits, &re, 8)
+        _be64(e.buf + e.length, bits)
+        memcpy(&bits, &im, 8)
+        _be64(e.buf + e.length + 8, bits)
+        e.length += 16
+        return 0
+    return _enc_hooked(e, obj, depth)
+
+
+cdef int _enc_hooked(_Encoder e, object obj, int depth) except -1:
+    """Not a plain built-in value: the caller's hooks first, then the class."""
+    cdef Py_ssize_t start
+    if e.ref_hook is not None:
+        ref = PyObject_CallOneArg(e.ref_hook, obj)
+        if ref is not None:
+            if not PyLong_CheckExact(ref):
+                raise SerializationError(f"ref_hook returned {type(ref).__name__}, expected an int "
+                                         f"or None", type_name=type(obj).__qualname__)
+            start = _ext_begin(e)
+            _w_int(e, ref)
+            return _ext_end(e, start, EXT_REF)
+    if e.default is not None:
+        res = PyObject_CallOneArg(e.default, obj)
+        if res is not None:
+            if not (type(res) is tuple and len(res) == 2 and type(res[0]) is int
+                    and EXT_USER_MIN <= res[0] <= EXT_USER_MAX and type(res[1]) is bytes):
+                raise SerializationError(f"default returned {res!r:.60}, expected None or "
+                                         f"(code in 64..127, bytes)", type_name=type(obj).__qualname__)
+            _w_ext_header(e, res[0], len(res[1]))
+            return _w_raw(e, PyBytes_AS_STRING(res[1]), PyBytes_GET_SIZE(res[1]))
+    cdef _ClassInfo info = _class_info(type(obj))
+    if info.kind == K_DATACLASS:
+        return _enc_dataclass(e, info, obj, depth)
+    if info.kind == K_OBJECT:
+        return _enc_object(e, info, obj, depth)
+    if info.kind == K_ENUM or info.kind == K_VALUE_ENUM:
+        return _enc_enum(e, info, obj, depth)
+    if info.kind == K_NAMEDTUPLE:
+        start = _ext_begin(e)
+        _w_array_header(e, PyTuple_GET_SIZE(obj) + 1)
+        _w_raw(e, PyBytes_AS_STRING(info.name_packed), PyBytes_GET_SIZE(info.name_packed))
+        for i in range(PyTuple_GET_SIZE(obj)):
+            try:
+                _enc(e, <object>PyTuple_GET_ITEM(obj, i), depth + 1)
+            except BaseException:
+                _step(e, obj, S_ATTR, info.fields[i] if i < len(info.fields) else str(i))
+                raise
+        return _ext_end(e, start, EXT_NAMEDTUPLE)
+    if info.kind == K_NDARRAY:
+        return _enc_ndarray(e, obj, depth)
+    if info.kind == K_NPSCALAR:
+        dtype = obj.dtype
+        if dtype.hasobject:
+            _refuse(obj, "cannot store a numpy object scalar")
+        start = _ext_begin(e)
+        _w_array_header(e, 2)
+        _enc(e, _dtype_spec(dtype), depth + 1)
+        raw = obj.tobytes()
+        _w_bin(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+        return _ext_end(e, start, EXT_NPSCALAR)
+    if info.kind == K_ZONEINFO:
+        key = obj.key
+        if type(key) is not str:
+            _refuse(obj, "cannot store a ZoneInfo made from a file (it has no key name)")
+        raw = (<str>key).encode("utf-8")
+        _w_ext_header(e, EXT_ZONEINFO, len(raw))
+        return _w_raw(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+    return _refuse(obj, info.refusal)
+
+
+cdef object _dtype_spec(dtype):
+    return dtype.descr if dtype.names is not None else dtype.str
+
+
+cdef int _enc_ndarray(_Encoder e, object arr, int depth) except -1:
+    dtype = arr.dtype
+    if dtype.hasobject:
+        _refuse(arr, "cannot store a numpy array of dtype object (it holds arbitrary Python "
+                     "objects); convert it to a list or a fixed dtype")
+    flags = arr.flags
+    fortran = bool(flags.f_contiguous and not flags.c_contiguous)
+    raw = arr.tobytes(order="F" if fortran else "C")
+    start = _ext_begin(e)
+    _w_array_header(e, 4)
+    _enc(e, _dtype_spec(dtype), depth + 1)
+    _w_array_header(e, len(arr.shape))
+    for dim in arr.shape:
+        _w_int(e, dim)
+    _w_byte(e, 0xc3 if fortran else 0xc2)
+    _w_bin(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+    return _ext_end(e, start, EXT_NDARRAY)
+
+
+cdef int _enc_enum(_Encoder e, _ClassInfo info, object obj, int depth) except -1:
+    start = _ext_begin(e)
+    name = obj._name_
+    members = type(obj)._member_map_
+    if name is not None and members.get(name) is obj:
+        _w_array_header(e, 2)
+        _w_raw(e, PyBytes_AS_STRING(info.name_packed), PyBytes_GET_SIZE(info.name_packed))
+        _w_str(e, name)
+    else:
+        # A composite Flag value has no single member name: store its value.
+        _w_array_header(e, 3)
+        _w_raw(e, PyBytes_AS_STRING(info.name_packed), PyBytes_GET_SIZE(info.name_packed))
+        _w_byte(e, 0xc0)
+        _enc(e, obj._value_, depth + 1)
+    return _ext_end(e, start, EXT_ENUM)
+
+
+cdef int _enc_dataclass(_Encoder e, _ClassInfo info, object obj, int depth) except -1:
+    cdef Py_ssize_t i, n = PyTuple_GET_SIZE(info.fields)
+    cdef object d = None
+    cdef PyObject *p
+    if info.use_dict:
+        d = obj.__dict__
+        if PyDict_GET_SIZE(d) != n:
+            # Attributes beyond the fields (or missing ones): keep them all, by name.
+            return _enc_object(e, info, obj, depth)
+    start = _ext_begin(e)
+    _w_array_header(e, n + 1)
+    _w_raw(e, PyBytes_AS_STRING(info.name_packed), PyBytes_GET_SIZE(info.name_packed))
+    for i in range(n):
+        name = <object>PyTuple_GET_ITEM(info.fields, i)
+        if d is not None:
+            p = PyDict_GetItem(d, name)
+            if p == NULL:
+                e.length = start
+                return _enc_object(e, info, obj, depth)
+            value = <object>p
+        else:
+            value = getattr(obj, name)
+        try:
+            _enc(e, value, depth + 1)
+        except BaseException:
+            _step(e, obj, S_ATTR, name)
+            raise
+    return _ext_end(e, start, EXT_DATACLASS)
+
+
+cdef int _enc_object(_Encoder e, _ClassInfo info, object obj, int depth) except -1:
+    try:
+        state = obj.__getstate__()
+    except TypeError as exc:
+        raise SerializationError(f"cannot store an instance of {type(obj).__qualname__}: {exc}",
+                                 type_name=type(obj).__qualname__) from None
+    start = _ext_begin(e)
+    _w_array_header(e, 2)
+    _w_raw(e, PyBytes_AS_STRING(info.name_packed), PyBytes_GET_SIZE(info.name_packed))
+    if depth + 2 >= DEPTH_LIMIT:
+        return _too_deep(e, obj)
+    try:
+        if info.custom_state:
+            try:
+                _enc(e, state, depth + 1)
+            except BaseException:
+                _step(e, None, S_STATE, None)
+                raise
+        elif PyDict_CheckExact(state):
+            _enc_dict(e, state, depth + 1, S_ATTR)
+        elif PyTuple_CheckExact(state) and PyTuple_GET_SIZE(state) == 2:
+            # object.__getstate__ of a class with __slots__: (dict or None, {slot: value}).
+            tstart = _ext_begin(e)
+            _w_array_header(e, 2)
+            for part in state:
+                if part is None:
+                    _w_byte(e, 0xc0)
+                else:
+                    _enc_dict(e, part, depth + 2, S_ATTR)
+            _ext_end(e, tstart, EXT_TUPLE)
+        else:
+            _enc(e, state, depth + 1)
+    except BaseException:
+        _step(e, obj, S_OBJECT, None)
+        raise
+    return _ext_end(e, start, EXT_OBJECT)
+
+
+cdef str _format_path(list steps):
+    parts = ["value"]
+    for container, kind, key in steps:
+        if kind == S_INDEX:
+            parts.append(f"[{key}]")
+        elif kind == S_KEY:
+            parts.append(f"[{key!r}]")
+        elif kind == S_DICTKEY:
+            parts.append(f".keys()[{key}]")
+        elif kind == S_MEMBER:
+            parts.append(f"{{member {key}}}")
+        elif kind == S_ATTR:
+            parts.append(f".{key}")
+        elif kind == S_STATE:
+            parts.append(".__getstate__()")
+    return "".join(parts)
+
+
+cdef object _path_error(_Encoder e, object exc):
+    """Rebuild a SerializationError raised deep inside with the path to where it happened."""
+    steps = list(reversed(e.steps or []))
+    message = exc.args[0] if exc.args else "cannot store value"
+    type_name = exc.type_name
+    if steps and steps[len(steps) - 1][1] == S_DEPTH:
+        # Too deep: a container repeating on the path is a cycle, reported where it recurs.
+        seen = {}
+        for i, (container, kind, key) in enumerate(steps):
+            if container is None:
+                continue
+            j = seen.get(id(container))
+            if j is not None and steps[j][0] is container:
+                steps = steps[:i]
+                type_name = type(container).__qualname__
+                message = (f"cycle: a {type_name} contains itself; a plain value must be a "
+                           f"tree (store shared parts in a pb collection)")
+                break
+            seen[id(container)] = i
+    path = _format_path(steps)
+    return SerializationError(f"{message} (at {path})", type_name=type_name, path=path)
+
+
+def dumps(obj, *, ref_hook=None, default=None):
+    """Encode `obj` to MessagePack bytes (extension types for what MessagePack lacks).
+
+    `ref_hook(x)` is asked about every value that is not a plain built-in before it is
+    encoded as a class instance: an int N stores "a reference to collection N". `default(x)`
+    may return ``(code, bytes)`` with code in 64..127. Unsupported values raise
+    SerializationError with `type_name` and `path`."""
+    cdef _Encoder e = _Encoder.__new__(_Encoder)
+    e.ref_hook = ref_hook
+    e.default = default
+    try:
+        _enc(e, obj, 0)
+    except SerializationError as exc:
+        raise _path_error(e, exc) from None
+    return e.take()
+
+
+# --------------------------------------------------------------------------- keys
+
+cdef int _key_number(_Encoder e, object n, object num, object den) except -1:
+    """An exact rational num/den (den > 0, reduced): int, else float if exact, else fraction."""
+    if den == 1:
+        return _w_int(e, num)
+    try:
+        f = num / den
+    except OverflowError:
+        f = None
+    if f is not None and f.as_integer_ratio() == (num, den):
+        return _w_float(e, f)
+    start = _ext_begin(e)
+    _w_array_header(e, 2)
+    _w_int(e, num)
+    _w_int(e, den)
+    return _ext_end(e, start, EXT_FRACTION)
+
+
+cdef int _key_float(_Encoder e, double f) except -1:
+    if isnan(f):
+        return _w_float(e, PyFloat_AS_DOUBLE(_canonical_nan))
+    if -9.2e18 < f < 9.2e18 and f == <double><int64_t>f:
+        return _w_i64(e, <int64_t>f)
+    if not isinf(f) and f == int(f):
+        return _w_int(e, int(f))
+    return _w_float(e, f)
+
+
+cdef int _key(_Encoder e, object k, int depth) except -1:
+    cdef object t = type(k)
+    cdef Py_ssize_t i, start
+    if depth >= DEPTH_LIMIT:
+        return _too_deep(e, k)
+    if t is str:
+        return _w_str(e, k)
+    if t is int:
+        return _w_int(e, k)
+    if t is bool:
+        return _w_i64(e, 1 if k else 0)
+    if t is float:
+        return _key_float(e, PyFloat_AS_DOUBLE(k))
+    if k is None:
+        return _w_byte(e, 0xc0)
+    if t is bytes:
+        return _w_bin(e, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k))
+    if t is tuple:
+        start = _ext_begin(e)
+        _w_array_header(e, PyTuple_GET_SIZE(k))
+        for i in range(PyTuple_GET_SIZE(k)):
+            try:
+                _key(e, <object>PyTuple_GET_ITEM(k, i), depth + 1)
+            except BaseException:
+                _step(e, k, S_INDEX, i)
+                raise
+        return _ext_end(e, start, EXT_TUPLE)
+    if t is frozenset:
+        parts = []
+        for item in k:
+            sub = _Encoder.__new__(_Encoder)
+            _key(sub, item, depth + 1)
+            parts.append(sub.take())
+        parts.sort()
+        start = _ext_begin(e)
+        _w_array_header(e, len(parts))
+        for part in parts:
+            _w_raw(e, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
+        return _ext_end(e, start, EXT_FROZENSET)
+    if t is _Decimal:
+        if k.is_nan():
+            if k.is_snan():
+                raise SerializationError("a signaling NaN Decimal cannot be a key (it is unhashable)",
+                                         type_name="Decimal")
+            return _key_float(e, PyFloat_AS_DOUBLE(_canonical_nan))
+        if k.is_infinite():
+            return _w_float(e, float(k))
+        num, den = k.as_integer_ratio()
+        return _key_number(e, k, num, den)
+    if t is _Fraction:
+        return _key_number(e, k, k.numerator, k.denominator)
+    if cdt.PyDateTime_CheckExact(k):
+        off = k.utcoffset()
+        if off is None:
+            return _enc(e, k.replace(tzinfo=None, fold=0), depth)
+        try:
+            return _enc(e, (k.replace(tzinfo=None) - off).replace(tzinfo=_utc, fold=0), depth)
+        except OverflowError:
+            return _enc(e, k.replace(tzinfo=_timezone(off), fold=0), depth)
+    if cdt.PyTime_CheckExact(k):
+        off = k.utcoffset()
+        if off is None:
+            return _enc(e, k.replace(tzinfo=None, fold=0), depth)
+        return _enc(e, _canonical_time(k, off), depth)
+    if cdt.PyDate_CheckExact(k) or t is _UUID or cdt.PyDelta_CheckExact(k):
+        return _enc(e, k, depth)
+    if isinstance(k, _Enum):
+        if isinstance(k, int):
+            return _key(e, PyNumber_Index(k), depth)
+        if isinstance(k, float):
+            return _key(e, PyFloat_FromDouble(PyFloat_AS_DOUBLE(k)), depth)
+        if isinstance(k, str):
+            return _w_str(e, PyUnicode_FromObject(k))
+        if isinstance(k, bytes):
+            return _key(e, bytes(k), depth)
+        info = _class_info(t)
+        if info.kind != K_ENUM:
+            return _refuse(k, info.refusal)
+        return _enc_enum(e, info, k, depth)
+    if isinstance(k, tuple) and _class_info(t).kind == K_NAMEDTUPLE:
+        return _key(e, tuple(k), depth)
+    raise SerializationError(f"{t.__qualname__} cannot be a key: keys are None, bool, int, float, "
+                             f"str, bytes, tuple/frozenset of keys, date/time/datetime, timedelta, "
+                             f"Decimal, Fraction, UUID or Enum members", type_name=t.__qualname__)
+
+
+cdef object _canonical_time(object k, object off):
+    """An aware time equal to `k` (time equality is by UTC-adjusted microseconds, no wrap)."""
+    cdef int64_t day = 86400000000
+    cdef int64_t local = ((<int64_t>cdt.time_hour(k) * 3600 + cdt.time_minute(k) * 60
+                           + cdt.time_second(k)) * 1000000 + cdt.time_microsecond(k))
+    cdef int64_t adj = local - _td_us(off)
+    cdef int64_t t_us, off_us
+    if 0 <= adj < day:
+        t_us, off_us = adj, 0
+    elif adj < 0:
+        t_us, off_us = 0, -adj
+    else:
+        t_us = day - 1
+        off_us = t_us - adj
+    tz = _utc if off_us == 0 else _timezone(_timedelta(microseconds=off_us))
+    return _dt.time(<int>(t_us // 3600000000), <int>(t_us // 60000000 % 60),
+                    <int>(t_us // 1000000 % 60), <int>(t_us % 1000000), tz)
+
+
+cpdef bytes dumps_key(object key):
+    """Canonical bytes of a key: equal keys (as in a dict: 1, 1.0, True, Decimal(1)) give
+    identical bytes. A non-key type raises SerializationError (a TypeError)."""
+    cdef _Encoder e = _Encoder.__new__(_Encoder)
+    try:
+        _key(e, key, 0)
+    except SerializationError as exc:
+        raise _path_error(e, exc) from None
+    return e.take()
+
+
+# --------------------------------------------------------------------------- decoder
+
+@cython.final
+@cython.freelist(8)
+cdef class _Decoder:
+    pass
+
+
+cdef int _fail(_Decoder d, str why) except -1:
+    raise DecodeError(f"{why} (at byte {d.pos})", offset=d.pos)
+
+
+cdef inline int _need(_Decoder d, Py_ssize_t n) except -1:
+    if n < 0 or d.end - d.pos < n:
+        _fail(d, "truncated value")
+    return 0
+
+
+cdef inline uint64_t _rd(_Decoder d, int n) except? 0xffffffffffffffff:
+    """Read an n-byte big-endian unsigned integer."""
+    cdef uint64_t v = 0
+    cdef int i
+    _need(d, n)
+    for i in range(n):
+        v = (v << 8) | d.buf[d.pos + i]
+    d.pos += n
+    return v
+
+
+cdef inline object _rd_str(_Decoder d, Py_ssize_t n):
+    _need(d, n)
+    s = PyUnicode_DecodeUTF8(<const char *>d.buf + d.pos, n, NULL)
+    d.pos += n
+    return s
+
+
+cdef inline object _rd_bin(_Decoder d, Py_ssize_t n):
+    _need(d, n)
+    b = PyBytes_FromStringAndSize(<const char *>d.buf + d.pos, n)
+    d.pos += n
+    return b
+
+
+cdef inline double _rd_double(_Decoder d) except? -1.0:
+    cdef uint64_t bits = _rd(d, 8)
+    cdef double f
+    memcpy(&f, &bits, 8)
+    return f
+
+
+cdef object _dec_array(_Decoder d, Py_ssize_t n, int depth):
+    cdef Py_ssize_t i
+    if depth >= DEPTH_LIMIT:
+        _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
+    _need(d, n)
+    lst = PyList_New(n)
+    for i in range(n):
+        item = _dec(d, depth + 1)
+        Py_INCREF(item)
+        PyList_SET_ITEM(lst, i, item)
+    return lst
+
+
+cdef object _dec_map(_Decoder d, Py_ssize_t n, int depth):
+    cdef Py_ssize_t i
+    if depth >= DEPTH_LIMIT:
+        _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
+    _need(d, 2 * n)
+    dct = PyDict_New()
+    for i in range(n):
+        k = _dec(d, depth + 1)
+        v = _dec(d, depth + 1)
+        PyDict_SetItem(dct, k, v)
+    return dct
+
+
+cdef object _dec(_Decoder d, int depth):
+    _need(d, 1)
+    cdef uint8_t b = d.buf[d.pos]
+    cdef Py_ssize_t n
+    cdef uint32_t f32
+    cdef float f
+    d.pos += 1
+    if b < 0x80:
+        return PyLong_FromLongLong(b)
+    if b >= 0xe0:
+        return PyLong_FromLongLong(<int>b - 256)
+    if b >= 0xa0 and b <= 0xbf:
+        return _rd_str(d, b & 0x1f)
+    if b >= 0x80 and b <= 0x8f:
+        return _dec_map(d, b & 0x0f, depth)
+    if b >= 0x90 and b <= 0x9f:
+        return _dec_array(d, b & 0x0f, depth)
+    if b == 0xc0:
+        return None
+    if b == 0xc2:
+        return False
+    if b == 0xc3:
+        return True
+    if b == 0xcb:
+        return PyFloat_FromDouble(_rd_double(d))
+    if b == 0xca:
+        f32 = <uint32_t>_rd(d, 4)
+        memcpy(&f, &f32, 4)
+        return PyFloat_FromDouble(f)
+    if b == 0xcc:
+        return PyLong_FromLongLong(<long long>_rd(d, 1))
+    if b == 0xcd:
+        return PyLong_FromLongLong(<long long>_rd(d, 2))
+    if b == 0xce:
+        return PyLong_FromLongLong(<long long>_rd(d, 4))
+    if b == 0xcf:
+        return PyLong_FromUnsignedLongLong(_rd(d, 8))
+    if b == 0xd0:
+        return PyLong_FromLongLong(<signed char>_rd(d, 1))
+    if b == 0xd1:
+        return PyLong_FromLongLong(<short>_rd(d, 2))
+    if b == 0xd2:
+        return PyLong_FromLongLong(<int>_rd(d, 4))
+    if b == 0xd3:
+        return PyLong_FromLongLong(<long long>_rd(d, 8))
+    if b == 0xd9:
+        return _rd_str(d, <Py_ssize_t>_rd(d, 1))
+    if b == 0xda:
+        return _rd_str(d, <Py_ssize_t>_rd(d, 2))
+    if b == 0xdb:
+        return _rd_str(d, <Py_ssize_t>_rd(d, 4))
+    if b == 0xc4:
+        return _rd_bin(d, <Py_ssize_t>_rd(d, 1))
+    if b == 0xc5:
+        return _rd_bin(d, <Py_ssize_t>_rd(d, 2))
+    if b == 0xc6:
+        return _rd_bin(d, <Py_ssize_t>_rd(d, 4))
+    if b == 0xdc:
+        return _dec_array(d, <Py_ssize_t>_rd(d, 2), depth)
+    if b == 0xdd:
+        return _dec_array(d, <Py_ssize_t>_rd(d, 4), depth)
+    if b == 0xde:
+        return _dec_map(d, <Py_ssize_t>_rd(d, 2), depth)
+    if b == 0xdf:
+        return _dec_map(d, <Py_ssize_t>_rd(d, 4), depth)
+    if b >= 0xd4 and b <= 0xd8:
+        return _dec_ext(d, 1 << (b - 0xd4), depth)
+    if b == 0xc7:
+        return _dec_ext(d, <Py_ssize_t>_rd(d, 1), depth)
+    if b == 0xc8:
+        return _dec_ext(d, <Py_ssize_t>_rd(d, 2), depth)
+    if b == 0xc9:
+        return _dec_ext(d, <Py_ssize_t>_rd(d, 4), depth)
+    d.pos -= 1
+    _fail(d, f"invalid type byte 0x{b:02x}")
+
+
+cdef Py_ssize_t _rd_array_header(_Decoder d) except -1:
+    _need(d, 1)
+    cdef uint8_t b = d.buf[d.pos]
+    cdef Py_ssize_t n
+    d.pos += 1
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+    elif b == 0xdc:
+        n = <Py_ssize_t>_rd(d, 2)
+    elif b == 0xdd:
+        n = <Py_ssize_t>_rd(d, 4)
+    else:
+        d.pos -= 1
+        return _fail(d, "an extension's payload must be an array here")
+    _need(d, n)
+    return n
+
+
+cdef Py_ssize_t _fields(_Decoder d, Py_ssize_t lo, Py_ssize_t hi, str what) except -1:
+    cdef Py_ssize_t n = _rd_array_header(d)
+    if n < lo or n > hi:
+        _fail(d, f"{what} with {n} fields")
+    return n
+
+
+cdef object _dec_of(_Decoder d, int depth, type t, str what):
+    x = _dec(d, depth)
+    if type(x) is not t:
+        _fail(d, f"{what} must be {t.__name__}, not {type(x).__name__}")
+    return x
+
+
+cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
+    cdef int code = <signed char>_rd(d, 1)
+    _need(d, n)
+    cdef Py_ssize_t saved_end = d.end
+    cdef Py_ssize_t start = d.pos
+    cdef Py_ssize_t i, m
+    cdef uint64_t bits
+    cdef double re, im
+    if depth >= DEPTH_LIMIT:
+        _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
+    d.end = d.pos + n
+    if code == EXT_TUPLE:
+        m = _rd_array_header(d)
+        out = PyTuple_New(m)
+        for i in range(m):
+            item = _dec(d, depth + 1)
+            Py_INCREF(item)
+            PyTuple_SET_ITEM(out, i, item)
+    elif code == EXT_SET or code == EXT_FROZENSET:
+        m = _rd_array_header(d)
+        out = set()
+        for i in range(m):
+            PySet_Add(out, _dec(d, depth + 1))
+        if code == EXT_FROZENSET:
+            out = frozenset(out)
+    elif code == EXT_BIGINT:
+        if n == 0:
+            _fail(d, "empty big int")
+        out = int.from_bytes(_rd_bin(d, n), "big", signed=True)
+    elif code == EXT_BYTEARRAY:
+        out = PyByteArray_FromStringAndSize(<const char *>d.buf + d.pos, n)
+        d.pos += n
+    elif code == EXT_SURROGATE_STR:
+        _need(d, n)
+        out = PyUnicode_DecodeUTF8(<const char *>d.buf + d.pos, n, "surrogatepass")
+        d.pos += n
+    elif code == EXT_COMPLEX:
+        if n != 16:
+            _fail(d, "complex payload must be 16 bytes")
+        re = _rd_double(d)
+        im = _rd_double(d)
+        out = PyComplex_FromDoubles(re, im)
+    elif code == EXT_UUID:
+        if n != 16:
+            _fail(d, "UUID payload must be 16 bytes")
+        out = _UUID(bytes=_rd_bin(d, 16))
+    elif code == EXT_DECIMAL:
+        text = _rd_bin(d, n).decode("ascii")
+        out = _Decimal(text)
+    elif code == EXT_DATETIME:
+        _fields(d, 9, 9, "datetime")
+        f = [_dec_of(d, depth + 1, int, "a datetime field") for i in range(8)]
+        tz = _dec_tz(d, depth)
+        out = _dt.datetime(f[0], f[1], f[2], f[3], f[4], f[5], f[6], tz, fold=f[7])
+    elif code == EXT_DATE:
+        _fields(d, 3, 3, "date")
+        f = [_dec_of(d, depth + 1, int, "a date field") for i in range(3)]
+        out = _dt.date(f[0], f[1], f[2])
+    elif code == EXT_TIME:
+        _fields(d, 6, 6, "time")
+        f = [_dec_of(d, depth + 1, int, "a time field") for i in range(5)]
+        tz = _dec_tz(d, depth)
+        out = _dt.time(f[0], f[1], f[2], f[3], tz, fold=f[4])
+    elif code == EXT_TIMEDELTA:
+        _fields(d, 3, 3, "timedelta")
+        f = [_dec_of(d, depth + 1, int, "a timedelta field") for i in range(3)]
+        out = _timedelta(f[0], f[1], f[2])
+    elif code == EXT_TIMEZONE:
+        m = _fields(d, 1, 2, "timezone")
+        offset = _timedelta(microseconds=_dec_of(d, depth + 1, int, "a timezone offset"))
+        if m == 2:
+            out = _timezone(offset, _dec_of(d, depth + 1, str, "a timezone name"))
+        else:
+            out = _timezone(offset)
+    elif code == EXT_ZONEINFO:
+        import zoneinfo
+        out = zoneinfo.ZoneInfo(_rd_bin(d, n).decode("utf-8"))
+    elif code == EXT_FRACTION:
+        _fields(d, 2, 2, "fraction")
+        num = _dec_of(d, depth + 1, int, "a fraction numerator")
+        den = _dec_of(d, depth + 1, int, "a fraction denominator")
+        if den == 0:
+            _fail(d, "fraction with denominator 0")
+        out = _Fraction(num, den)
+    elif code == EXT_ENUM:
+        m = _fields(d, 2, 3, "enum member")
+        info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_ENUM)
+        if m == 2:
+            member = info.cls._member_map_.get(_dec_of(d, depth + 1, str, "an enum member name"))
+            if member is None:
+                _fail(d, f"enum {info.name} has no such member")
+            out = member
+        else:
+            if _dec(d, depth + 1) is not None:
+                _fail(d, "malformed enum value")
+            out = info.cls(_dec(d, depth + 1))
+    elif code == EXT_NAMEDTUPLE:
+        m = _rd_array_header(d)
+        if m < 1:
+            _fail(d, "namedtuple without a class name")
+        info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_NAMEDTUPLE)
+        if m - 1 != PyTuple_GET_SIZE(info.fields):
+            _fail(d, f"namedtuple {info.name} has {len(info.fields)} fields, the stored value {m - 1}")
+        items = PyTuple_New(m - 1)
+        for i in range(m - 1):
+            item = _dec(d, depth + 1)
+            Py_INCREF(item)
+            PyTuple_SET_ITEM(items, i, item)
+        out = tuple.__new__(info.cls, items)
+    elif code == EXT_DATACLASS:
+        out = _dec_dataclass(d, depth)
+    elif code == EXT_OBJECT:
+        out = _dec_object(d, depth)
+    elif code == EXT_NDARRAY or code == EXT_NPSCALAR:
+        out = _dec_numpy(d, code, depth)
+    elif code == EXT_REF:
+        ref = _dec_of(d, depth + 1, int, "a collection reference")
+        if d.ref_resolver is None:
+            _fail(d, "the value holds a collection reference but no ref_resolver was given")
+        d.hook_failed = True
+        out = PyObject_CallOneArg(d.ref_resolver, ref)
+        d.hook_failed = False
+    elif EXT_USER_MIN <= code <= EXT_USER_MAX:
+        payload = _rd_bin(d, n)
+        if d.ext_hook is None:
+            _fail(d, f"the value holds extension type {code} but no ext_hook was given")
+        d.hook_failed = True
+        out = d.ext_hook(code, payload)
+        d.hook_failed = False
+    else:
+        d.pos -= 1
+        return _fail(d, f"unknown extension type {code}")
+    if d.pos != d.end:
+        _fail(d, f"extension type {code} has {d.end - d.pos} unread payload bytes")
+    d.end = saved_end
+    return out
+
+
+cdef object _dec_tz(_Decoder d, int depth):
+    tz = _dec(d, depth + 1)
+    if tz is not None and not isinstance(tz, _tzinfo):
+        _fail(d, "a tzinfo field holds a non-tzinfo value")
+    return tz
+
+
+cdef object _dec_dataclass(_Decoder d, int depth):
+    cdef Py_ssize_t i, m = _rd_array_header(d)
+    if m < 1:
+        _fail(d, "dataclass without a class name")
+    cdef _ClassInfo info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_DATACLASS)
+    if m - 1 != PyTuple_GET_SIZE(info.fields):
+        _fail(d, f"dataclass {info.name} has {len(info.fields)} fields, the stored value {m - 1} "
+                 f"(the class changed since the value was written)")
+    obj = PyObject_CallOneArg(info.new, info.cls)
+    if info.use_dict:
+        state = obj.__dict__
+        for i in range(m - 1):
+            PyDict_SetItem(state, <object>PyTuple_GET_ITEM(info.fields, i), _dec(d, depth + 1))
+    else:
+        for i in range(m - 1):
+            PyObject_GenericSetAttr(obj, <object>PyTuple_GET_ITEM(info.fields, i), _dec(d, depth + 1))
+    return obj
+
+
+cdef object _dec_object(_Decoder d, int depth):
+    _fields(d, 2, 2, "object")
+    cdef _ClassInfo info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_OBJECT)
+    state = _dec(d, depth + 1)
+    cls = info.cls
+    obj = cls.__new__(cls)
+    if info.has_setstate:
+        if state:
+            obj.__setstate__(state)
+        return obj
+    slots = None
+    if type(state) is tuple and len(state) == 2:
+        state, slots = state
+    if state is not None:
+        if type(state) is not dict:
+            _fail(d, f"object state of {info.name} is not a dict")
+        target = obj.__dict__
+        for k, v in (<dict>state).items():
+            if type(k) is not str:
+                _fail(d, "an attribute name is not a str")
+            target[sys.intern(k)] = v
+    if slots is not None:
+        if type(slots) is not dict:
+            _fail(d, f"slot state of {info.name} is not a dict")
+        for k, v in (<dict>slots).items():
+            if type(k) is not str:
+                _fail(d, "an attribute name is not a str")
+            PyObject_GenericSetAttr(obj, k, v)
+    return obj
+
+
+cdef object _dec_numpy(_Decoder d, int code, int depth):
+    import numpy as np
+    if code == EXT_NPSCALAR:
+        _fields(d, 2, 2, "numpy scalar")
+        dtype = np.dtype(_dec(d, depth + 1))
+        raw = _dec_of(d, depth + 1, bytes, "numpy scalar data")
+        if dtype.hasobject or len(raw) != dtype.itemsize:
+            _fail(d, "numpy scalar data does not match its dtype")
+        if dtype.itemsize == 0:
+            return np.zeros((), dtype)[()]
+        return np.frombuffer(raw, dtype)[0]
+    _fields(d, 4, 4, "numpy array")
+    dtype = np.dtype(_dec(d, depth + 1))
+    shape = _dec_of(d, depth + 1, list, "a numpy shape")
+    fortran = _dec(d, depth + 1)
+    raw = _dec_of(d, depth + 1, bytes, "numpy array data")
+    size = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            _fail(d, "bad numpy shape")
+        size *= dim
+    if dtype.hasobject or type(fortran) is not bool or size * dtype.itemsize != len(raw):
+        _fail(d, "numpy array data does not match its dtype and shape")
+    order = "F" if fortran else "C"
+    if dtype.itemsize == 0:
+        return np.zeros(tuple(shape), dtype, order=order)
+    flat = np.frombuffer(raw, dtype)
+    return np.array(flat.reshape(tuple(shape), order=order), order=order, copy=True)
+
+
+def loads(data, *, ref_resolver=None, ext_hook=None, strict=False):
+    """Decode one value from `data` (bytes-like). Damaged, truncated or forged bytes, and
+    trailing bytes after the value, raise DecodeError. `strict=True` refuses classes that
+    were not registered with register_class."""
+    cdef _Decoder d = _Decoder.__new__(_Decoder)
+    cdef Py_buffer view
+    cdef bint release = False
+    if PyBytes_CheckExact(data):
+        d.buf = <const unsigned char *>PyBytes_AS_STRING(data)
+        d.end = PyBytes_GET_SIZE(data)
+    else:
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        release = True
+        d.buf = <const unsigned char *>view.buf
+        d.end = view.len
+    d.ref_resolver = ref_resolver
+    d.ext_hook = ext_hook
+    d.strict = strict
+    try:
+        out = _dec(d, 0)
+        if d.pos != d.end:
+            _fail(d, f"{d.end - d.pos} trailing bytes after the value")
+        return out
+    except DecodeError:
+        raise
+    except RecursionError as exc:
+        raise DecodeError(f"value nested too deeply to decode ({exc})", offset=d.pos) from None
+    except Exception as exc:
+        if d.hook_failed:
+            raise
+        raise DecodeError(f"invalid encoded value: {type(exc).__name__}: {exc} "
+                          f"(near byte {d.pos})", offset=d.pos) from exc
+    finally:
+        if release:
+            PyBuffer_Release(&view)

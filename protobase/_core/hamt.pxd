@@ -1,0 +1,58 @@
+# C-level interface of the persistent hash trie (see hamt.pyx for the layout and invariants).
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from cpython.ref cimport PyObject
+
+cimport cython
+
+
+@cython.final
+cdef class Node:
+    cdef uint32_t datamap          # bit b set: an inline entry for 5-bit chunk b
+    cdef uint32_t nodemap          # bit b set: a child node for chunk b
+    cdef Py_ssize_t n              # used slots: 2 * entries + children
+    cdef Py_ssize_t cap            # allocated slots
+    cdef PyObject **slots          # [k0, v0, k1, v1, ..., child0, child1, ...]
+    cdef object owner              # token of the mutation allowed to edit in place, or None
+    cdef int64_t ptr               # atom pointer once persisted, else -1
+    cdef uint64_t chash            # collision nodes: the hash every key shares
+    cdef bint collision
+
+
+@cython.final
+cdef class _Loader:
+    cdef object io
+    cdef bint is_set
+
+
+cdef class Map:
+    cdef Node root                 # None until a lazily loaded root is first touched
+    cdef int64_t root_ptr
+    cdef Py_ssize_t count
+    cdef _Loader loader
+    cdef int64_t header_ptr
+
+
+cdef class MapMutation:
+    cdef Node root
+    cdef Py_ssize_t count
+    cdef object token
+    cdef _Loader loader
+
+
+cdef class HashSet:
+    cdef Node root
+    cdef int64_t root_ptr
+    cdef Py_ssize_t count
+    cdef _Loader loader
+    cdef int64_t header_ptr
+
+
+cdef class HashSetMutation:
+    cdef Node root
+    cdef Py_ssize_t count
+    cdef object token
+    cdef _Loader loader
+
+
+cdef uint64_t stable_hash_c(object key) except? 0xFFFFFFFFFFFFFFFF
+cdef bint key_eq(object a, object b) except -1

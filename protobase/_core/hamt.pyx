@@ -1,0 +1,1637 @@
+"""Persistent hash array mapped trie: `Map`/`MapMutation` and `HashSet`/`HashSetMutation`.
+
+Why a HAMT
+----------
+ProtoBase's `Dict` and `Set` must be snapshots: a transaction starts by taking the current
+root in O(1), and a commit must not disturb readers of older versions. A hash trie gives
+that with path copying: changing one key copies only the nodes on the path from the root to
+that key (about log32(n) nodes, 4 for a million keys), while every other node is shared by
+the old and the new version. Lookups walk the same short path, reading 5 bits of the key's
+hash per level, so a 1M-key map is four pointer hops from any key.
+
+Hashing
+-------
+The trie is persisted, so it cannot use `hash()` (randomized per process for str/bytes).
+`stable_hash(key)` is a signed 64-bit hash fixed across processes and runs:
+
+  numbers (bool, int, float, Decimal, Fraction)   Python's numeric hash (deterministic,
+                                                  so 1, 1.0, True, Decimal(1) collide and
+                                                  then compare equal); every NaN -> NAN_HASH
+  str / bytes                                     seeded 64-bit multiply-fold hash of the
+                                                  UTF-8 / raw bytes (different seeds)
+  tuple / frozenset                               element hashes combined, order-sensitive /
+                                                  order-insensitive
+  date, datetime, time, timedelta, UUID, Enum     a seeded combination of canonical integer
+                                                  fields (aware datetimes by UTC instant)
+
+Anything else is a TypeError naming the type, raised before the structure is touched.
+Keys compare as in `dict` (identity, then ==), except that all NaNs are one key: a NaN must
+find itself again after a round trip through the file, where identity is lost.
+
+Node layout (CHAMP)
+-------------------
+A bitmap node keeps two 32-bit maps and one array of slots. The inline entries come first
+in chunk order, the child nodes after them, also in chunk order:
+
+    datamap = 0b...0100_0010      nodemap = 0b...1000_0000
+                    |     |                      |
+    slots:  [ k1, v1, k6, v6 | child7 ]          (chunk 1, chunk 6 inline; chunk 7 a node)
+              entry i at 2*i      child j at 2*popcount(datamap) + j
+
+    root (shift 0) ──chunk 7──> node (shift 5) ──chunk 19──> node (shift 10) ...
+                                   └─> collision node: [k, v, k', v'] (same 64-bit hash)
+
+The index of chunk b is popcount(map & ((1 << b) - 1)), so a node holds exactly the slots
+it uses. Keys whose whole 64-bit hashes are equal share a collision node (a flat list of
+pairs, compared with ==). A set stores None in every value slot.
+
+Invariants (checked by `_check()`)
+---------------------------------
+- datamap & nodemap == 0; n == 2*popcount(datamap) + popcount(nodemap).
+- Every key sits where its hash sends it: the bits below `shift` equal the node's path
+  prefix and the chunk at `shift` is the key's bit in datamap. Bitmap nodes exist only at
+  shift <= 60 (the last chunk has 4 bits); collision nodes hold >= 2 keys of one hash.
+- Canonical form: a non-root bitmap node holds >= 2 entries/children, or exactly one child
+  that is itself a bitmap node (a run of equal chunks). A single remaining entry is pulled
+  up into its parent and a lone collision child replaces its parent on deletion. So the
+  shape depends only on the set of keys (and, inside a collision node, their order), never
+  on the history of edits: the same keys give the same trie in every process.
+- Ownership: a node whose `owner` is a live mutation's token is reachable only through
+  nodes with that owner and has never been persisted (`ptr == -1`). A persisted node is
+  frozen (owner None) and never edited again; it only references persisted children.
+
+Transients
+----------
+A mutation carries a token (a fresh object). Editing a node it owns happens in place;
+editing any other node first copies it (path copying) and the copy is owned by the token,
+so a batch of k edits copies each shared node at most once: building 100k keys costs about
+what 100k dict inserts cost. `finish()` returns a snapshot sharing every node, and the
+mutation takes a fresh token, so later edits copy again and never touch that snapshot.
+Persistent operations (`Map.set`) are the same code with token None: every touched node is
+copied.
+
+Persistence and lazy loading
+----------------------------
+`_persist(io)` writes, children first, every node with ptr < 0 as `io.encode(list)`:
+
+    map  bitmap node     [1, datamap, nodemap, [keys], [values], [child ptrs]]
+    map  collision node  [2, hash, [keys], [values]]
+    set  bitmap node     [3, datamap, nodemap, [keys], [child ptrs]]
+    set  collision node  [4, hash, [keys]]
+    header               [16 (map) | 17 (set), count, root ptr]
+
+then the header, and returns the header's pointer. `_load(ptr, io)` reads only the header.
+A child slot then holds the child's pointer (a Python int) until first touched; the node is
+read, decoded, validated (shape, counts, bitmaps, hash placement) and stored in the slot, a
+benign write that does not change the node's logical content. Malformed node data raises
+CorruptionError(offset=ptr).
+
+Complexity
+----------
+get/set/delete O(log32 n) (hashes are 64-bit: at most 13 levels, then a collision node);
+len O(1); iteration O(n); one persistent set copies O(log32 n) nodes of <= 32 slots.
+"""
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.string cimport memmove
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.ref cimport PyObject, Py_INCREF, Py_XINCREF, Py_XDECREF
+from cpython.object cimport PyObject_RichCompareBool, Py_EQ, PyObject_Hash
+
+import datetime as _dt
+import decimal as _decimal
+import enum as _enum
+import fractions as _fractions
+import uuid as _uuid
+from collections.abc import (ItemsView, KeysView, Mapping, MutableMapping, MutableSet, Set,
+                             ValuesView)
+
+from protobase.errors import CorruptionError
+
+cdef extern from *:
+    const char *PB_SOURCE_DIGEST
+__source_digest__ = PB_SOURCE_DIGEST.decode("ascii")
+
+__all__ = ["Map", "MapMutation", "HashSet", "HashSetMutation", "stable_hash"]
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+
+    /* Odd 64-bit constants (golden ratio and three arbitrary odd words). */
+    #define PB_K1 0x9E3779B97F4A7C15ULL
+    #define PB_K2 0xD6E8FEB86659FD93ULL
+    #define PB_K3 0xCA5A826395121157ULL
+    #define PB_K4 0x8CB92BA72F3D8DD7ULL
+
+    static inline uint64_t pb_bswap_le64(uint64_t v) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        return __builtin_bswap64(v);
+    #else
+        return v;
+    #endif
+    }
+    static inline uint32_t pb_bswap_le32(uint32_t v) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        return __builtin_bswap32(v);
+    #else
+        return v;
+    #endif
+    }
+    static inline uint64_t pb_rd64(const unsigned char *p) {
+        uint64_t v; memcpy(&v, p, 8); return pb_bswap_le64(v);
+    }
+    static inline uint64_t pb_rd32(const unsigned char *p) {
+        uint32_t v; memcpy(&v, p, 4); return pb_bswap_le32(v);
+    }
+
+    /* 64x64 -> 128-bit multiply, folded back to 64 bits by xor of the halves. */
+    static inline uint64_t pb_mum(uint64_t a, uint64_t b) {
+    #ifdef __SIZEOF_INT128__
+        __uint128_t r = (__uint128_t)a * b;
+        return (uint64_t)r ^ (uint64_t)(r >> 64);
+    #else
+        uint64_t ah = a >> 32, al = (uint32_t)a, bh = b >> 32, bl = (uint32_t)b;
+        uint64_t ll = al * bl, lh = al * bh, hl = ah * bl, hh = ah * bh;
+        uint64_t mid = (ll >> 32) + (uint32_t)lh + (uint32_t)hl;
+        uint64_t lo = (mid << 32) | (uint32_t)ll;
+        uint64_t hi = hh + (lh >> 32) + (hl >> 32) + (mid >> 32);
+        return lo ^ hi;
+    #endif
+    }
+
+    /* Seeded hash of a byte string: 16 bytes per round, the tail read as two (possibly
+       overlapping) words, the length folded in at the start and the end. */
+    static uint64_t pb_hash_bytes(const unsigned char *p, size_t n, uint64_t seed) {
+        uint64_t h = pb_mum(seed ^ PB_K1, (uint64_t)n ^ PB_K2);
+        uint64_t a, b;
+        if (n <= 16) {
+            if (n >= 8) { a = pb_rd64(p); b = pb_rd64(p + n - 8); }
+            else if (n >= 4) { a = pb_rd32(p); b = pb_rd32(p + n - 4); }
+            else if (n > 0) {
+                a = ((uint64_t)p[0] << 16) | ((uint64_t)p[n >> 1] << 8) | p[n - 1]; b = 0;
+            } else { a = 0; b = 0; }
+        } else {
+            size_t i = n;
+            while (i > 16) {
+                h = pb_mum(pb_rd64(p) ^ PB_K3, pb_rd64(p + 8) ^ h);
+                p += 16; i -= 16;
+            }
+            a = pb_rd64(p + i - 16); b = pb_rd64(p + i - 8);
+        }
+        h = pb_mum(a ^ PB_K3 ^ h, b ^ PB_K4);
+        return pb_mum(h ^ (uint64_t)n, PB_K1 ^ seed);
+    }
+
+    /* Order-sensitive step (tuples, canonical field lists). */
+    static inline uint64_t pb_combine(uint64_t h, uint64_t x) {
+        return pb_mum(h ^ PB_K2, x ^ PB_K3);
+    }
+    /* Per-element scramble for order-insensitive sums (frozensets). */
+    static inline uint64_t pb_scramble(uint64_t x) {
+        return pb_mum(x ^ PB_K4, PB_K1);
+    }
+
+    /* Population count without relying on a POPCNT instruction (no -march flags). */
+    static inline uint32_t pb_popcount(uint32_t x) {
+        x = x - ((x >> 1) & 0x55555555u);
+        x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+        x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+        return (x * 0x01010101u) >> 24;
+    }
+    static inline int pb_same_type(PyObject *o, PyObject *t) {
+        return (PyObject *)Py_TYPE(o) == t;
+    }
+    static inline int pb_is_nan_double(double d) { return d != d; }
+    """
+    uint64_t pb_mum(uint64_t a, uint64_t b)
+    uint64_t pb_hash_bytes(const unsigned char *p, size_t n, uint64_t seed)
+    uint64_t pb_combine(uint64_t h, uint64_t x)
+    uint64_t pb_scramble(uint64_t x)
+    uint32_t pb_popcount(uint32_t x)
+    int pb_same_type(PyObject *o, PyObject *t)
+    int pb_is_nan_double(double d)
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+    char *PyBytes_AS_STRING(object b)
+    Py_ssize_t PyBytes_GET_SIZE(object b)
+    double PyFloat_AS_DOUBLE(object f)
+    Py_ssize_t PyTuple_GET_SIZE(object t)
+    PyObject *PyTuple_GET_ITEM(object t, Py_ssize_t i)
+    ctypedef int (*visitproc)(PyObject *, void *) noexcept
+    ctypedef int (*traverseproc)(PyObject *, visitproc, void *) noexcept
+    ctypedef int (*inquiry)(PyObject *) noexcept
+    ctypedef struct _PBTypeSlots "PyTypeObject":
+        traverseproc tp_traverse
+        inquiry tp_clear
+
+
+# Seeds keep values of different kinds apart even when their fields coincide.
+cdef uint64_t SEED_STR = 0x243F6A8885A308D3ULL
+cdef uint64_t SEED_BYTES = 0x13198A2E03707344ULL
+cdef uint64_t SEED_TUPLE = 0xA4093822299F31D0ULL
+cdef uint64_t SEED_FSET = 0x082EFA98EC4E6C89ULL
+cdef uint64_t SEED_DATE = 0x452821E638D01377ULL
+cdef uint64_t SEED_DT_NAIVE = 0xBE5466CF34E90C6CULL
+cdef uint64_t SEED_DT_AWARE = 0xC0AC29B7C97C50DDULL
+cdef uint64_t SEED_TIME_NAIVE = 0x3F84D5B5B5470917ULL
+cdef uint64_t SEED_TIME_AWARE = 0x9216D5D98979FB1BULL
+cdef uint64_t SEED_TIMEDELTA = 0xD1310BA698DFB5ACULL
+cdef uint64_t SEED_UUID = 0x2FFD72DBD01ADFB7ULL
+cdef uint64_t SEED_ENUM = 0xB8E1AFED6A267E96ULL
+cdef uint64_t NAN_HASH = 0x7FF8A5A5C3C3F00DULL
+cdef uint64_t HASH_ERROR = 0xFFFFFFFFFFFFFFFFULL
+
+cdef object _Decimal = _decimal.Decimal
+cdef object _Fraction = _fractions.Fraction
+cdef object _UUID = _uuid.UUID
+cdef object _Enum = _enum.Enum
+cdef object _date = _dt.date
+cdef object _datetime = _dt.datetime
+cdef object _time = _dt.time
+cdef object _timedelta = _dt.timedelta
+cdef object _MISSING = object()
+
+# Node kinds on disk (see the essay).
+cdef enum:
+    K_MAP_NODE = 1
+    K_MAP_COLL = 2
+    K_SET_NODE = 3
+    K_SET_COLL = 4
+    K_MAP_HEADER = 16
+    K_SET_HEADER = 17
+    MAX_SHIFT = 60       # the last hash chunk (bits 60..63)
+    MAX_DEPTH = 16       # levels 0..12 plus a collision node, with room to spare
+
+
+# ---------------------------------------------------------------------------------------
+# Stable hashing and key equality
+
+cdef inline uint64_t _hash_str(object s) except? 0xFFFFFFFFFFFFFFFF:
+    cdef Py_ssize_t n
+    cdef const char *p
+    try:
+        p = PyUnicode_AsUTF8AndSize(s, &n)
+    except UnicodeEncodeError:
+        # Lone surrogates have no strict UTF-8 form; hash their surrogatepass bytes.
+        b = (<str>s).encode("utf-8", "surrogatepass")
+        return pb_hash_bytes(<const unsigned char *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b),
+                             SEED_STR)
+    return pb_hash_bytes(<const unsigned char *>p, <size_t>n, SEED_STR)
+
+
+cdef inline uint64_t _hash_number(object x) except? 0xFFFFFFFFFFFFFFFF:
+    return <uint64_t>PyObject_Hash(x)
+
+
+cdef inline uint64_t _hash_ticks(uint64_t seed, object ticks) except? 0xFFFFFFFFFFFFFFFF:
+    return pb_combine(seed, <uint64_t>PyObject_Hash(ticks))
+
+
+cdef inline object _td_micros(object td):
+    return (td.days * 86400 + td.seconds) * 1000000 + td.microseconds
+
+
+cdef uint64_t _hash_other(object key) except? 0xFFFFFFFFFFFFFFFF:
+    cdef type t = type(key)
+    cdef uint64_t h
+    if t is _Decimal:
+        return NAN_HASH if key.is_nan() else _hash_number(key)
+    if t is _Fraction:
+        return _hash_number(key)
+    if t is frozenset:
+        h = 0
+        for item in key:
+            h += pb_scramble(stable_hash_c(item))
+        return pb_combine(SEED_FSET ^ <uint64_t>len(<frozenset>key), h)
+    if t is _datetime:
+        k = key.replace(fold=0) if key.fold else key
+        off = k.utcoffset()
+        ticks = (k.toordinal() * 86400 + k.hour * 3600 + k.minute * 60 + k.second) * 1000000 \
+            + k.microsecond
+        if off is None:
+            return _hash_ticks(SEED_DT_NAIVE, ticks)
+        return _hash_ticks(SEED_DT_AWARE, ticks - _td_micros(off))
+    if t is _date:
+        return _hash_ticks(SEED_DATE, key.toordinal())
+    if t is _time:
+        ticks = (key.hour * 3600 + key.minute * 60 + key.second) * 1000000 + key.microsecond
+        off = key.utcoffset()
+        if off is None:
+            return _hash_ticks(SEED_TIME_NAIVE, ticks)
+        return _hash_ticks(SEED_TIME_AWARE, ticks - _td_micros(off))
+    if t is _timedelta:
+        return _hash_ticks(SEED_TIMEDELTA, _td_micros(key))
+    if t is _UUID:
+        v = key.int
+        h = pb_combine(SEED_UUID, <uint64_t>(v & 0xFFFFFFFFFFFFFFFF))
+        return pb_combine(h, <uint64_t>(v >> 64))
+    if isinstance(key, _Enum):
+        # Mixed-in enums (IntEnum, StrEnum...) equal their value, so they hash as it does.
+        if isinstance(key, int) or isinstance(key, float):
+            return _hash_number(key)
+        if isinstance(key, str):
+            return _hash_str(key)
+        h = pb_combine(SEED_ENUM, _hash_str(t.__module__))
+        h = pb_combine(h, _hash_str(t.__qualname__))
+        return pb_combine(h, _hash_str(key._name_))
+    raise TypeError(f"unsupported key type {t.__name__!r}: keys must be None, bool, int, float, "
+                    f"str, bytes, tuple/frozenset of keys, date/time/datetime/timedelta, "
+                    f"Decimal, Fraction, UUID or Enum members")
+
+
+cdef uint64_t stable_hash_c(object key) except? 0xFFFFFFFFFFFFFFFF:
+    cdef type t = type(key)
+    cdef uint64_t h
+    cdef Py_ssize_t i, n
+    if t is int:
+        return <uint64_t>PyObject_Hash(key)
+    if t is str:
+        return _hash_str(key)
+    if t is float:
+        if pb_is_nan_double(PyFloat_AS_DOUBLE(key)):
+            return NAN_HASH
+        return <uint64_t>PyObject_Hash(key)
+    if t is bytes:
+        return pb_hash_bytes(<const unsigned char *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                             SEED_BYTES)
+    if t is tuple:
+        n = PyTuple_GET_SIZE(key)
+        h = SEED_TUPLE ^ <uint64_t>n
+        for i in range(n):
+            h = pb_combine(h, stable_hash_c(<object>PyTuple_GET_ITEM(key, i)))
+        return h
+    if t is bool:
+        return 1 if key is True else 0
+    if key is None:
+        return 0x5A17C0DE5A17C0DEULL
+    return _hash_other(key)
+
+
+def stable_hash(key):
+    """The key's 64-bit hash (signed), identical in every process whatever PYTHONHASHSEED is.
+
+    Raises TypeError for keys that are not immutable built-ins (see the module docstring)."""
+    return <int64_t>stable_hash_c(key)
+
+
+cdef inline bint _is_nan(object x) except -1:
+    cdef type t = type(x)
+    if t is float:
+        return pb_is_nan_double(PyFloat_AS_DOUBLE(x))
+    if t is _Decimal:
+        return x.is_nan()
+    return False
+
+
+cdef bint key_eq(object a, object b) except -1:
+    """Key equality as in dict, with every NaN equal to every NaN (also inside tuples)."""
+    cdef type ta, tb
+    cdef Py_ssize_t i, n
+    if a is b:
+        return True
+    ta = type(a)
+    tb = type(b)
+    if (ta is int and tb is int) or (ta is str and tb is str) or (ta is bytes and tb is bytes):
+        return PyObject_RichCompareBool(a, b, Py_EQ)
+    if ta is tuple and tb is tuple:
+        n = PyTuple_GET_SIZE(a)
+        if n != PyTuple_GET_SIZE(b):
+            return False
+        for i in range(n):
+            if not key_eq(<object>PyTuple_GET_ITEM(a, i), <object>PyTuple_GET_ITEM(b, i)):
+                return False
+        return True
+    if ta is float or ta is _Decimal or tb is float or tb is _Decimal:
+        if _is_nan(a) or _is_nan(b):
+            return _is_nan(a) and _is_nan(b)
+    return PyObject_RichCompareBool(a, b, Py_EQ)
+
+
+# ---------------------------------------------------------------------------------------
+# Nodes: allocation and slot surgery. Slots hold strong references (or NULL while a
+# freshly allocated node is being filled).
+
+cdef class Node:
+    """A trie node (internal). See the module docstring for the slot layout."""
+
+    def __cinit__(self):
+        self.ptr = -1
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.slots != NULL:
+            for i in range(self.n):
+                Py_XDECREF(self.slots[i])
+            PyMem_Free(self.slots)
+            self.slots = NULL
+
+
+# Node keeps its references in a C array, which Cython's generated GC support cannot see;
+# these two functions show them to the cycle collector (values may point back at the map).
+cdef int _node_traverse(PyObject *o, visitproc visit, void *arg) noexcept:
+    cdef Node node = <Node>o
+    cdef Py_ssize_t i
+    cdef int r
+    if node.owner is not None:
+        r = visit(<PyObject *>node.owner, arg)
+        if r:
+            return r
+    for i in range(node.n):
+        if node.slots[i] != NULL:
+            r = visit(node.slots[i], arg)
+            if r:
+                return r
+    return 0
+
+
+cdef int _node_clear(PyObject *o) noexcept:
+    cdef Node node = <Node>o
+    cdef Py_ssize_t i, n = node.n
+    cdef PyObject **slots = node.slots
+    node.n = 0
+    node.datamap = 0
+    node.nodemap = 0
+    node.owner = None
+    for i in range(n):
+        Py_XDECREF(slots[i])
+        slots[i] = NULL
+    return 0
+
+
+(<_PBTypeSlots *><PyObject *>Node).tp_traverse = _node_traverse
+(<_PBTypeSlots *><PyObject *>Node).tp_clear = _node_clear
+
+
+cdef Node _alloc(Py_ssize_t n, Py_ssize_t cap, object owner):
+    cdef Node node = Node.__new__(Node)
+    if cap < 1:
+        cap = 1
+    node.slots = <PyObject **>PyMem_Malloc(cap * sizeof(PyObject *))
+    if node.slots == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t i
+    for i in range(n):
+        node.slots[i] = NULL
+    node.n = n
+    node.cap = cap
+    node.owner = owner
+    return node
+
+
+cdef inline void _put(Node node, Py_ssize_t i, object obj):
+    """Fill an empty (NULL) slot."""
+    Py_INCREF(obj)
+    node.slots[i] = <PyObject *>obj
+
+
+cdef inline void _replace(Node node, Py_ssize_t i, object obj):
+    cdef PyObject *old = node.slots[i]
+    Py_INCREF(obj)
+    node.slots[i] = <PyObject *>obj
+    Py_XDECREF(old)
+
+
+cdef Node _copy(Node src, object owner, Py_ssize_t extra):
+    cdef Node dst = _alloc(src.n, src.n + extra, owner)
+    cdef Py_ssize_t i
+    for i in range(src.n):
+        Py_XINCREF(src.slots[i])
+        dst.slots[i] = src.slots[i]
+    dst.datamap = src.datamap
+    dst.nodemap = src.nodemap
+    dst.chash = src.chash
+    dst.collision = src.collision
+    return dst
+
+
+cdef inline Node _editable(Node node, object token, Py_ssize_t extra):
+    """The node itself when the token owns it, else a copy owned by the token."""
+    if token is not None and node.owner is token:
+        return node
+    return _copy(node, token, extra)
+
+
+cdef int _open_gap(Node node, Py_ssize_t pos, Py_ssize_t k) except -1:
+    """Insert k NULL slots at pos (fails before changing anything)."""
+    cdef Py_ssize_t newcap
+    cdef PyObject **grown
+    if node.n + k > node.cap:
+        newcap = node.n + k + (node.n + k) // 2
+        grown = <PyObject **>PyMem_Realloc(node.slots, newcap * sizeof(PyObject *))
+        if grown == NULL:
+            raise MemoryError()
+        node.slots = grown
+        node.cap = newcap
+    memmove(&node.slots[pos + k], &node.slots[pos], (node.n - pos) * sizeof(PyObject *))
+    cdef Py_ssize_t i
+    for i in range(pos, pos + k):
+        node.slots[i] = NULL
+    node.n += k
+    return 0
+
+
+cdef void _close_gap(Node node, Py_ssize_t pos, Py_ssize_t k):
+    """Remove k (<= 2) slots at pos; the references are dropped after the node is consistent,
+    since dropping one may run arbitrary code."""
+    cdef PyObject *dropped[2]
+    cdef Py_ssize_t i
+    for i in range(k):
+        dropped[i] = node.slots[pos + i]
+    memmove(&node.slots[pos], &node.slots[pos + k], (node.n - pos - k) * sizeof(PyObject *))
+    node.n -= k
+    for i in range(k):
+        Py_XDECREF(dropped[i])
+
+
+cdef inline uint32_t _bit(uint64_t h, int shift):
+    return (<uint32_t>1) << <uint32_t>((h >> shift) & 31)
+
+
+cdef inline uint64_t _mask(int shift):
+    return 0xFFFFFFFFFFFFFFFFULL if shift >= 64 else (((<uint64_t>1) << shift) - 1)
+
+
+cdef inline int _lowest_bit_index(uint32_t x):
+    return pb_popcount((x & (~x + 1)) - 1)
+
+
+cdef int _nth_bit_index(uint32_t bitmap, Py_ssize_t j):
+    """Chunk number of the j-th set bit of bitmap."""
+    while j > 0:
+        bitmap &= bitmap - 1
+        j -= 1
+    return _lowest_bit_index(bitmap)
+
+
+# ---------------------------------------------------------------------------------------
+# Lazy loading
+
+cdef class _Loader:
+    """The atom I/O of a loaded structure and the node kinds it must contain (internal)."""
+
+    def __cinit__(self, io, bint is_set):
+        self.io = io
+        self.is_set = is_set
+
+
+cdef _corrupt(object ptr, str what):
+    return CorruptionError(f"hamt node at offset {ptr} is damaged: {what}", offset=ptr)
+
+
+cdef object _read(_Loader ld, object ptr):
+    data = ld.io.read_atom(ptr)
+    try:
+        return ld.io.decode(data)
+    except CorruptionError:
+        raise
+    except Exception as exc:
+        raise _corrupt(ptr, f"undecodable ({type(exc).__name__}: {exc})") from exc
+
+
+cdef uint32_t _bitmap_field(object ptr, object v) except? 0xFFFFFFFF:
+    if type(v) is not int or not (0 <= v <= 0xFFFFFFFF):
+        raise _corrupt(ptr, "bitmap is not a 32-bit unsigned int")
+    return <uint32_t>v
+
+
+cdef uint64_t _checked_hash(object ptr, object key) except? 0xFFFFFFFFFFFFFFFF:
+    try:
+        return stable_hash_c(key)
+    except TypeError as exc:
+        raise _corrupt(ptr, f"key of type {type(key).__name__!r} is not a valid key") from exc
+
+
+cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
+    """Read, decode and validate one node reached at `shift` along hash prefix `prefix`."""
+    cdef Py_ssize_t nd, nc, i
+    cdef uint32_t datamap, nodemap, bit
+    cdef uint64_t h, chash
+    cdef Node node
+    rec = _read(ld, ptr)
+    if type(rec) is not list or len(<list>rec) == 0:
+        raise _corrupt(ptr, "not a node record")
+    kind = (<list>rec)[0]
+    coll_kind = K_SET_COLL if ld.is_set else K_MAP_COLL
+    node_kind = K_SET_NODE if ld.is_set else K_MAP_NODE
+    width = 3 if ld.is_set else 4
+    if kind == coll_kind and type(kind) is int:
+        if len(<list>rec) != width:
+            raise _corrupt(ptr, "collision node of the wrong length")
+        hv = rec[1]
+        if type(hv) is not int or not (-(1 << 63) <= hv < (1 << 63)):
+            raise _corrupt(ptr, "collision hash is not a signed 64-bit int")
+        chash = <uint64_t><int64_t>hv
+        keys = rec[2]
+        values = None if ld.is_set else rec[3]
+        if type(keys) is not list or (values is not None and type(values) is not list):
+            raise _corrupt(ptr, "collision node fields are not lists")
+        nd = len(<list>keys)
+        if nd < 2 or (values is not None and len(<list>values) != nd):
+            raise _corrupt(ptr, "collision node entry counts are wrong")
+        if shift == 0 or (chash & _mask(shift)) != prefix:
+            raise _corrupt(ptr, "collision node is misplaced")
+        for i in range(nd):
+            if _checked_hash(ptr, keys[i]) != chash:
+                raise _corrupt(ptr, "collision node key with a different hash")
+            for j in range(i):
+                if key_eq(keys[i], keys[j]):
+                    raise _corrupt(ptr, "duplicate key in collision node")
+        node = _alloc(2 * nd, 2 * nd, None)
+        node.collision = True
+        node.chash = chash
+        for i in range(nd):
+            _put(node, 2 * i, keys[i])
+            _put(node, 2 * i + 1, None if values is None else values[i])
+        node.ptr = ptr
+        return node
+    if kind != node_kind or type(kind) is not int:
+        raise _corrupt(ptr, f"unexpected node kind {kind!r}")
+    if len(<list>rec) != width + 2:
+        raise _corrupt(ptr, "bitmap node of the wrong length")
+    if shift > MAX_SHIFT:
+        raise _corrupt(ptr, "bitmap node below the last hash level")
+    datamap = _bitmap_field(ptr, rec[1])
+    nodemap = _bitmap_field(ptr, rec[2])
+    keys = rec[3]
+    values = None if ld.is_set else rec[4]
+    children = rec[width + 1]
+    if type(keys) is not list or type(children) is not list or \
+            (values is not None and type(values) is not list):
+        raise _corrupt(ptr, "bitmap node fields are not lists")
+    nd = pb_popcount(datamap)
+    nc = pb_popcount(nodemap)
+    if datamap & nodemap:
+        raise _corrupt(ptr, "a chunk is both an entry and a child")
+    if len(<list>keys) != nd or (values is not None and len(<list>values) != nd) \
+            or len(<list>children) != nc:
+        raise _corrupt(ptr, "entry or child counts disagree with the bitmaps")
+    if shift > 0 and nd + nc < 2 and not (nd == 0 and nc == 1):
+        raise _corrupt(ptr, "non-root node is not in canonical form")
+    for i in range(nc):
+        c = children[i]
+        if type(c) is not int or c < 0:
+            raise _corrupt(ptr, "child pointer is not a non-negative int")
+    node = _alloc(2 * nd + nc, 2 * nd + nc, None)
+    node.datamap = datamap
+    node.nodemap = nodemap
+    for i in range(nd):
+        k = keys[i]
+        h = _checked_hash(ptr, k)
+        bit = (<uint32_t>1) << _nth_bit_index(datamap, i)
+        if (h & _mask(shift)) != prefix or _bit(h, shift) != bit:
+            raise _corrupt(ptr, "key is not where its hash places it")
+        _put(node, 2 * i, k)
+        _put(node, 2 * i + 1, None if values is None else values[i])
+    for i in range(nc):
+        _put(node, 2 * nd + i, children[i])
+    node.ptr = ptr
+    return node
+
+
+cdef Node _child(Node node, Py_ssize_t slot, int shift, uint64_t prefix, _Loader ld):
+    """The child node in `slot` (at `shift`, along `prefix`), loading it on first touch."""
+    cdef PyObject *o = node.slots[slot]
+    if pb_same_type(o, <PyObject *>Node):
+        return <Node>o
+    if ld is None:
+        raise RuntimeError("hamt: unloaded child pointer in a structure without atom I/O")
+    child = _load_node(ld, <object>o, shift, prefix)
+    _replace(node, slot, child)
+    return child
+
+
+cdef Node _load_root(int64_t root_ptr, _Loader ld):
+    if ld is None:
+        raise RuntimeError("hamt: structure has neither a root nor atom I/O")
+    cdef Node root = _load_node(ld, root_ptr, 0, 0)
+    if root.collision:
+        raise _corrupt(root_ptr, "root is a collision node")
+    return root
+
+
+# ---------------------------------------------------------------------------------------
+# Core operations. `token` is the mutation's owner token (None: persistent, copy all).
+
+cdef object _find(Node node, object key, uint64_t h, _Loader ld):
+    """The value stored under key, or _MISSING."""
+    cdef int shift = 0
+    cdef uint32_t bit
+    cdef Py_ssize_t i, nd
+    cdef PyObject *k
+    while True:
+        if node.collision:
+            if h != node.chash:
+                return _MISSING
+            for i in range(0, node.n, 2):
+                k = node.slots[i]
+                if k == <PyObject *>key or key_eq(<object>k, key):
+                    return <object>node.slots[i + 1]
+            return _MISSING
+        bit = _bit(h, shift)
+        if node.datamap & bit:
+            i = 2 * pb_popcount(node.datamap & (bit - 1))
+            k = node.slots[i]
+            if k == <PyObject *>key or key_eq(<object>k, key):
+                return <object>node.slots[i + 1]
+            return _MISSING
+        if node.nodemap & bit:
+            nd = pb_popcount(node.datamap)
+            i = 2 * nd + pb_popcount(node.nodemap & (bit - 1))
+            shift += 5
+            node = _child(node, i, shift, h & _mask(shift), ld)
+            continue
+        return _MISSING
+
+
+cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64_t h2,
+                 int shift, object token):
+    """The smallest subtree at `shift` holding two distinct keys."""
+    cdef Node node
+    cdef uint32_t b1, b2
+    if h1 == h2:
+        node = _alloc(4, 4, token)
+        node.collision = True
+        node.chash = h1
+        _put(node, 0, k1)
+        _put(node, 1, v1)
+        _put(node, 2, k2)
+        _put(node, 3, v2)
+        return node
+    b1 = _bit(h1, shift)
+    b2 = _bit(h2, shift)
+    if b1 == b2:
+        sub = _merge(k1, v1, h1, k2, v2, h2, shift + 5, token)
+        node = _alloc(1, 1, token)
+        node.nodemap = b1
+        _put(node, 0, sub)
+        return node
+    node = _alloc(4, 4, token)
+    node.datamap = b1 | b2
+    if b1 > b2:
+        k1, v1, k2, v2 = k2, v2, k1, v1
+    _put(node, 0, k1)
+    _put(node, 1, v1)
+    _put(node, 2, k2)
+    _put(node, 3, v2)
+    return node
+
+
+cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, object token,
+                 _Loader ld, bint *added):
+    """Node with key -> val; the same node when it was edited in place or nothing changed."""
+    cdef uint32_t bit
+    cdef Py_ssize_t i, j, nd
+    cdef Node n2, child, c2, wrap
+    cdef PyObject *k
+    if node.collision:
+        if h == node.chash:
+            for i in range(0, node.n, 2):
+                k = node.slots[i]
+                if k == <PyObject *>key or key_eq(<object>k, key):
+                    if node.slots[i + 1] == <PyObject *>val:
+                        return node
+                    n2 = _editable(node, token, 0)
+                    _replace(n2, i + 1, val)
+                    return n2
+            n2 = _editable(node, token, 2)
+            i = n2.n
+            _open_gap(n2, i, 2)
+            _put(n2, i, key)
+            _put(n2, i + 1, val)
+            added[0] = True
+            return n2
+        # A different hash reached this collision node: put a bitmap level above it.
+        wrap = _alloc(1, 3, token)
+        wrap.nodemap = _bit(node.chash, shift)
+        _put(wrap, 0, node)
+        return _assoc(wrap, shift, h, key, val, token, ld, added)
+    bit = _bit(h, shift)
+    if node.datamap & bit:
+        i = 2 * pb_popcount(node.datamap & (bit - 1))
+        k = node.slots[i]
+        if k == <PyObject *>key or key_eq(<object>k, key):
+            if node.slots[i + 1] == <PyObject *>val:
+                return node
+            n2 = _editable(node, token, 0)
+            _replace(n2, i + 1, val)
+            return n2
+        old_k = <object>k
+        old_v = <object>node.slots[i + 1]
+        sub = _merge(old_k, old_v, stable_hash_c(old_k), key, val, h, shift + 5, token)
+        n2 = _editable(node, token, 1)
+        nd = pb_popcount(n2.datamap)
+        j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
+        _open_gap(n2, j, 1)
+        _put(n2, j, sub)
+        _close_gap(n2, i, 2)
+        n2.datamap ^= bit
+        n2.nodemap |= bit
+        added[0] = True
+        return n2
+    if node.nodemap & bit:
+        nd = pb_popcount(node.datamap)
+        j = 2 * nd + pb_popcount(node.nodemap & (bit - 1))
+        child = _child(node, j, shift + 5, h & _mask(shift + 5), ld)
+        c2 = _assoc(child, shift + 5, h, key, val, token, ld, added)
+        if c2 is child:
+            return node
+        n2 = _editable(node, token, 0)
+        _replace(n2, j, c2)
+        return n2
+    n2 = _editable(node, token, 2)
+    i = 2 * pb_popcount(n2.datamap & (bit - 1))
+    _open_gap(n2, i, 2)
+    _put(n2, i, key)
+    _put(n2, i + 1, val)
+    n2.datamap |= bit
+    added[0] = True
+    return n2
+
+
+cdef inline bint _is_single_entry(Node node):
+    if node.collision:
+        return node.n == 2
+    return node.nodemap == 0 and pb_popcount(node.datamap) == 1
+
+
+cdef Node _dissoc(Node node, int shift, uint64_t h, object key, object token, _Loader ld,
+                  bint *removed):
+    """Node without key; the same node when it was edited in place or key was absent."""
+    cdef uint32_t bit
+    cdef Py_ssize_t i, j, nd
+    cdef Node n2, child, c2, grandchild
+    cdef PyObject *k
+    if node.collision:
+        if h != node.chash:
+            return node
+        for i in range(0, node.n, 2):
+            k = node.slots[i]
+            if k == <PyObject *>key or key_eq(<object>k, key):
+                n2 = _editable(node, token, 0)
+                _close_gap(n2, i, 2)
+                removed[0] = True
+                return n2
+        return node
+    bit = _bit(h, shift)
+    if node.datamap & bit:
+        i = 2 * pb_popcount(node.datamap & (bit - 1))
+        k = node.slots[i]
+        if not (k == <PyObject *>key or key_eq(<object>k, key)):
+            return node
+        n2 = _editable(node, token, 0)
+        _close_gap(n2, i, 2)
+        n2.datamap ^= bit
+        removed[0] = True
+        return n2
+    if not (node.nodemap & bit):
+        return node
+    nd = pb_popcount(node.datamap)
+    j = 2 * nd + pb_popcount(node.nodemap & (bit - 1))
+    child = _child(node, j, shift + 5, h & _mask(shift + 5), ld)
+    c2 = _dissoc(child, shift + 5, h, key, token, ld, removed)
+    if not removed[0]:
+        return node
+    if _is_single_entry(c2):
+        # Pull the last entry of the child up into this node.
+        k_up = <object>c2.slots[0]
+        v_up = <object>c2.slots[1]
+        n2 = _editable(node, token, 1)
+        i = 2 * pb_popcount(n2.datamap & (bit - 1))
+        _open_gap(n2, i, 2)
+        _put(n2, i, k_up)
+        _put(n2, i + 1, v_up)
+        _close_gap(n2, j + 2, 1)
+        n2.datamap |= bit
+        n2.nodemap ^= bit
+        return n2
+    if not c2.collision and c2.datamap == 0 and pb_popcount(c2.nodemap) == 1:
+        grandchild = _child(c2, 0, shift + 10,
+                            (h & _mask(shift + 5))
+                            | ((<uint64_t>_lowest_bit_index(c2.nodemap)) << (shift + 5)), ld)
+        if grandchild.collision:
+            c2 = grandchild      # a lone collision node replaces its parent
+    if c2 is child:
+        return node
+    n2 = _editable(node, token, 0)
+    _replace(n2, j, c2)
+    return n2
+
+
+# ---------------------------------------------------------------------------------------
+# Persistence
+
+cdef int64_t _persist_node(Node node, object io, bint is_set) except -2:
+    cdef Py_ssize_t i, nd
+    cdef PyObject *o
+    if node.ptr >= 0:
+        return node.ptr
+    if node.collision:
+        nd = node.n // 2
+        keys = [<object>node.slots[2 * i] for i in range(nd)]
+        if is_set:
+            rec = [K_SET_COLL, <int64_t>node.chash, keys]
+        else:
+            rec = [K_MAP_COLL, <int64_t>node.chash, keys,
+                   [<object>node.slots[2 * i + 1] for i in range(nd)]]
+    else:
+        nd = pb_popcount(node.datamap)
+        children = []
+        for i in range(2 * nd, node.n):
+            o = node.slots[i]
+            if pb_same_type(o, <PyObject *>Node):
+                children.append(_persist_node(<Node>o, io, is_set))
+            else:
+                children.append(<object>o)
+        keys = [<object>node.slots[2 * i] for i in range(nd)]
+        if is_set:
+            rec = [K_SET_NODE, node.datamap, node.nodemap, keys, children]
+        else:
+            rec = [K_MAP_NODE, node.datamap, node.nodemap, keys,
+                   [<object>node.slots[2 * i + 1] for i in range(nd)], children]
+    ptr = io.write_atom(io.encode(rec))
+    node.ptr = ptr
+    node.owner = None
+    return node.ptr
+
+
+cdef object _read_header(object ptr, object io, bint is_set):
+    ld = _Loader(io, is_set)
+    rec = _read(ld, ptr)
+    want = K_SET_HEADER if is_set else K_MAP_HEADER
+    if type(rec) is not list or len(<list>rec) != 3 or type(rec[0]) is not int or rec[0] != want:
+        raise _corrupt(ptr, f"not a hamt {'set' if is_set else 'map'} header")
+    count, root_ptr = rec[1], rec[2]
+    if type(count) is not int or count < 0 or type(root_ptr) is not int or root_ptr < 0:
+        raise _corrupt(ptr, "header count or root pointer is invalid")
+    return ld, count, root_ptr
+
+
+# ---------------------------------------------------------------------------------------
+# Iteration (depth first, entries of a node before its children: the trie's own order)
+
+cdef class _Iter:
+    cdef list stack
+    cdef Py_ssize_t pos[MAX_DEPTH]
+    cdef uint64_t prefix[MAX_DEPTH]
+    cdef int depth
+    cdef int mode          # 0 keys, 1 values, 2 items
+    cdef _Loader ld
+    cdef object keepalive
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef Node node
+        cdef Py_ssize_t p, nd, i
+        cdef int shift
+        cdef uint64_t pfx
+        while self.depth >= 0:
+            node = <Node>self.stack[self.depth]
+            p = self.pos[self.depth]
+            nd = node.n // 2 if node.collision else pb_popcount(node.datamap)
+            if p < nd:
+                self.pos[self.depth] = p + 1
+                if self.mode == 0:
+                    return <object>node.slots[2 * p]
+                if self.mode == 1:
+                    return <object>node.slots[2 * p + 1]
+                return (<object>node.slots[2 * p], <object>node.slots[2 * p + 1])
+            i = 2 * nd + (p - nd)
+            if i < node.n:
+                self.pos[self.depth] = p + 1
+                shift = 5 * (self.depth + 1)
+                pfx = self.prefix[self.depth] \
+                    | ((<uint64_t>_nth_bit_index(node.nodemap, p - nd)) << (shift - 5))
+                child = _child(node, i, shift, pfx, self.ld)
+                self.depth += 1
+                if self.depth >= MAX_DEPTH:
+                    raise RuntimeError("hamt: trie deeper than a 64-bit hash allows")
+                if len(self.stack) > self.depth:
+                    self.stack[self.depth] = child
+                else:
+                    self.stack.append(child)
+                self.pos[self.depth] = 0
+                self.prefix[self.depth] = pfx
+                continue
+            self.stack[self.depth] = None
+            self.depth -= 1
+        raise StopIteration
+
+
+cdef _Iter _iterate(Node root, _Loader ld, int mode, object keepalive):
+    cdef _Iter it = _Iter.__new__(_Iter)
+    it.stack = [root]
+    it.pos[0] = 0
+    it.prefix[0] = 0
+    it.depth = 0
+    it.mode = mode
+    it.ld = ld
+    it.keepalive = keepalive
+    return it
+
+
+# ---------------------------------------------------------------------------------------
+# Invariant walker
+
+cdef Py_ssize_t _check_node(Node node, int shift, uint64_t prefix, bint is_root,
+                            object token, bint parent_owned, bint parent_persisted,
+                            _Loader ld) except -1:
+    cdef Py_ssize_t i, nd, nc, total
+    cdef uint64_t h
+    cdef Node child
+    if not (node.slots != NULL and node.n <= node.cap):
+        raise AssertionError("slot array broken")
+    for i in range(node.n):
+        if not (node.slots[i] != NULL):
+            raise AssertionError("empty slot")
+    owned = token is not None and node.owner is token
+    if owned:
+        if not (node.ptr < 0):
+            raise AssertionError("a node owned by a live mutation was persisted")
+        if not parent_owned:
+            raise AssertionError("an owned node is reachable through a shared parent")
+    if parent_persisted:
+        if not (node.ptr >= 0):
+            raise AssertionError("a persisted node references an unpersisted child")
+    if node.collision:
+        if is_root:
+            raise AssertionError("root is a collision node")
+        if not (node.n % 2 == 0 and node.n >= 4):
+            raise AssertionError("collision node with fewer than 2 keys")
+        if not ((node.chash & _mask(shift)) == prefix):
+            raise AssertionError("collision node is misplaced")
+        for i in range(0, node.n, 2):
+            if not (stable_hash_c(<object>node.slots[i]) == node.chash):
+                raise AssertionError("collision key hash")
+            for j in range(0, i, 2):
+                if key_eq(<object>node.slots[i], <object>node.slots[j]):
+                    raise AssertionError("duplicate key")
+        return node.n // 2
+    if not (shift <= MAX_SHIFT):
+        raise AssertionError("bitmap node below the last level")
+    if node.datamap & node.nodemap:
+        raise AssertionError("chunk both entry and child")
+    nd = pb_popcount(node.datamap)
+    nc = pb_popcount(node.nodemap)
+    if not (node.n == 2 * nd + nc):
+        raise AssertionError("slot count disagrees with bitmaps")
+    if not is_root:
+        if not (nd + nc >= 2 or (nd == 0 and nc == 1)):
+            raise AssertionError("non-canonical node")
+    for i in range(nd):
+        h = stable_hash_c(<object>node.slots[2 * i])
+        if not ((h & _mask(shift)) == prefix):
+            raise AssertionError("key under the wrong prefix")
+        if not (_bit(h, shift) == (<uint32_t>1) << _nth_bit_index(node.datamap, i)):
+            raise AssertionError("key in the wrong slot")
+    total = nd
+    for i in range(nc):
+        child = _child(node, 2 * nd + i, shift + 5,
+                       prefix | ((<uint64_t>_nth_bit_index(node.nodemap, i)) << shift), ld)
+        if nd == 0 and nc == 1 and not is_root:
+            if child.collision:
+                raise AssertionError("lone collision child not hoisted")
+        total += _check_node(child, shift + 5,
+                             prefix | ((<uint64_t>_nth_bit_index(node.nodemap, i)) << shift),
+                             False, token, owned, node.ptr >= 0, ld)
+    return total
+
+
+cdef int _check(Node root, Py_ssize_t count, object token, _Loader ld) except -1:
+    cdef Py_ssize_t total = _check_node(root, 0, 0, True, token, True, False, ld)
+    if not (total == count):
+        raise AssertionError(f"count {count} but the trie holds {total} keys")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Public classes
+
+cdef inline Node _empty():
+    return _alloc(0, 0, None)
+
+
+cdef inline Node _map_root(Map m):
+    if m.root is None:
+        m.root = _load_root(m.root_ptr, m.loader)
+    return m.root
+
+
+cdef Map _map_new(Map like, Node root, Py_ssize_t count):
+    cdef Map m = Map.__new__(Map)
+    m.root = root
+    m.count = count
+    m.loader = like.loader
+    return m
+
+
+cdef inline Node _set_root(HashSet s):
+    if s.root is None:
+        s.root = _load_root(s.root_ptr, s.loader)
+    return s.root
+
+
+cdef HashSet _set_new(HashSet like, Node root, Py_ssize_t count):
+    cdef HashSet s = HashSet.__new__(HashSet)
+    s.root = root
+    s.count = count
+    s.loader = like.loader
+    return s
+
+
+cdef str _repr_items(it, bint is_set):
+    parts = []
+    for x in it:
+        if len(parts) == 10:
+            parts.append("...")
+            break
+        parts.append(repr(x) if is_set else f"{x[0]!r}: {x[1]!r}")
+    return ", ".join(parts)
+
+
+cdef object _pairs(object src):
+    if isinstance(src, (Map, MapMutation, dict, Mapping)):
+        return src.items()
+    if hasattr(src, "keys"):
+        return ((k, src[k]) for k in src.keys())
+    return src
+
+
+cdef class Map:
+    """An immutable hash map: updates return new maps sharing structure with the old one."""
+
+    def __cinit__(self, mapping_or_iterable=None):
+        self.root_ptr = -1
+        self.header_ptr = -1
+
+    def __init__(self, mapping_or_iterable=None):
+        cdef MapMutation m
+        if mapping_or_iterable is None:
+            self.root = _empty()
+            return
+        m = MapMutation.__new__(MapMutation)
+        m.update(mapping_or_iterable)
+        self.root = m.root
+        self.count = m.count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, key):
+        v = _find(_map_root(self), key, stable_hash_c(key), self.loader)
+        if v is _MISSING:
+            raise KeyError(key)
+        return v
+
+    def get(self, key, default=None):
+        v = _find(_map_root(self), key, stable_hash_c(key), self.loader)
+        return default if v is _MISSING else v
+
+    def __contains__(self, key):
+        return _find(_map_root(self), key, stable_hash_c(key), self.loader) is not _MISSING
+
+    def set(self, key, value):
+        """A map with key -> value (this map itself when that changes nothing)."""
+        cdef bint added = False
+        cdef uint64_t h = stable_hash_c(key)
+        cdef Node root = _map_root(self)
+        cdef Node r2 = _assoc(root, 0, h, key, value, None, self.loader, &added)
+        if r2 is root:
+            return self
+        return _map_new(self, r2, self.count + added)
+
+    def delete(self, key):
+        """A map without key; KeyError when key is absent."""
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        cdef Node r2 = _dissoc(_map_root(self), 0, h, key, None, self.loader, &removed)
+        if not removed:
+            raise KeyError(key)
+        return _map_new(self, r2, self.count - 1)
+
+    def discard(self, key):
+        """A map without key (this map itself when key is absent)."""
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        cdef Node r2 = _dissoc(_map_root(self), 0, h, key, None, self.loader, &removed)
+        if not removed:
+            return self
+        return _map_new(self, r2, self.count - 1)
+
+    def mutate(self):
+        """A MapMutation starting from this map (which never changes)."""
+        cdef MapMutation m = MapMutation.__new__(MapMutation)
+        m.root = _map_root(self)
+        m.count = self.count
+        m.token = object()
+        m.loader = self.loader
+        return m
+
+    def __iter__(self):
+        return _iterate(_map_root(self), self.loader, 0, self)
+
+    def keys(self):
+        return _KeysView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    def items(self):
+        return _ItemsView(self)
+
+    def _iter_mode(self, int mode):
+        return _iterate(_map_root(self), self.loader, mode, self)
+
+    def __eq__(self, other):
+        return _map_eq(self, other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Map({{{_repr_items(self._iter_mode(2), False)}}})"
+
+    def __reduce__(self):
+        return (Map, (dict(self._iter_mode(2)),))
+
+    def _check(self):
+        """Walk every node (loading lazy ones) and raise AssertionError on a broken invariant."""
+        _check(_map_root(self), self.count, None, self.loader)
+
+    def _persist(self, io):
+        """Write every unwritten node and a header atom; return the header's pointer."""
+        cdef Node root = _map_root(self)
+        if root.ptr >= 0 and self.header_ptr >= 0:
+            return self.header_ptr
+        root_ptr = _persist_node(root, io, False)
+        self.header_ptr = io.write_atom(io.encode([K_MAP_HEADER, self.count, root_ptr]))
+        return self.header_ptr
+
+    @classmethod
+    def _load(cls, ptr, io):
+        """The map whose header atom is at ptr; nodes load lazily on first touch."""
+        cdef Map m = Map.__new__(Map)
+        ld, count, root_ptr = _read_header(ptr, io, False)
+        m.loader = ld
+        m.count = count
+        m.root_ptr = root_ptr
+        m.header_ptr = ptr
+        return m
+
+
+cdef object _map_eq(object self, object other):
+    cdef Py_ssize_t n = len(self)
+    if isinstance(other, (Map, MapMutation)):
+        if len(other) != n:
+            return False
+        pairs = other.items()
+    elif isinstance(other, Mapping):
+        if len(other) != n:
+            return False
+        pairs = other.items()
+    else:
+        return NotImplemented
+    for k, v in pairs:
+        try:
+            mine = self.get(k, _MISSING)
+        except TypeError:
+            return False
+        if mine is _MISSING or not PyObject_RichCompareBool(mine, v, Py_EQ):
+            return False
+    return True
+
+
+cdef class MapMutation:
+    """A map edited in place; finish() returns an immutable snapshot of it."""
+
+    def __cinit__(self):
+        self.root = _empty()
+        self.token = object()
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, key):
+        v = _find(self.root, key, stable_hash_c(key), self.loader)
+        if v is _MISSING:
+            raise KeyError(key)
+        return v
+
+    def get(self, key, default=None):
+        v = _find(self.root, key, stable_hash_c(key), self.loader)
+        return default if v is _MISSING else v
+
+    def __contains__(self, key):
+        return _find(self.root, key, stable_hash_c(key), self.loader) is not _MISSING
+
+    def __setitem__(self, key, value):
+        cdef bint added = False
+        cdef uint64_t h = stable_hash_c(key)
+        self.root = _assoc(self.root, 0, h, key, value, self.token, self.loader, &added)
+        self.count += added
+
+    def set(self, key, value):
+        self[key] = value
+
+    def __delitem__(self, key):
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        r2 = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
+        if not removed:
+            raise KeyError(key)
+        self.root = r2
+        self.count -= 1
+
+    def pop(self, key, default=_MISSING):
+        """Remove key and return its value (default when absent; KeyError without one)."""
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        v = _find(self.root, key, h, self.loader)
+        if v is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        self.root = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
+        self.count -= 1
+        return v
+
+    def update(self, other=(), **kwargs):
+        """Set every pair of a mapping or an iterable of pairs, then the keyword pairs."""
+        cdef bint added
+        cdef uint64_t h
+        cdef Node root = self.root
+        cdef object token = self.token
+        try:
+            for k, v in _pairs(other):
+                added = False
+                h = stable_hash_c(k)
+                root = _assoc(root, 0, h, k, v, token, self.loader, &added)
+                self.count += added
+            for k, v in kwargs.items():
+                added = False
+                root = _assoc(root, 0, stable_hash_c(k), k, v, token, self.loader, &added)
+                self.count += added
+        finally:
+            self.root = root
+
+    def finish(self):
+        """An immutable snapshot; this mutation goes on with a fresh owner token."""
+        cdef Map m = Map.__new__(Map)
+        m.root = self.root
+        m.count = self.count
+        m.loader = self.loader
+        self.token = object()
+        return m
+
+    def __iter__(self):
+        # Iterate a snapshot: the nodes become shared, so edits during iteration copy them.
+        self.token = object()
+        return _iterate(self.root, self.loader, 0, self)
+
+    def keys(self):
+        return _KeysView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    def items(self):
+        return _ItemsView(self)
+
+    def _iter_mode(self, int mode):
+        self.token = object()
+        return _iterate(self.root, self.loader, mode, self)
+
+    def __eq__(self, other):
+        return _map_eq(self, other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"MapMutation({{{_repr_items(self._iter_mode(2), False)}}})"
+
+    def _check(self):
+        """Walk every node and raise AssertionError on a broken invariant (ownership too)."""
+        _check(self.root, self.count, self.token, self.loader)
+
+
+class _KeysView(KeysView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._iter_mode(0)
+
+
+class _ValuesView(ValuesView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._iter_mode(1)
+
+    def __contains__(self, value):
+        for v in self._mapping._iter_mode(1):
+            if v is value or v == value:
+                return True
+        return False
+
+
+class _ItemsView(ItemsView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._iter_mode(2)
+
+
+cdef object _set_eq(object self, object other):
+    if isinstance(other, (HashSet, HashSetMutation, set, frozenset)):
+        if len(other) != len(self):
+            return False
+        for x in other:
+            try:
+                if x not in self:
+                    return False
+            except TypeError:
+                return False
+        return True
+    return NotImplemented
+
+
+cdef class HashSet:
+    """An immutable hash set: updates return new sets sharing structure with the old one."""
+
+    def __cinit__(self, iterable=None):
+        self.root_ptr = -1
+        self.header_ptr = -1
+
+    def __init__(self, iterable=None):
+        cdef HashSetMutation m
+        if iterable is None:
+            self.root = _empty()
+            return
+        m = HashSetMutation.__new__(HashSetMutation)
+        m.update(iterable)
+        self.root = m.root
+        self.count = m.count
+
+    def __len__(self):
+        return self.count
+
+    def __contains__(self, key):
+        return _find(_set_root(self), key, stable_hash_c(key), self.loader) is not _MISSING
+
+    def add(self, key):
+        """A set with key (this set itself when key is present)."""
+        cdef bint added = False
+        cdef uint64_t h = stable_hash_c(key)
+        cdef Node root = _set_root(self)
+        cdef Node r2 = _assoc(root, 0, h, key, None, None, self.loader, &added)
+        if r2 is root:
+            return self
+        return _set_new(self, r2, self.count + added)
+
+    def discard(self, key):
+        """A set without key (this set itself when key is absent)."""
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        cdef Node r2 = _dissoc(_set_root(self), 0, h, key, None, self.loader, &removed)
+        if not removed:
+            return self
+        return _set_new(self, r2, self.count - 1)
+
+    def remove(self, key):
+        """A set without key; KeyError when key is absent."""
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        cdef Node r2 = _dissoc(_set_root(self), 0, h, key, None, self.loader, &removed)
+        if not removed:
+            raise KeyError(key)
+        return _set_new(self, r2, self.count - 1)
+
+    def mutate(self):
+        """A HashSetMutation starting from this set (which never changes)."""
+        cdef HashSetMutation m = HashSetMutation.__new__(HashSetMutation)
+        m.root = _set_root(self)
+        m.count = self.count
+        m.token = object()
+        m.loader = self.loader
+        return m
+
+    def __iter__(self):
+        return _iterate(_set_root(self), self.loader, 0, self)
+
+    def __eq__(self, other):
+        return _set_eq(self, other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"HashSet({{{_repr_items(iter(self), True)}}})"
+
+    def __reduce__(self):
+        return (HashSet, (list(self),))
+
+    def _check(self):
+        """Walk every node (loading lazy ones) and raise AssertionError on a broken invariant."""
+        _check(_set_root(self), self.count, None, self.loader)
+
+    def _persist(self, io):
+        """Write every unwritten node and a header atom; return the header's pointer."""
+        cdef Node root = _set_root(self)
+        if root.ptr >= 0 and self.header_ptr >= 0:
+            return self.header_ptr
+        root_ptr = _persist_node(root, io, True)
+        self.header_ptr = io.write_atom(io.encode([K_SET_HEADER, self.count, root_ptr]))
+        return self.header_ptr
+
+    @classmethod
+    def _load(cls, ptr, io):
+        """The set whose header atom is at ptr; nodes load lazily on first touch."""
+        cdef HashSet s = HashSet.__new__(HashSet)
+        ld, count, root_ptr = _read_header(ptr, io, True)
+        s.loader = ld
+        s.count = count
+        s.root_ptr = root_ptr
+        s.header_ptr = ptr
+        return s
+
+
+cdef class HashSetMutation:
+    """A set edited in place; finish() returns an immutable snapshot of it."""
+
+    def __cinit__(self):
+        self.root = _empty()
+        self.token = object()
+
+    def __len__(self):
+        return self.count
+
+    def __contains__(self, key):
+        return _find(self.root, key, stable_hash_c(key), self.loader) is not _MISSING
+
+    def add(self, key):
+        cdef bint added = False
+        cdef uint64_t h = stable_hash_c(key)
+        self.root = _assoc(self.root, 0, h, key, None, self.token, self.loader, &added)
+        self.count += added
+
+    def discard(self, key):
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        self.root = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
+        self.count -= removed
+
+    def remove(self, key):
+        """Remove key; KeyError when it is absent."""
+        cdef bint removed = False
+        cdef uint64_t h = stable_hash_c(key)
+        r2 = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
+        if not removed:
+            raise KeyError(key)
+        self.root = r2
+        self.count -= 1
+
+    def update(self, iterable):
+        """Add every element of iterable."""
+        cdef bint added
+        cdef Node root = self.root
+        cdef object token = self.token
+        try:
+            for k in iterable:
+                added = False
+                root = _assoc(root, 0, stable_hash_c(k), k, None, token, self.loader, &added)
+                self.count += added
+        finally:
+            self.root = root
+
+    def finish(self):
+        """An immutable snapshot; this mutation goes on with a fresh owner token."""
+        cdef HashSet s = HashSet.__new__(HashSet)
+        s.root = self.root
+        s.count = self.count
+        s.loader = self.loader
+        self.token = object()
+        return s
+
+    def __iter__(self):
+        # Iterate a snapshot: the nodes become shared, so edits during iteration copy them.
+        self.token = object()
+        return _iterate(self.root, self.loader, 0, self)
+
+    def __eq__(self, other):
+        return _set_eq(self, other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"HashSetMutation({{{_repr_items(iter(self), True)}}})"
+
+    def _check(self):
+        """Walk every node and raise AssertionError on a broken invariant (ownership too)."""
+        _check(self.root, self.count, self.token, self.loader)
+
+
+Mapping.register(Map)
+MutableMapping.register(MapMutation)
+Set.register(HashSet)
+MutableSet.register(HashSetMutation)

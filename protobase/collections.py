@@ -1,0 +1,581 @@
+"""`Dict`, `List`, `Set` and `SortedDict`: persistent collections as Python containers.
+
+A collection object is in one of two modes:
+
+- *free-standing*: ``pb.Dict({"a": 1})`` holds its initial contents in a plain container
+  until it is stored into a transaction (assigned into ``tx.root`` or into a value);
+- *bound*: the handle of one collection inside one transaction. It is at the same time
+  that transaction's working copy of the collection: the snapshot's structure (`_base`),
+  the transient it writes into (`_mut`, made on the first write) and the write set the
+  commit replays when another transaction committed first (`_writes`).
+
+Values are encoded by the codec at the write (so later changes to the caller's object
+change nothing) and decoded at every read (so the caller owns what it gets back).
+A handle stays usable only while its transaction is open.
+"""
+from collections.abc import ItemsView, KeysView, MutableMapping, MutableSequence, MutableSet, ValuesView
+from functools import cmp_to_key
+from itertools import islice
+
+from .errors import ConflictError, ReadOnlyError, TransactionClosedError
+from .state import MISSING, CollState, btree, codec
+
+__all__ = ["Dict", "List", "Set", "SortedDict"]
+
+_dumps = codec.dumps
+_loads = codec.loads
+ALL = object()  # read-set marker: the whole collection was read (iteration, len, queries)
+
+
+def _same(a, b):
+    """Is the stored value unchanged? Identity first; equal bytes count as unchanged."""
+    return a is b or (a is not MISSING and b is not MISSING and a == b)
+
+
+def _repr_items(items, limit=10):
+    parts = [repr(x) for x in islice(items, limit + 1)]
+    if len(parts) > limit:
+        parts[limit:] = ["..."]
+    return ", ".join(parts)
+
+
+class _Collection:
+    """What every collection kind shares: binding, transaction checks, value coding."""
+
+    __slots__ = ("_tx", "_cid", "_base", "_mut", "_writes", "_reads", "_initial", "__weakref__")
+    KIND = None
+
+    def __init__(self, initial=None):
+        self._tx = None
+        self._cid = None
+        self._base = None
+        self._mut = None
+        self._writes = None
+        self._reads = None
+        self._initial = initial
+
+    # -- binding -------------------------------------------------------------------
+
+    @classmethod
+    def _bind(cls, tx, cid, base):
+        self = cls.__new__(cls)
+        self._tx = tx
+        self._cid = cid
+        self._base = base          # CollState in the snapshot, None for a new collection
+        self._mut = None
+        self._writes = {}
+        self._reads = set() if tx._serializable else None
+        self._initial = None
+        return self
+
+    def _adopt(self, tx, cid):
+        """Turn a free-standing collection into the handle of a new collection in tx."""
+        initial, self._initial = self._initial, None
+        self._tx, self._cid, self._base = tx, cid, None
+        self._writes = {}
+        self._reads = set() if tx._serializable else None
+        self._mut = CollState.new(self.KIND).data.mutate()
+        self._load_initial(initial)
+
+    def _struct(self):
+        """The structure reads go to: the transient once written, else the snapshot's."""
+        tx = self._tx
+        if tx is None:
+            raise TypeError(f"this {type(self).__name__} is not stored in a database yet")
+        if tx._closed:
+            raise TransactionClosedError(
+                f"the transaction of this {type(self).__name__} has ended; open a new transaction "
+                "and read the collection again")
+        m = self._mut
+        return m if m is not None else self._base.data
+
+    def _writable(self):
+        tx = self._tx
+        if tx is None:
+            return None
+        if tx._closed:
+            self._struct()
+        if tx._readonly:
+            raise ReadOnlyError("this transaction is read-only; use db.transaction() to write")
+        if self._mut is None:
+            self._mut = self._base.data.mutate()
+            tx._dirty.append(self)
+        return self._mut
+
+    def _encode(self, value):
+        return _dumps(value, ref_hook=self._tx._ref_hook)
+
+    def _decode(self, raw):
+        return _loads(raw, ref_resolver=self._tx._resolve)
+
+    def _read_all(self):
+        if self._reads is not None:
+            self._reads.add(ALL)
+
+    # -- commit --------------------------------------------------------------------
+
+    def _commit_state(self, head):
+        """The CollState to publish on top of `head` (the latest committed version of this
+        collection, or None when it is new); raises ConflictError when it cannot merge."""
+        mine = self._mut.finish() if self._mut is not None else None
+        if head is None or head is self._base:      # nobody else touched it: publish as is
+            return self._base if mine is None else self._state_with(mine)
+        self._check_reads(head)
+        if mine is None:
+            return head
+        return head.replace(data=self._merge(head, mine))
+
+    def _state_with(self, data):
+        return CollState.new(self.KIND).replace(data=data) if self._base is None else self._base.replace(data=data)
+
+    def _check_reads(self, head):
+        if not self._reads:
+            return
+        if ALL in self._reads:
+            self._conflict(None, "the collection was read whole and changed since")
+        snap, cur = self._base.data, head.data
+        for key in self._reads:
+            if not _same(cur.get(key, MISSING), snap.get(key, MISSING)):
+                self._conflict(key, "a value this transaction read was changed")
+
+    def _conflict(self, key, reason):
+        where = "root" if self._cid == 0 else f"{type(self).__name__} #{self._cid}"
+        what = f" key {key!r}" if key is not None else ""
+        raise ConflictError(f"{reason}: {where}{what} was changed by a transaction that committed "
+                            "first; retry the transaction (db.run retries for you)",
+                            collection=self._cid, key=key, reason=reason)
+
+    def _check_writes(self, head, present=lambda s, k: s.get(k, MISSING)):
+        snap, cur = self._base.data, head.data
+        for key in self._writes:
+            if not _same(present(cur, key), present(snap, key)):
+                self._conflict(key, "write-write conflict")
+
+    def __repr__(self):
+        if self._tx is None:
+            return f"pb.{type(self).__name__}({self._initial!r})"
+        if self._tx._closed:
+            return f"<pb.{type(self).__name__} #{self._cid} (transaction ended)>"
+        return f"pb.{type(self).__name__}({self._repr_body()})"
+
+    __hash__ = None
+
+
+class _MapBase(_Collection, MutableMapping):
+    """Shared by Dict and SortedDict: a mapping from keys to encoded values."""
+
+    __slots__ = ()
+
+    def __init__(self, mapping=(), **kwargs):
+        d = dict(mapping, **kwargs)
+        super().__init__(d)
+
+    def _load_initial(self, initial):
+        for k, v in initial.items():
+            self[k] = v
+
+    def __getitem__(self, key):
+        if self._tx is None:
+            return self._initial[key]
+        raw = self._struct().get(key, MISSING)
+        if self._reads is not None:
+            self._reads.add(key)
+        if raw is MISSING:
+            raise KeyError(key)
+        return _loads(raw, ref_resolver=self._tx._resolve)
+
+    def get(self, key, default=None):
+        if self._tx is None:
+            return self._initial.get(key, default)
+        raw = self._struct().get(key, MISSING)
+        if self._reads is not None:
+            self._reads.add(key)
+        return default if raw is MISSING else _loads(raw, ref_resolver=self._tx._resolve)
+
+    def __contains__(self, key):
+        if self._tx is None:
+            return key in self._initial
+        if self._reads is not None:
+            self._reads.add(key)
+        return key in self._struct()
+
+    def __setitem__(self, key, value):
+        m = self._writable()
+        if m is None:
+            self._initial[key] = value
+            return
+        m[key] = _dumps(value, ref_hook=self._tx._ref_hook)
+        self._writes[key] = True
+
+    def __delitem__(self, key):
+        m = self._writable()
+        if m is None:
+            del self._initial[key]
+            return
+        if key not in m:
+            raise KeyError(key)
+        del m[key]
+        self._writes[key] = True
+
+    def __len__(self):
+        if self._tx is None:
+            return len(self._initial)
+        self._read_all()
+        return len(self._struct())
+
+    def __iter__(self):
+        if self._tx is None:
+            return iter(self._initial)
+        self._read_all()
+        return iter(self._struct())
+
+    def keys(self):
+        return KeysView(self)
+
+    def items(self):
+        return _ItemsView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    def _iter_items(self):
+        if self._tx is None:
+            yield from self._initial.items()
+            return
+        self._read_all()
+        resolve = self._tx._resolve
+        for k, raw in self._struct().items():
+            yield k, _loads(raw, ref_resolver=resolve)
+
+    def copy(self):
+        """A plain dict with the current contents (the caller owns it)."""
+        return dict(self._iter_items())
+
+    def __eq__(self, other):
+        if isinstance(other, (_MapBase, dict)):
+            if len(self) != len(other):
+                return False
+            return all(k in other and other[k] == v for k, v in self._iter_items())
+        return NotImplemented
+
+    def _repr_body(self):
+        return "{" + _repr_items(f"{k!r}: {v!r}" for k, v in self._iter_items()).replace("'...'", "...") + "}"
+
+    def _merge(self, head, mine):
+        self._check_writes(head)
+        m = head.data.mutate()
+        for key in self._writes:
+            raw = mine.get(key, MISSING)
+            if raw is MISSING:
+                m.pop(key, None)
+            else:
+                m[key] = raw
+        return m.finish()
+
+
+class _ItemsView(ItemsView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._iter_items()
+
+
+class _ValuesView(ValuesView):
+    __slots__ = ()
+
+    def __iter__(self):
+        for _, v in self._mapping._iter_items():
+            yield v
+
+
+class Dict(_MapBase):
+    """A persistent mapping (``collections.abc.MutableMapping``), insertion order not kept:
+    iteration follows the hash trie. ``len()`` is O(1)."""
+
+    __slots__ = ()
+    KIND = "dict"
+
+
+class SortedDict(_MapBase):
+    """A persistent mapping whose keys are kept in order (DESIGN.md §6 total order, so
+    mixed-type keys never raise). Rank operations are O(log n)."""
+
+    __slots__ = ()
+    KIND = "sorted"
+
+    def _load_initial(self, initial):
+        for k in sorted(initial, key=_sort_key):
+            self[k] = initial[k]
+
+    def __iter__(self):
+        if self._tx is None:
+            return iter(sorted(self._initial, key=_sort_key))
+        return super().__iter__()
+
+    def _iter_items(self):
+        if self._tx is None:
+            for k in sorted(self._initial, key=_sort_key):
+                yield k, self._initial[k]
+            return
+        yield from super()._iter_items()
+
+    def irange(self, minimum=None, maximum=None, inclusive=(True, True), reverse=False):
+        """Keys from minimum to maximum (None: unbounded) in order, or reversed."""
+        self._read_all()
+        return iter(self._bound_struct().irange(minimum, maximum, inclusive, reverse))
+
+    def peekitem(self, index=-1):
+        """The (key, value) pair at a position in key order; IndexError if out of range."""
+        self._read_all()
+        k, raw = self._bound_struct().peekitem(index)
+        return k, self._decode(raw)
+
+    def bisect_left(self, key):
+        self._read_all()
+        return self._bound_struct().bisect_left(key)
+
+    def bisect_right(self, key):
+        self._read_all()
+        return self._bound_struct().bisect_right(key)
+
+    bisect = bisect_right
+
+    def _bound_struct(self):
+        if self._tx is None:
+            raise TypeError("store this SortedDict in a transaction before range queries")
+        return self._struct()
+
+
+_sort_key = cmp_to_key(btree.compare)
+
+
+class Set(_Collection, MutableSet):
+    """A persistent set (``collections.abc.MutableSet``) of immutable built-in values."""
+
+    __slots__ = ()
+    KIND = "set"
+
+    def __init__(self, iterable=()):
+        super().__init__(set(iterable))
+
+    @classmethod
+    def _from_iterable(cls, it):
+        return set(it)  # operators return plain sets the caller owns
+
+    def _load_initial(self, initial):
+        for x in initial:
+            self.add(x)
+
+    def __contains__(self, x):
+        if self._tx is None:
+            return x in self._initial
+        if self._reads is not None:
+            self._reads.add(x)
+        return x in self._struct()
+
+    def __iter__(self):
+        if self._tx is None:
+            return iter(self._initial)
+        self._read_all()
+        return iter(self._struct())
+
+    def __len__(self):
+        if self._tx is None:
+            return len(self._initial)
+        self._read_all()
+        return len(self._struct())
+
+    def add(self, x):
+        m = self._writable()
+        if m is None:
+            self._initial.add(x)
+            return
+        m.add(x)
+        self._writes[x] = True
+
+    def discard(self, x):
+        m = self._writable()
+        if m is None:
+            self._initial.discard(x)
+            return
+        m.discard(x)
+        self._writes[x] = True
+
+    def update(self, *iterables):
+        for it in iterables:
+            for x in it:
+                self.add(x)
+
+    def __eq__(self, other):
+        if isinstance(other, (Set, set, frozenset)):
+            return len(self) == len(other) and all(x in other for x in self)
+        return NotImplemented
+
+    def _repr_body(self):
+        return "{" + _repr_items(iter(self)) + "}"
+
+    def _merge(self, head, mine):
+        self._check_writes(head, present=lambda s, k: k in s)
+        m = head.data.mutate()
+        for x in self._writes:
+            if x in mine:
+                m.add(x)
+            else:
+                m.discard(x)
+        return m.finish()
+
+
+class List(_Collection, MutableSequence):
+    """A persistent list (``collections.abc.MutableSequence``): index, assign, insert and
+    delete anywhere in O(log n), append amortized O(1). Appends from concurrent
+    transactions never conflict; other concurrent edits of one list do."""
+
+    __slots__ = ()
+    KIND = "list"
+
+    def __init__(self, iterable=()):
+        super().__init__(list(iterable))
+
+    def _load_initial(self, initial):
+        self.extend(initial)
+
+    def _note_edit(self):
+        self._writes[ALL] = True   # anything but an append: merges at list level
+
+    def __len__(self):
+        if self._tx is None:
+            return len(self._initial)
+        self._read_all()
+        return len(self._struct())
+
+    def __getitem__(self, index):
+        if self._tx is None:
+            return self._initial[index]
+        s = self._struct()
+        self._read_all()
+        resolve = self._tx._resolve
+        if isinstance(index, slice):
+            return [_loads(raw, ref_resolver=resolve) for raw in _slice(s, index)]
+        return _loads(s[_index(index)], ref_resolver=resolve)
+
+    def __iter__(self):
+        if self._tx is None:
+            yield from self._initial
+            return
+        s = self._struct()
+        self._read_all()
+        resolve = self._tx._resolve
+        for raw in s:
+            yield _loads(raw, ref_resolver=resolve)
+
+    def __setitem__(self, index, value):
+        m = self._writable()
+        if m is None:
+            self._initial[index] = value
+            return
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(m))
+            new = [self._encode(v) for v in value]
+            if step == 1:
+                stop = max(stop, start)
+                del m[start:stop]
+                for i, raw in enumerate(new):
+                    m.insert(start + i, raw)
+            else:
+                positions = range(start, stop, step)
+                if len(positions) != len(new):
+                    raise ValueError(f"attempt to assign sequence of size {len(new)} "
+                                     f"to extended slice of size {len(positions)}")
+                for i, raw in zip(positions, new):
+                    m[i] = raw
+        else:
+            m[_index(index)] = self._encode(value)
+        self._note_edit()
+
+    def __delitem__(self, index):
+        m = self._writable()
+        if m is None:
+            del self._initial[index]
+            return
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(m))
+            if step == 1:
+                if stop > start:
+                    del m[start:stop]
+            else:
+                for i in sorted(range(start, stop, step), reverse=True):
+                    del m[i]
+        else:
+            del m[_index(index)]
+        self._note_edit()
+
+    def insert(self, index, value):
+        m = self._writable()
+        if m is None:
+            self._initial.insert(index, value)
+            return
+        n = len(m)
+        index = _index(index)
+        index = max(0, min(n, index + n if index < 0 else index))
+        m.insert(index, self._encode(value))
+        self._note_edit()
+
+    def append(self, value):
+        m = self._writable()
+        if m is None:
+            self._initial.append(value)
+            return
+        m.append(_dumps(value, ref_hook=self._tx._ref_hook))
+        self._writes.setdefault("appended", 0)
+        self._writes["appended"] += 1
+
+    def extend(self, values):
+        if self._tx is None:
+            self._initial.extend(values)
+            return
+        for v in list(values):
+            self.append(v)
+
+    def __iadd__(self, values):
+        self.extend(values)
+        return self
+
+    def pop(self, index=-1):
+        m = self._writable()
+        if m is None:
+            return self._initial.pop(index)
+        raw = m.pop(_index(index))
+        self._note_edit()
+        return self._decode(raw)
+
+    def __eq__(self, other):
+        if isinstance(other, (List, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def _repr_body(self):
+        return "[" + _repr_items(iter(self)) + "]"
+
+    def _merge(self, head, mine):
+        if ALL in self._writes:
+            self._conflict(None, "concurrent edits of one List (only appends merge)")
+        # Only appends: they commute. Land ours after what the head already has.
+        n = self._writes.get("appended", 0)
+        m = head.data.mutate()
+        for raw in mine[len(mine) - n:]:
+            m.append(raw)
+        return m.finish()
+
+
+def _index(i):
+    try:
+        return i.__index__()
+    except AttributeError:
+        raise TypeError(f"list indices must be integers or slices, not {type(i).__name__}") from None
+
+
+def _slice(s, sl):
+    start, stop, step = sl.indices(len(s))
+    if step == 1:
+        return s[start:stop] if stop > start else ()
+    return [s[i] for i in range(start, stop, step)]

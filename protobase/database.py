@@ -1,0 +1,250 @@
+"""`pb.open()` and `Database`: the published head, the commit pipeline and retries.
+
+Three states matter:
+
+- the *published head*: the newest commit that is as durable as the mode promises. New
+  transactions start from it;
+- the *pending head*: the newest commit handed to storage, maybe not yet durable. Commits
+  merge onto it, in order, under the commit lock, so commits never lose each other;
+- storage's durable sequence: once a commit's durability future resolves, a callback
+  (run in commit order) moves the published head forward.
+
+A commit whose write or fsync fails fails with StorageError, and so does every commit
+queued after it (storage guarantees that); the pending head then falls back to the
+published head, so nothing is ever built on data that did not reach the disk.
+"""
+import random
+import threading
+import time
+from functools import wraps
+
+from .errors import ConflictError, DatabaseClosedError, ReadOnlyError, StorageError
+from .state import State, StoreIO
+from .transaction import Transaction
+
+__all__ = ["open", "Database"]
+
+DURABILITY_MODES = ("full", "normal", "none")
+
+
+def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20):
+    """Open (creating if needed) the database at `path`; no path or ":memory:" opens an
+    in-memory database with the same semantics and no files.
+
+    durability: "full" (fsync before commit returns), "normal" (written before commit
+    returns, fsync within a second: survives a process crash), "none" (fsync on close).
+    readonly: never write; may run beside a writer process.
+    cache_size: bytes of recently read atoms kept in memory."""
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    if path is None or path == ":memory:":
+        return Database(None, durability=durability, readonly=readonly)
+    from .storage import LogStore
+    store = LogStore.open(path, durability=durability, readonly=readonly, bytes_cache_size=cache_size)
+    try:
+        return Database(store, durability=durability, readonly=readonly)
+    except BaseException:
+        store.close()
+        raise
+
+
+class Database:
+    """A ProtoBase database. Shared by threads; each Transaction belongs to one thread."""
+
+    def __init__(self, store, *, durability="full", readonly=False):
+        self._store = store
+        self._io = StoreIO(store) if store is not None else None
+        self._durability = durability
+        self._readonly = readonly
+        self._closed = False
+        self._commit_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._id_lock = threading.Lock()
+        self._last_future = None
+        self._commits = 0
+        self._conflicts = 0
+        self._head = self._pending = None
+        head = self._load_head()
+        if head is None:
+            head = State.initial()
+            if store is not None and not readonly:
+                self._write_state(head).result()
+        self._head = self._pending = head
+        self._next_coll_id = head.next_coll_id
+
+    # -- heads -----------------------------------------------------------------------
+
+    def _load_head(self):
+        if self._store is None:
+            return None
+        seq, root_ptr = self._store.head
+        if root_ptr < 0:
+            return None
+        return State.load(root_ptr, seq, self._io)
+
+    def _write_state(self, state):
+        """Hand a state to storage; returns the durability future. Caller holds the commit lock
+        (or is the constructor)."""
+        c = self._store.begin_commit()
+        self._io.commit = c
+        try:
+            root_ptr = state.persist(self._io)
+        except BaseException:
+            c.abort()
+            raise
+        finally:
+            self._io.commit = None
+        fut = c.finish(root_ptr)
+        fut.add_done_callback(lambda f, s=state: self._on_durable(f, s))
+        return fut
+
+    def _on_durable(self, fut, state):
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        seq, _ = fut.result()
+        state.seq = seq
+        with self._publish_lock:
+            if self._head is None or state.seq > self._head.seq:
+                self._head = state
+
+    def _refresh(self):
+        """Read-only databases: pick up commits another process made since we looked."""
+        self._store.refresh()
+        seq, root_ptr = self._store.head
+        if root_ptr >= 0 and seq != self._head.seq:
+            self._head = self._pending = State.load(root_ptr, seq, self._io)
+
+    def _allocate_collection_id(self):
+        with self._id_lock:
+            cid = self._next_coll_id
+            self._next_coll_id += 1
+            return cid
+
+    # -- transactions ------------------------------------------------------------------
+
+    def _check_open(self):
+        if self._closed:
+            raise DatabaseClosedError("the database is closed; open it again with pb.open()")
+
+    def transaction(self, readonly=False, isolation="snapshot"):
+        """A new transaction on the newest published state."""
+        self._check_open()
+        if self._readonly:
+            if not readonly:
+                readonly = True
+            if self._store is not None:
+                self._refresh()
+        return Transaction(self, self._head, readonly=readonly, isolation=isolation)
+
+    def _commit(self, tx):
+        self._check_open()
+        if not tx._dirty and not tx._new:
+            return                                  # nothing written: nothing to publish
+        if self._readonly:
+            raise ReadOnlyError("the database was opened read-only")
+        with self._commit_lock:
+            last = self._last_future
+            if last is not None and last.done() and last.exception() is not None:
+                self._pending = self._head          # never build on a commit that failed
+            base = self._pending
+            colls = base.colls.mutate()
+            try:
+                for h in tx._dirty + [h for h in tx._handles.values() if h._reads and h not in tx._dirty]:
+                    if base is tx._snapshot and h._reads is None:
+                        head_cs = h._base            # nothing committed since our snapshot
+                    else:
+                        head_cs = base.colls.get(h._cid)
+                    colls[h._cid] = h._commit_state(head_cs)
+                for h in tx._new:
+                    if h._cid not in colls:
+                        colls[h._cid] = h._commit_state(None)
+            except ConflictError:
+                self._conflicts += 1
+                raise
+            state = State(colls.finish(), max(base.next_coll_id, self._next_coll_id), base.seq + 1)
+            if self._store is None:
+                self._head = self._pending = state
+                self._commits += 1
+                return
+            fut = self._last_future = self._write_state(state)
+            self._pending = state
+        try:
+            fut.result()
+        except StorageError:
+            with self._commit_lock:
+                if self._pending is state:
+                    self._pending = self._head
+            raise
+        self._commits += 1
+
+    def run(self, fn, *args, retries=10, **kwargs):
+        """Call fn(tx, *args, **kwargs) in a transaction and commit it, retrying up to
+        `retries` times (with a short randomized backoff) when the commit conflicts."""
+        for attempt in range(retries + 1):
+            tx = self.transaction()
+            try:
+                result = fn(tx, *args, **kwargs)
+                tx.commit()
+                return result
+            except ConflictError:
+                if attempt == retries:
+                    raise
+                time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
+            finally:
+                if not tx.closed:
+                    tx.abort()
+        raise AssertionError("unreachable")
+
+    def transactional(self, retries=10):
+        """Decorator: the function runs in a transaction (received as its first argument),
+        committed on return and retried on ConflictError."""
+        def decorate(fn):
+            @wraps(fn)
+            def wrapper(*args, **kwargs):
+                return self.run(fn, *args, retries=retries, **kwargs)
+            return wrapper
+        return decorate
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def path(self):
+        return None if self._store is None else self._store.path
+
+    @property
+    def durability(self):
+        return self._durability
+
+    @property
+    def readonly(self):
+        return self._readonly
+
+    def close(self):
+        """Wait for background work, make everything durable and release the file."""
+        if self._closed:
+            return
+        with self._commit_lock:
+            self._closed = True
+            if self._store is not None:
+                self._store.close()
+
+    def __enter__(self):
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def stats(self):
+        """Counters: commits, conflicts, sequence, collections, and storage figures."""
+        out = {"commits": self._commits, "conflicts": self._conflicts, "sequence": self._head.seq,
+               "collections": len(self._head.colls), "durability": self._durability,
+               "in_memory": self._store is None}
+        if self._store is not None:
+            out.update(self._store.stats())
+        return out
+
+    def __repr__(self):
+        where = self.path or ":memory:"
+        return f"<pb.Database {where!s} {'closed' if self._closed else self._durability}>"

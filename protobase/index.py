@@ -1,0 +1,335 @@
+"""Secondary indexes: field value -> id set of the rows holding it, kept persistent.
+
+An index on the field path ``"a.b"`` of a collection is three persistent parts:
+
+* ``tree``: a ``btree.SortedMap`` from each field value that is a valid btree key to the
+  ``IdSet`` of row ids whose entry holds that value at the path. Keys follow the btree's
+  total order, so ``1``, ``1.0`` and ``True`` are one key (as in ``dict``) and a type
+  class occupies one contiguous run of keys: ranges and prefixes are runs of positions.
+* ``other``: the ``IdSet`` of rows whose value at the path exists but is not a valid key
+  (a list, a dict, a set...). Such values have no place in an ordered tree; every plan
+  that could match them (equality with a list operand) takes ``other`` as candidates and
+  re-checks the rows, so they cost speed, never correctness.
+* ``missing``: the ``IdSet`` of rows where the path does not exist. ``all_ids - missing``
+  answers ``F.x.exists()`` and ``F.x != v`` without touching a row.
+
+::
+
+    Index("price")
+      tree:    None -> {7}      9.5 -> {1, 4}      12 -> {2}      "n/a" -> {5}
+      other:   {3}               (price == [1, 2])
+      missing: {6}               (no price at all)
+
+Every row id of the collection is in exactly one place: one posting of ``tree``,
+``other``, or ``missing``. ``_check()`` verifies that, and with the entries at hand that
+the index equals one rebuilt from scratch.
+
+Maintenance API (called by the collection layer)
+------------------------------------------------
+``Index.empty(field)`` / ``Index.build(field, entries)`` where ``entries`` iterates
+``(rowid, value)`` pairs (whole entry values; the index extracts its field);
+``index.mutate() -> IndexMutation`` with ``insert(rowid, value)``,
+``delete(rowid, value)``, ``update(rowid, old_value, new_value)`` and ``finish() ->
+Index``. A mutation keeps one ``IdSetMutation`` per touched posting until ``finish()``, so
+a transaction adding 100k rows under one value edits that posting in place instead of
+copying a container per row; ``finish()`` turns them back into ``IdSet``s and drops
+emptied postings. After ``finish()`` the mutation stays usable (the kernels give it fresh
+tokens) and never changes the snapshot it returned. Queries only ever read ``Index``
+snapshots: a writing transaction hands them ``mutation.finish()``.
+
+Persistence: ``tree`` persists with ``SortedMap._persist`` (its values are ``IdSet``s,
+which the codec hooks encode); ``other`` and ``missing`` with ``IdSet.to_bytes()``; and
+``Index(field, tree, other, missing)`` puts a loaded index back together.
+
+Statistics for the planner
+--------------------------
+Exact: ``len`` of one posting (equality), ``len(missing)``. Ranges and prefixes are turned
+into a run of tree positions ``[p0, p1)`` with ``bisect_left/right`` (a type class's run is
+found by binary search over positions with ``peekitem``, O(log² n)). A run of at most
+``SAMPLE`` keys is summed exactly; a longer one is estimated as (number of keys) × (mean
+posting size over ``SAMPLE`` keys spread evenly across the run), each probe O(log n).
+"""
+from .errors import QueryError
+from ._core import load
+from .query.expr import (MISSING, extract, key_class, split_path, values_equal,
+                         EQ, NE, LT, LE, GT, GE, BETWEEN, STARTSWITH)
+
+__all__ = ["Index", "IndexMutation", "IndexSpec", "MISSING", "extract", "SAMPLE"]
+
+_btree = load("btree")
+_idset = load("idset")
+SortedMap = _btree.SortedMap
+IdSet = _idset.IdSet
+IdSetMutation = _idset.IdSetMutation
+_type_class = _btree.type_class
+
+SAMPLE = 32
+_EMPTY = IdSet()
+
+
+class IndexSpec:
+    """What an index covers: a field path (``"a.b"``: dict key or attribute, nested)."""
+
+    __slots__ = ("field", "parts")
+
+    def __init__(self, field):
+        if isinstance(field, IndexSpec):
+            field = field.field
+        self.parts = split_path(field)
+        self.field = ".".join(self.parts)
+
+    def extract(self, value):
+        """The entry's value at this path, or MISSING; never raises."""
+        return extract(value, self.parts)
+
+    def __eq__(self, other):
+        return isinstance(other, IndexSpec) and other.field == self.field
+
+    def __hash__(self):
+        return hash(self.field)
+
+    def __repr__(self):
+        return f"IndexSpec({self.field!r})"
+
+
+def _same_place(a, b):
+    # True when field values a and b file the row under the same posting.
+    if a is MISSING or b is MISSING:
+        return a is b
+    ca, cb = key_class(a), key_class(b)
+    if ca is None or cb is None:
+        return ca is cb
+    return values_equal(a, ca, b, cb)
+
+
+class Index:
+    """A persistent snapshot of one secondary index (see the module docstring)."""
+
+    __slots__ = ("spec", "tree", "other", "missing", "_spans")
+
+    def __init__(self, field, tree=None, other=None, missing=None):
+        self.spec = IndexSpec(field)
+        self.tree = SortedMap() if tree is None else tree
+        self.other = _EMPTY if other is None else other
+        self.missing = _EMPTY if missing is None else missing
+        self._spans = {}
+
+    @classmethod
+    def empty(cls, field):
+        return cls(field)
+
+    @classmethod
+    def build(cls, field, entries):
+        """An index over ``entries``, an iterable of ``(rowid, value)``."""
+        m = cls(field).mutate()
+        for rowid, value in entries:
+            m.insert(rowid, value)
+        return m.finish()
+
+    @property
+    def field(self):
+        return self.spec.field
+
+    def mutate(self):
+        return IndexMutation(self)
+
+    def __len__(self):
+        """Number of distinct orderable values."""
+        return len(self.tree)
+
+    def __repr__(self):
+        return (f"<Index {self.field!r}: {len(self.tree)} values, {len(self.other)} unorderable, "
+                f"{len(self.missing)} missing>")
+
+    def __eq__(self, other):
+        if not isinstance(other, Index) or other.spec != self.spec:
+            return NotImplemented
+        if len(self.tree) != len(other.tree) or self.other != other.other \
+                or self.missing != other.missing:
+            return False
+        for (k1, v1), (k2, v2) in zip(self.tree.items(), other.tree.items()):
+            if _btree.compare(k1, k2) != 0 or v1 != v2:
+                return False
+        return True
+
+    __hash__ = None
+
+    # ------------------------------------------------------------------ lookups
+
+    def lookup(self, value):
+        """Ids of rows whose field equals the orderable ``value`` (empty if none)."""
+        return self.tree.get(value, _EMPTY)
+
+    def present(self, all_ids):
+        """Ids of rows where the field exists, given the collection's ``all_ids``."""
+        return all_ids - self.missing if len(self.missing) else all_ids
+
+    def class_span(self, cls):
+        """Positions ``[p0, p1)`` of the keys of type class ``cls``."""
+        span = self._spans.get(cls)
+        if span is None:
+            span = self._spans[cls] = (self._class_start(cls), self._class_start(cls + 1))
+        return span
+
+    def _class_start(self, cls):
+        tree = self.tree
+        lo, hi = 0, len(tree)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _type_class(tree.peekitem(mid)[0]) < cls:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def span(self, op, operand, operand_class):
+        """Positions ``[p0, p1)`` of the keys a range or prefix term selects (p0 >= p1:
+        none). ``operand``/``operand_class`` as in ``Term``."""
+        tree = self.tree
+        if op == BETWEEN:
+            (lo, hi), (lc, hc) = operand, operand_class
+            if lc != hc:
+                return 0, 0
+            return tree.bisect_left(lo), tree.bisect_right(hi)
+        if op == STARTSWITH:
+            c0, c1 = self.class_span(operand_class)
+            p0 = max(tree.bisect_left(operand), c0)
+            # Keys with the prefix are the first keys at or after it: binary search the end.
+            lo, hi = p0, c1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if tree.peekitem(mid)[0].startswith(operand):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return p0, lo
+        c0, c1 = self.class_span(operand_class)
+        if op == LT:
+            return c0, tree.bisect_left(operand)
+        if op == LE:
+            return c0, tree.bisect_right(operand)
+        if op == GT:
+            return tree.bisect_right(operand), c1
+        if op == GE:
+            return tree.bisect_left(operand), c1
+        raise QueryError(f"operator {op!r} has no index range")
+
+    def _run(self, p0, p1, reverse=False):
+        if p0 >= p1:
+            return iter(())
+        tree = self.tree
+        if p1 - p0 == 1:  # also keeps a None key from reading as "unbounded" below
+            return iter((tree.peekitem(p0),))
+        return tree.irange_items(tree.peekitem(p0)[0], tree.peekitem(p1 - 1)[0], (True, True),
+                                 reverse)
+
+    def span_ids(self, p0, p1):
+        """The union of the postings at positions ``[p0, p1)``."""
+        if p0 >= p1:
+            return _EMPTY
+        if p1 - p0 == 1:
+            return self.tree.peekitem(p0)[1]
+        return IdSet.union_many([ids for _, ids in self._run(p0, p1)])
+
+    def span_estimate(self, p0, p1):
+        """Estimated number of ids at positions ``[p0, p1)`` (exact up to SAMPLE keys)."""
+        n = p1 - p0
+        if n <= 0:
+            return 0
+        if n <= SAMPLE:
+            return sum(len(ids) for _, ids in self._run(p0, p1))
+        tree = self.tree
+        step = n / SAMPLE
+        total = sum(len(tree.peekitem(p0 + int(i * step))[1]) for i in range(SAMPLE))
+        return int(total * n / SAMPLE)
+
+    def postings(self, descending=False):
+        """``(value, ids)`` for every orderable value, in btree order (or reversed)."""
+        return self.tree.irange_items(reverse=True) if descending else iter(self.tree.items())
+
+    # ------------------------------------------------------------------ checking
+
+    def _check(self, entries=None):
+        """Raise AssertionError on a broken invariant; with ``entries`` (an iterable of
+        ``(rowid, value)``) also that the index equals one rebuilt from them."""
+        check = getattr(self.tree, "_check", None)
+        if check is not None:
+            check()
+        seen = IdSet.union_many([self.other, self.missing])
+        assert len(seen) == len(self.other) + len(self.missing), "other and missing overlap"
+        total = len(seen)
+        for key, ids in self.tree.items():
+            assert key_class(key) is not None, f"unorderable key {key!r} in the tree"
+            assert isinstance(ids, IdSet) and len(ids), f"bad posting for {key!r}: {ids!r}"
+            total += len(ids)
+            seen = seen | ids
+        assert len(seen) == total, "a row id is filed in two places"
+        if entries is not None:
+            rebuilt = Index.build(self.spec, entries)
+            assert rebuilt == self, f"index {self!r} differs from its rebuild {rebuilt!r}"
+
+
+class IndexMutation:
+    """Edits an index in place for one transaction; ``finish()`` returns a snapshot."""
+
+    __slots__ = ("spec", "_tree", "_other", "_missing", "_touched")
+
+    def __init__(self, index):
+        self.spec = index.spec
+        self._tree = index.tree.mutate()
+        self._other = index.other.mutate()
+        self._missing = index.missing.mutate()
+        self._touched = []
+
+    def _posting(self, key):
+        ids = self._tree.get(key)
+        if ids is None:
+            ids = _EMPTY.mutate()
+        elif isinstance(ids, IdSetMutation):
+            return ids
+        else:
+            ids = ids.mutate()
+        self._tree[key] = ids
+        self._touched.append(key)
+        return ids
+
+    def _file(self, rowid, field_value, add):
+        if field_value is MISSING:
+            target = self._missing
+        elif key_class(field_value) is None:
+            target = self._other
+        else:
+            target = self._posting(field_value)
+        if add:
+            target.add(rowid)
+        else:
+            target.discard(rowid)
+
+    def insert(self, rowid, value):
+        """A new entry ``value`` got row id ``rowid``."""
+        self._file(rowid, self.spec.extract(value), True)
+
+    def delete(self, rowid, value):
+        """The entry ``value`` with row id ``rowid`` was removed."""
+        self._file(rowid, self.spec.extract(value), False)
+
+    def update(self, rowid, old_value, new_value):
+        """Entry ``rowid`` changed from ``old_value`` to ``new_value`` (whole entries)."""
+        old, new = self.spec.extract(old_value), self.spec.extract(new_value)
+        if not _same_place(old, new):
+            self._file(rowid, old, False)
+            self._file(rowid, new, True)
+
+    def finish(self):
+        """The index as edited so far, as a persistent ``Index``."""
+        tree = self._tree
+        for key in self._touched:
+            ids = tree.get(key)
+            if isinstance(ids, IdSetMutation):
+                ids = ids.finish()
+                if len(ids):
+                    tree[key] = ids
+                else:
+                    del tree[key]
+        self._touched = []
+        return Index(self.spec, tree.finish(), self._other.finish(), self._missing.finish())

@@ -1,0 +1,481 @@
+"""F expressions and predicates: what a query asks, and the one comparison rule.
+
+``F.price`` names a field path (``F.a.b``, ``F["a"]["b"]`` and ``F("a.b")`` are the same
+path); comparing it builds a :class:`Term`; terms combine with ``&``, ``|`` and ``~``.
+A predicate is a plain tree that anyone can evaluate against one value with
+``pred.matches(value)``; the planner (planner.py) reads the same tree to use indexes.
+Both must agree, so every comparison in the package goes through the functions here.
+
+The comparison rule (DESIGN.md §6, docs/internals.md "Key rules")
+-----------------------------------------------------------------
+* A value that is a valid btree key (None, numbers, str, bytes, dates, UUID, Enum, and
+  tuples/frozensets of those...) has a *type class*, ``btree.type_class``. Two such values
+  are equal when their classes match and ``btree.compare`` says 0, and ordered by
+  ``btree.compare`` when their classes match. So ``1 == 1.0 == True == Decimal(1)``, all
+  NaNs are one value (placed after every other number), and values of different classes
+  are unequal and unordered: ``<``, ``<=``, ``>``, ``>=`` are False, ``!=`` is True.
+* Any other value (list, dict, set, complex, an object...) is *unorderable*: it equals
+  only another unorderable value that ``==`` says is equal (an ``==`` that raises or does
+  not give a plain truth value counts as unequal), and no ordering term matches it.
+* A term on a missing field is False, whatever the operator; ``~p`` is the complement
+  of ``p`` over the collection, so it matches rows where the field is missing.
+
+Nothing here ever raises while matching: a mixed-type comparison is simply False. A
+malformed query (an operand that is not a value, ``in_`` of a non-iterable, a range
+operand that cannot be ordered...) raises :class:`~protobase.errors.QueryError` when the
+term is built.
+"""
+import types
+from collections.abc import Mapping
+
+from .._core import load
+from ..errors import QueryError
+
+__all__ = ["F", "Field", "Predicate", "Term", "And", "Or", "Not", "All", "MISSING",
+           "extract", "split_path", "key_class", "values_equal", "compare_ordered"]
+
+_btree = load("btree")
+_compare = _btree.compare
+_type_class = _btree.type_class
+
+
+class _Missing:
+    """The marker for "this path does not exist in the value" (distinct from None)."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "MISSING"
+
+    def __reduce__(self):
+        return "MISSING"
+
+
+MISSING = _Missing()
+
+# Exact types whose class is known without asking the kernel (the common case).
+_FAST_CLASS = {type(None): 0, bool: 1, int: 1, float: 1, str: 2, bytes: 3}
+# Types whose values are never valid keys: answer without a failing kernel call.
+_NEVER_KEY = (list, dict, set, bytearray, complex)
+
+
+def key_class(value):
+    """The btree type class of ``value``, or None when it is not a valid btree key."""
+    c = _FAST_CLASS.get(type(value))
+    if c is not None:
+        return c
+    if isinstance(value, _NEVER_KEY):
+        return None
+    if isinstance(value, (tuple, frozenset)):
+        # The kernel may rank a tuple before looking inside it: check every element here.
+        for item in value:
+            if key_class(item) is None:
+                return None
+    try:
+        return _type_class(value)
+    except Exception:
+        return None
+
+
+def _loose_equal(a, b):
+    # Unorderable values: Python's == with anything odd (raising, arrays) counting as unequal.
+    try:
+        result = a == b
+        return result if type(result) is bool else False
+    except Exception:
+        return False
+
+
+def values_equal(a, a_class, b, b_class):
+    """Equality under the comparison rule; classes come from key_class()."""
+    if a_class is None or b_class is None:
+        return a_class is b_class and _loose_equal(a, b)
+    return a_class == b_class and _compare(a, b) == 0
+
+
+def compare_ordered(a, a_class, b, b_class):
+    """-1/0/1 when a and b are ordered under the rule, else None (unordered)."""
+    if a_class is None or a_class != b_class:
+        return None
+    return _compare(a, b)
+
+
+def split_path(path):
+    """``"a.b"`` -> ``("a", "b")``; a tuple of segments is taken as it is."""
+    if isinstance(path, tuple):
+        parts = path
+    elif isinstance(path, str):
+        parts = tuple(path.split("."))
+    else:
+        raise QueryError(f"a field path is a str such as 'a.b', not {type(path).__name__}")
+    if not parts or not all(isinstance(p, str) and p for p in parts):
+        raise QueryError(f"invalid field path {path!r}: segments must be non-empty strings")
+    return parts
+
+
+# Built-in values whose attributes are methods, never fields.
+_NO_ATTRIBUTES = (str, bytes, bytearray, int, float, complex, bool, list, tuple, set,
+                  frozenset, type(None))
+
+
+def extract(value, parts):
+    """The value at the path ``parts`` (a tuple from split_path) inside ``value``.
+
+    Each segment is a key of a mapping (a dict is looked up by key only, so ``F.items``
+    never finds the dict method) or an attribute of an object. Returns MISSING when a
+    segment is absent or unreadable; never raises."""
+    for part in parts:
+        if isinstance(value, dict):
+            value = value.get(part, MISSING)
+        elif isinstance(value, _NO_ATTRIBUTES) or value is MISSING:
+            return MISSING
+        else:
+            try:
+                if isinstance(value, Mapping):
+                    value = value.get(part, MISSING)
+                else:
+                    value = getattr(value, part, MISSING)
+            except Exception:
+                return MISSING
+        if value is MISSING:
+            return MISSING
+    return value
+
+
+# ----------------------------------------------------------------------------- predicates
+
+class Predicate:
+    """A boolean condition on one value. Combine with ``&``, ``|``, ``~``."""
+
+    __slots__ = ()
+
+    def matches(self, value):
+        raise NotImplementedError(type(self).__name__)
+
+    def __and__(self, other):
+        return And((self, _as_predicate(other)))
+
+    def __rand__(self, other):
+        return And((_as_predicate(other), self))
+
+    def __or__(self, other):
+        return Or((self, _as_predicate(other)))
+
+    def __ror__(self, other):
+        return Or((_as_predicate(other), self))
+
+    def __invert__(self):
+        return Not(self)
+
+    def __bool__(self):
+        raise QueryError("a predicate has no truth value: combine predicates with &, | and ~, "
+                         "not with `and`, `or`, `not` or chained comparisons")
+
+
+def _as_predicate(obj):
+    if isinstance(obj, Predicate):
+        return obj
+    if isinstance(obj, Field):
+        raise QueryError(f"{obj!r} is a field, not a condition; did you mean {obj!r}.exists()?")
+    raise QueryError(f"expected a predicate built from F, got {type(obj).__name__}")
+
+
+class All(Predicate):
+    """Matches every value (``where()`` with no arguments)."""
+
+    __slots__ = ()
+
+    def matches(self, value):
+        return True
+
+    def __repr__(self):
+        return "All()"
+
+    def __eq__(self, other):
+        return isinstance(other, All)
+
+    def __hash__(self):
+        return hash(All)
+
+
+class And(Predicate):
+    """All of ``children`` hold (nested Ands are flattened)."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, children):
+        flat = []
+        for child in children:
+            child = _as_predicate(child)
+            if isinstance(child, And):
+                flat.extend(child.children)
+            elif not isinstance(child, All):
+                flat.append(child)
+        self.children = tuple(flat)
+
+    def matches(self, value):
+        for child in self.children:
+            if not child.matches(value):
+                return False
+        return True
+
+    def __repr__(self):
+        return "(" + " & ".join(map(repr, self.children)) + ")" if self.children else "All()"
+
+
+class Or(Predicate):
+    """Any of ``children`` holds (nested Ors are flattened)."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, children):
+        flat = []
+        for child in children:
+            child = _as_predicate(child)
+            flat.extend(child.children if isinstance(child, Or) else (child,))
+        self.children = tuple(flat)
+
+    def matches(self, value):
+        for child in self.children:
+            if child.matches(value):
+                return True
+        return False
+
+    def __repr__(self):
+        return "(" + " | ".join(map(repr, self.children)) + ")"
+
+
+class Not(Predicate):
+    """The complement of ``child`` over the collection (matches where a field is missing)."""
+
+    __slots__ = ("child",)
+
+    def __init__(self, child):
+        self.child = _as_predicate(child)
+
+    def matches(self, value):
+        return not self.child.matches(value)
+
+    def __repr__(self):
+        inner = repr(self.child)
+        return f"~{inner}" if inner.startswith("(") else f"~({inner})"
+
+
+# Operators a Term may carry; RANGE_OPS are answered by an ordered walk of an index.
+EQ, NE, LT, LE, GT, GE = "==", "!=", "<", "<=", ">", ">="
+BETWEEN, IN, STARTSWITH, CONTAINS, EXISTS = "between", "in_", "startswith", "contains", "exists"
+RANGE_OPS = frozenset((LT, LE, GT, GE, BETWEEN))
+
+_NOT_VALUES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+               types.LambdaType, types.GeneratorType, types.CoroutineType, types.ModuleType,
+               type)
+
+
+def _check_operand(op, value):
+    if isinstance(value, (Field, Predicate)):
+        raise QueryError(f"F.x {op} F.y: comparing two fields is not supported; "
+                         "compare a field with a value")
+    if isinstance(value, _NOT_VALUES) or value is MISSING:
+        raise QueryError(f"the operand of {op} must be a value, not {type(value).__name__}")
+    return value
+
+
+class Term(Predicate):
+    """One condition on one field path: ``Term(("a", "b"), "<", 3)``.
+
+    ``operand`` is the value (``between``: a ``(lo, hi)`` pair; ``in_``: a tuple) and the
+    precomputed ``operand_class`` its key class (or a tuple of them)."""
+
+    __slots__ = ("parts", "op", "operand", "operand_class", "_test")
+
+    def __init__(self, parts, op, operand=None):
+        self.parts = parts
+        self.op = op
+        if op in (EQ, NE):
+            _check_operand(op, operand)
+            cls = key_class(operand)
+        elif op in (LT, LE, GT, GE):
+            cls = self._orderable(op, operand)
+        elif op == BETWEEN:
+            lo, hi = operand
+            cls = (self._orderable(op, lo), self._orderable(op, hi))
+        elif op == IN:
+            if isinstance(operand, (str, bytes, dict)) or isinstance(operand, _NOT_VALUES):
+                raise QueryError(f"in_() takes a list, tuple or set of values, not "
+                                 f"{type(operand).__name__}")
+            try:
+                operand = tuple(operand)
+            except TypeError:
+                raise QueryError(f"in_() takes an iterable of values, not "
+                                 f"{type(operand).__name__}") from None
+            for item in operand:
+                _check_operand(op, item)
+            cls = tuple(key_class(item) for item in operand)
+        elif op == STARTSWITH:
+            if type(operand) not in (str, bytes):
+                raise QueryError(f"startswith() takes a str (or bytes) prefix, not "
+                                 f"{type(operand).__name__}")
+            cls = key_class(operand)
+        elif op == CONTAINS:
+            _check_operand(op, operand)
+            cls = key_class(operand)
+        elif op == EXISTS:
+            cls = None
+        else:
+            raise QueryError(f"unknown query operator {op!r}")
+        self.operand = operand
+        self.operand_class = cls
+        self._test = self._compile()
+
+    @staticmethod
+    def _orderable(op, value):
+        _check_operand(op, value)
+        cls = key_class(value)
+        if cls is None:
+            raise QueryError(f"{op} needs an orderable operand (a number, str, bytes, date...), "
+                             f"not {type(value).__name__}")
+        return cls
+
+    @property
+    def path(self):
+        return ".".join(self.parts)
+
+    def _compile(self):
+        # One closure per term, so matching a row does no dispatch on the operator.
+        op, v, vc = self.op, self.operand, self.operand_class
+        if op == EQ:
+            if type(v) is str:  # the hot case: a plain string equality
+                return lambda x: x == v if type(x) is str else values_equal(x, key_class(x), v, vc)
+            return lambda x: values_equal(x, key_class(x), v, vc)
+        if op == NE:
+            return lambda x: not values_equal(x, key_class(x), v, vc)
+        if op in (LT, LE, GT, GE):
+            want = {LT: (-1,), LE: (-1, 0), GT: (1,), GE: (0, 1)}[op]
+            return lambda x: compare_ordered(x, key_class(x), v, vc) in want
+        if op == BETWEEN:
+            lo, hi = v
+            lc, hc = vc
+
+            def between(x):
+                xc = key_class(x)
+                if xc is None or xc != lc or xc != hc:
+                    return False
+                return _compare(x, lo) >= 0 and _compare(x, hi) <= 0
+            return between
+        if op == IN:
+            pairs = tuple(zip(v, vc))
+
+            def in_(x):
+                xc = key_class(x)
+                for item, ic in pairs:
+                    if values_equal(x, xc, item, ic):
+                        return True
+                return False
+            return in_
+        if op == STARTSWITH:
+            return lambda x: type(x) is type(v) and x.startswith(v)
+        if op == CONTAINS:
+            def contains(x):
+                if not isinstance(x, (list, tuple, set, frozenset)):
+                    return False
+                for item in x:
+                    if values_equal(item, key_class(item), v, vc):
+                        return True
+                return False
+            return contains
+        return lambda x: True  # EXISTS: reached only when the path is present
+
+    def matches(self, value):
+        x = extract(value, self.parts)
+        if x is MISSING:
+            return False
+        return self._test(x)
+
+    def __repr__(self):
+        name = "F." + self.path
+        if self.op == BETWEEN:
+            return f"{name}.between({self.operand[0]!r}, {self.operand[1]!r})"
+        if self.op == IN:
+            return f"{name}.in_({list(self.operand)!r})"
+        if self.op in (STARTSWITH, CONTAINS):
+            return f"{name}.{self.op}({self.operand!r})"
+        if self.op == EXISTS:
+            return f"{name}.exists()"
+        return f"{name} {self.op} {self.operand!r}"
+
+
+class Field:
+    """A field path under construction: ``F.a.b`` or ``F["a"]["b"]`` or ``F("a.b")``."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts=()):
+        object.__setattr__(self, "_parts", parts)
+
+    def __call__(self, path):
+        return Field(self._parts + split_path(path))
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Field(self._parts + (name,))
+
+    def __getitem__(self, name):
+        return Field(self._parts + split_path(name))
+
+    def __setattr__(self, name, value):
+        raise QueryError("F expressions are read-only; compare them (F.x == 1) to build a query")
+
+    def _term(self, op, operand=None):
+        if not self._parts:
+            raise QueryError("F alone names no field: write F.name or F['name']")
+        return Term(self._parts, op, operand)
+
+    def __eq__(self, other):
+        return self._term(EQ, other)
+
+    def __ne__(self, other):
+        return self._term(NE, other)
+
+    def __lt__(self, other):
+        return self._term(LT, other)
+
+    def __le__(self, other):
+        return self._term(LE, other)
+
+    def __gt__(self, other):
+        return self._term(GT, other)
+
+    def __ge__(self, other):
+        return self._term(GE, other)
+
+    __hash__ = None
+
+    def between(self, lo, hi):
+        """``lo <= field <= hi`` (inclusive); empty when ``lo > hi`` or the classes differ."""
+        return self._term(BETWEEN, (lo, hi))
+
+    def in_(self, values):
+        """The field equals one of ``values`` (an iterable, taken once)."""
+        return self._term(IN, values)
+
+    def startswith(self, prefix):
+        """A str (or bytes) field starting with ``prefix``."""
+        return self._term(STARTSWITH, prefix)
+
+    def contains(self, item):
+        """A list, tuple, set or frozenset field holding an element equal to ``item``."""
+        return self._term(CONTAINS, item)
+
+    def exists(self):
+        """The path is present (its value may be None)."""
+        return self._term(EXISTS)
+
+    def __bool__(self):
+        raise QueryError("a field has no truth value: compare it (F.x == 1) or use F.x.exists()")
+
+    def __repr__(self):
+        return "F." + ".".join(self._parts) if self._parts else "F"
+
+
+F = Field()

@@ -1,0 +1,192 @@
+"""The lazy ``Query`` a user gets from ``coll.where(...)``, and the source it reads.
+
+A ``Query`` is an immutable description (predicate, order, offset, limit) bound to a
+``QuerySource``. Nothing runs until it is iterated or asked for ``count()``/``first()``/
+``items()``/``keys()``; every run plans afresh against what the source holds then, so a
+query is re-runnable and sees the transaction's own later writes. ``where``,
+``order_by``, ``limit`` and ``offset`` return new queries.
+
+The hook for vector search: ``protobase.vector`` builds ``nearest(...)`` on
+``Query.matching_ids()`` (the exact row ids the filter selects, computed from indexes when
+possible) and the source's ``row``/``rows``; nothing here knows about vectors.
+"""
+from typing import Iterator, Protocol, Tuple, runtime_checkable
+
+from ..errors import QueryError
+from .expr import All, And, Field, Term, EQ, split_path, _as_predicate
+from .planner import Planner, build_plan, normalize
+from .plans import Count
+
+__all__ = ["Query", "QuerySource", "make_predicate"]
+
+
+@runtime_checkable
+class QuerySource(Protocol):
+    """One collection as seen by one transaction snapshot (implemented by collections.py).
+
+    Its methods are called afresh on every run of a query."""
+
+    def scan(self) -> Iterator[Tuple[object, object]]:
+        """Every entry as ``(key, value)``, values decoded (no index used)."""
+
+    def indexes(self) -> dict:
+        """Field path (str) -> ``protobase.index.Index`` snapshot; may be empty."""
+
+    def all_ids(self):
+        """The ``IdSet`` of every entry's row id (asked only when there are indexes)."""
+
+    def row(self, rowid) -> Tuple[object, object]:
+        """``(key, value)`` of the entry with row id ``rowid``."""
+
+    def rows(self, ids) -> Iterator[Tuple[object, object]]:
+        """``(key, value)`` of the entries of the ``IdSet`` ``ids``, ascending row id."""
+
+    def count(self) -> int:
+        """Number of entries, O(1)."""
+
+
+def make_predicate(*preds, **equalities):
+    """AND of ``preds`` and of ``field == value`` for each keyword; All() when empty."""
+    terms = [_as_predicate(p) for p in preds]
+    terms.extend(Term(split_path(name), EQ, value) for name, value in equalities.items())
+    if not terms:
+        return All()
+    return terms[0] if len(terms) == 1 else And(terms)
+
+
+def _count_arg(name, n):
+    if type(n) is not int or n < 0:
+        raise QueryError(f"{name}() takes an int >= 0, not {n!r}")
+    return n
+
+
+class Query:
+    """A lazy, re-runnable query over one collection snapshot."""
+
+    __slots__ = ("_source", "_pred", "_order", "_descending", "_limit", "_offset", "_plan")
+
+    def __init__(self, source, predicate=None):
+        self._source = source
+        self._pred = All() if predicate is None else _as_predicate(predicate)
+        self._order = None
+        self._descending = False
+        self._limit = None
+        self._offset = 0
+        self._plan = None  # the tree of the last run, for explain()
+
+    def _derive(self, **changes):
+        q = Query.__new__(Query)
+        for name in Query.__slots__:
+            setattr(q, name, changes.get(name, getattr(self, name)))
+        q._plan = None
+        return q
+
+    # ------------------------------------------------------------------ building
+
+    def where(self, *preds, **equalities):
+        """This query further restricted (AND) by ``preds`` and keyword equalities."""
+        extra = make_predicate(*preds, **equalities)
+        return self._derive(_pred=And((self._pred, extra)))
+
+    def order_by(self, field, descending=False):
+        """Sorted by ``field`` (a path such as ``"a.b"``); see plans.py for the order of
+        mixed types, unorderable and missing values (missing sort last)."""
+        if isinstance(field, Field):
+            field = ".".join(field._parts)
+        if not isinstance(field, str):
+            raise QueryError(f"order_by() takes a field path such as 'price', not "
+                             f"{type(field).__name__}")
+        if type(descending) is not bool:
+            raise QueryError("order_by(descending=...) takes True or False")
+        return self._derive(_order=split_path(field), _descending=descending)
+
+    def limit(self, n):
+        """At most ``n`` results."""
+        return self._derive(_limit=_count_arg("limit", n))
+
+    def offset(self, n):
+        """Skip the first ``n`` results."""
+        return self._derive(_offset=_count_arg("offset", n))
+
+    # ------------------------------------------------------------------ running
+
+    def _rows(self, limit=None):
+        if limit is not None and (self._limit is None or limit < self._limit):
+            lim = limit
+        else:
+            lim = self._limit
+        plan = build_plan(self._source, self._pred, self._order, self._descending, lim,
+                          self._offset)
+        self._plan = plan
+        return plan.rows(self._source)
+
+    def __iter__(self):
+        """The values of the matching entries."""
+        return (value for _, value in self._rows())
+
+    def items(self):
+        """``[(key, value), ...]`` of the matching entries."""
+        return list(self._rows())
+
+    def keys(self):
+        """``[key, ...]`` of the matching entries."""
+        return [key for key, _ in self._rows()]
+
+    def first(self):
+        """The first matching value, or None when there is none."""
+        for _, value in self._rows(limit=1):
+            return value
+        return None
+
+    def count(self):
+        """The number of results; from id sets alone when the predicate is indexable."""
+        source = self._source
+        planner = Planner(source)
+        pred = normalize(self._pred)
+        if pred is None:
+            node = Count((), source.count())
+        else:
+            rows, ids, residual = planner.rows_plan(pred)
+            child = ids if ids is not None and residual is None else rows
+            node = Count((child,), child.estimate)
+        self._plan = node
+        n = max(0, node.run(source) - self._offset)
+        return n if self._limit is None else min(n, self._limit)
+
+    def matching_ids(self):
+        """The ``IdSet`` of row ids of every entry the predicate matches, ignoring order,
+        offset and limit: the hook ``nearest()`` builds on."""
+        source = self._source
+        planner = Planner(source)
+        pred = normalize(self._pred)
+        if pred is None:
+            return source.all_ids()
+        node, residual = planner.id_plan(pred) if planner.indexes else (None, pred)
+        ids = node.ids(source) if node is not None else source.all_ids()
+        if residual is None:
+            return ids
+        match = residual.matches
+        keep = ids.mutate()
+        for rowid in ids:
+            if not match(source.row(rowid)[1]):
+                keep.discard(rowid)
+        return keep.finish()
+
+    def explain(self):
+        """The plan as text: node types with estimated rows and, once run, actual rows."""
+        plan = self._plan
+        if plan is None:
+            plan = build_plan(self._source, self._pred, self._order, self._descending,
+                              self._limit, self._offset)
+        return plan.explain()
+
+    def __repr__(self):
+        parts = [f"where {self._pred!r}"]
+        if self._order is not None:
+            parts.append(f"order_by {'.'.join(self._order)!r}"
+                         + (" descending" if self._descending else ""))
+        if self._offset:
+            parts.append(f"offset {self._offset}")
+        if self._limit is not None:
+            parts.append(f"limit {self._limit}")
+        return f"<Query {' '.join(parts)}>"

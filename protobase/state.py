@@ -1,0 +1,194 @@
+"""The committed state of a database and how it is written to and read from storage.
+
+A database state is one immutable object, `State`: a hash trie from collection id to
+`CollState`, plus the next free collection id. A `CollState` names a collection's kind and
+holds its *parts*: persistent structures from `_core` (the main one is ``"data"``; indexes
+add more). Taking a snapshot is taking a reference to a `State` (O(1)); a commit builds a
+new `State` that shares every untouched collection and node with the old one.
+
+On disk a state is a tree of atoms (DESIGN.md "Storage"):
+
+    footer.root_ptr -> [FORMAT, colls_ptr, next_coll_id]            (state header atom)
+    colls (hamt.Map): coll id -> CollState, encoded inline as ext 64:
+                      [kind, meta, {part name: [part type, ptr]}]
+    each part: that structure's own header atom and nodes, loaded lazily
+
+`StoreIO` is the atom I/O object the kernels persist through (docs/internals.md).
+"""
+from ._core import load as _load_core
+from .errors import CorruptionError
+
+codec = _load_core("codec")
+hamt = _load_core("hamt")
+pvec = _load_core("pvec")
+btree = _load_core("btree")
+idset = _load_core("idset")
+
+__all__ = ["FORMAT", "CollState", "State", "StoreIO", "MISSING"]
+
+FORMAT = 1
+EXT_COLLSTATE = 64
+EXT_IDSET = 65
+
+MISSING = object()
+
+# part type tag -> structure class; an IdSet is stored as one atom of its own bytes.
+_PART_TYPES = {"map": hamt.Map, "hset": hamt.HashSet, "vec": pvec.Vector,
+               "smap": btree.SortedMap, "ids": idset.IdSet}
+_PART_TAGS = {cls: tag for tag, cls in _PART_TYPES.items()}
+_EMPTY = {"dict": hamt.Map, "set": hamt.HashSet, "list": pvec.Vector, "sorted": btree.SortedMap}
+
+
+def _persist_part(struct, io):
+    tag = _PART_TAGS[type(struct)]
+    ptr = io.write_atom(struct.to_bytes()) if tag == "ids" else struct._persist(io)
+    return [tag, ptr]
+
+
+def _load_part(tag, ptr, io):
+    cls = _PART_TYPES.get(tag)
+    if cls is None:
+        raise CorruptionError(f"unknown collection part type {tag!r}", offset=ptr)
+    if tag == "ids":
+        try:
+            return idset.IdSet.from_bytes(io.read_atom(ptr))
+        except ValueError as exc:
+            raise CorruptionError(f"damaged id set at offset {ptr}: {exc}", offset=ptr) from exc
+    return cls._load(ptr, io)
+
+
+class CollState:
+    """One collection as of one state: kind, small metadata and its structures (parts).
+
+    Frozen once created; parts stored on disk load on first use."""
+
+    __slots__ = ("kind", "meta", "_parts", "_ptrs", "_io")
+
+    def __init__(self, kind, parts, meta=None):
+        self.kind = kind
+        self.meta = meta or {}
+        self._parts = dict(parts)
+        self._ptrs = {}
+        self._io = None
+
+    @classmethod
+    def new(cls, kind):
+        return cls(kind, {"data": _EMPTY[kind]()})
+
+    def part(self, name, default=None):
+        s = self._parts.get(name)
+        if s is None:
+            ref = self._ptrs.get(name)
+            if ref is None:
+                return default
+            s = self._parts[name] = _load_part(ref[0], ref[1], self._io)
+        return s
+
+    @property
+    def data(self):
+        s = self._parts.get("data")
+        return s if s is not None else self.part("data")
+
+    def part_names(self):
+        return set(self._parts) | set(self._ptrs)
+
+    def replace(self, meta=None, **parts):
+        """A new CollState with some parts replaced (a part set to None is removed)."""
+        merged = {n: self.part(n) for n in self.part_names()}
+        for n, s in parts.items():
+            if s is None:
+                merged.pop(n, None)
+            else:
+                merged[n] = s
+        return CollState(self.kind, merged, self.meta if meta is None else meta)
+
+    # -- persistence ---------------------------------------------------------------
+
+    def _descriptor(self, io):
+        for name, s in self._parts.items():
+            if name not in self._ptrs:
+                self._ptrs[name] = _persist_part(s, io)
+        return [self.kind, self.meta, self._ptrs]
+
+    @classmethod
+    def _from_descriptor(cls, desc, io):
+        try:
+            kind, meta, ptrs = desc
+            if kind not in _EMPTY or not isinstance(meta, dict) or not isinstance(ptrs, dict):
+                raise ValueError(kind)
+            cs = cls(kind, {}, meta)
+            cs._ptrs = {str(n): (str(r[0]), int(r[1])) for n, r in ptrs.items()}
+        except (TypeError, ValueError, IndexError) as exc:
+            raise CorruptionError(f"damaged collection descriptor: {desc!r:.80}") from exc
+        cs._io = io
+        return cs
+
+
+class State:
+    """An immutable database state: collection id -> CollState, plus the next free id."""
+
+    __slots__ = ("colls", "next_coll_id", "seq", "ptr")
+
+    def __init__(self, colls, next_coll_id, seq=0, ptr=-1):
+        self.colls = colls
+        self.next_coll_id = next_coll_id
+        self.seq = seq
+        self.ptr = ptr
+
+    @classmethod
+    def initial(cls):
+        """An empty database: just the root Dict, collection 0."""
+        return cls(hamt.Map({0: CollState.new("dict")}), 1)
+
+    def persist(self, io):
+        colls_ptr = self.colls._persist(io)
+        self.ptr = io.write_atom(io.encode([FORMAT, colls_ptr, self.next_coll_id]))
+        return self.ptr
+
+    @classmethod
+    def load(cls, ptr, seq, io):
+        try:
+            fmt, colls_ptr, next_id = io.decode(io.read_atom(ptr))
+        except (TypeError, ValueError) as exc:
+            raise CorruptionError(f"damaged state header at offset {ptr}", offset=ptr) from exc
+        if fmt != FORMAT:
+            raise CorruptionError(f"unsupported state format {fmt!r} at offset {ptr}; "
+                                  f"this ProtoBase reads format {FORMAT}", offset=ptr)
+        return cls(hamt.Map._load(colls_ptr, io), next_id, seq, ptr)
+
+
+class StoreIO:
+    """Atom I/O for the kernels (docs/internals.md): reads from the store, writes into the
+    commit being built, and encodes node contents with the codec plus our ext types."""
+
+    __slots__ = ("store", "commit")
+
+    def __init__(self, store):
+        self.store = store
+        self.commit = None
+
+    def write_atom(self, data):
+        return self.commit.write_atom(data)
+
+    def read_atom(self, ptr):
+        return self.store.read_atom(ptr)
+
+    def encode(self, obj):
+        return codec.dumps(obj, default=self._default)
+
+    def decode(self, data):
+        return codec.loads(data, ext_hook=self._ext_hook)
+
+    def _default(self, obj):
+        if type(obj) is CollState:
+            return EXT_COLLSTATE, codec.dumps(obj._descriptor(self))
+        if type(obj) is idset.IdSet:
+            return EXT_IDSET, obj.to_bytes()
+        return None
+
+    def _ext_hook(self, code, data):
+        if code == EXT_COLLSTATE:
+            return CollState._from_descriptor(codec.loads(data), self)
+        if code == EXT_IDSET:
+            return idset.IdSet.from_bytes(data)
+        raise CorruptionError(f"unknown extension type {code} in a stored node")

@@ -1,0 +1,223 @@
+"""The log file's byte format: header, atoms, commit footers, and the recovery scan.
+
+Layout (every integer little-endian; docs/format.md "## File" specifies each byte)::
+
+    0        32                                           E1                 E2
+    +--------+--------+--------+-----+--------------------+--------+------+--------+
+    | header | atom   | atom   | ... | footer (commit 1)  | atom   | ...  | footer |
+    +--------+--------+--------+-----+--------------------+--------+------+--------+
+              ^ pointer = byte offset of the atom's 8-byte prefix {length, crc}
+
+A commit is its atoms followed by one fixed-size footer, so the newest commit's footer
+is always the last FOOTER_SIZE bytes of a healthy file: open reads the header and that
+footer, never the whole file.
+
+The footer records ``synced``: the file offset up to which the writer had fsynced
+successfully when it wrote this commit. Everything below ``synced`` survived an fsync and
+is trusted; the commits between ``synced`` and the footer were written by one or more
+writes that may have been torn by a crash (pages reach the disk in any order), so
+recovery verifies each of their commit checksums. That span is the last group (full
+mode) or at most about a second of writes (normal mode); a clean close appends a
+"sync mark" footer whose ``synced`` is its own start, which makes the next open O(1).
+
+Checksums are CRC-32 (zlib.crc32) seeded with the file's random 32-bit salt, so bytes
+copied from another ProtoBase file (or stored inside an atom) never pass as a footer of
+this one.
+"""
+import struct
+import zlib
+
+from ..errors import CorruptionError, NotADatabaseError
+
+__all__ = [
+    "HEADER_SIZE", "FOOTER_SIZE", "ATOM_PREFIX_SIZE", "FORMAT_VERSION", "HEADER_MAGIC",
+    "FOOTER_MAGIC", "FLAG_SYNC_MARK", "Footer", "build_header", "parse_header",
+    "pack_footer", "read_footer", "find_last_commit", "walk_commits", "EMPTY",
+]
+
+HEADER_MAGIC = b"\x89ProtoBase\r\n"     # 12 bytes; \x89 and \r\n catch text-mode mangling
+FOOTER_MAGIC = b"\x89PBcmt\r\n"         # 8 bytes
+FORMAT_VERSION = 1
+FLAG_SYNC_MARK = 1                      # footer with no atoms: "everything before me is synced"
+
+HEADER = struct.Struct("<12sHHI8xI")    # magic, version, flags, salt, reserved, crc
+ATOM_PREFIX = struct.Struct("<II")      # length, crc32(data, salt)
+FOOTER = struct.Struct("<8sQqQQIII")    # magic, seq, root, length, synced, flags, commit crc, footer crc
+FOOTER_BODY = struct.Struct("<8sQqQQII")  # the footer without its own crc
+
+HEADER_SIZE = HEADER.size               # 32
+ATOM_PREFIX_SIZE = ATOM_PREFIX.size     # 8
+FOOTER_SIZE = FOOTER.size               # 52
+_FOOTER_CRC_AT = FOOTER_BODY.size       # 48
+
+_SCAN_CHUNK = 1 << 16
+
+
+def build_header(salt):
+    body = HEADER.pack(HEADER_MAGIC, FORMAT_VERSION, 0, salt, 0)[:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def parse_header(data, path=None):
+    """Return the salt, or None when ``data`` is empty or a torn prefix of a header (a
+    crash while the file was being created: a new, empty database). Raises
+    NotADatabaseError when the bytes are not ours, CorruptionError when the header is
+    ours but damaged."""
+    if len(data) < HEADER_SIZE:
+        if HEADER_MAGIC.startswith(data[:len(HEADER_MAGIC)]):
+            return None
+        raise NotADatabaseError(f"{path!r} is not a ProtoBase database (no ProtoBase header)")
+    magic, version, _flags, salt, crc = HEADER.unpack_from(data)
+    if magic != HEADER_MAGIC:
+        raise NotADatabaseError(f"{path!r} is not a ProtoBase database (no ProtoBase header)")
+    if zlib.crc32(data[:HEADER_SIZE - 4]) != crc:
+        raise CorruptionError(f"the header of {path!r} fails its checksum", offset=0, path=path)
+    if version != FORMAT_VERSION:
+        raise NotADatabaseError(
+            f"{path!r} uses ProtoBase file format version {version}; this build reads "
+            f"version {FORMAT_VERSION}: upgrade protobase to open it")
+    return salt
+
+
+class Footer:
+    """One decoded commit footer. ``end`` is the offset just past it; ``start`` the offset
+    of the commit's first atom."""
+
+    __slots__ = ("seq", "root", "length", "synced", "flags", "commit_crc", "end")
+
+    def __init__(self, seq, root, length, synced, flags, commit_crc, end):
+        self.seq, self.root, self.length, self.synced = seq, root, length, synced
+        self.flags, self.commit_crc, self.end = flags, commit_crc, end
+
+    @property
+    def start(self):
+        return self.end - self.length
+
+    def __repr__(self):
+        return (f"Footer(seq={self.seq}, root={self.root}, start={self.start}, "
+                f"end={self.end}, synced={self.synced}, flags={self.flags})")
+
+
+def pack_footer(buf, at, salt, seq, root, length, synced, flags, commit_crc):
+    """Write a footer into ``buf`` at ``at`` (the commit's bytes are already in place)."""
+    FOOTER_BODY.pack_into(buf, at, FOOTER_MAGIC, seq, root, length, synced, flags, commit_crc)
+    struct.pack_into("<I", buf, at + _FOOTER_CRC_AT,
+                     zlib.crc32(memoryview(buf)[at:at + _FOOTER_CRC_AT], salt))
+
+
+def _decode_footer(raw, end, salt):
+    """The footer in ``raw`` (FOOTER_SIZE bytes ending at file offset ``end``) if it is
+    self-consistent, else None. Does not read the commit's atoms."""
+    if len(raw) != FOOTER_SIZE or raw[:8] != FOOTER_MAGIC:
+        return None
+    _m, seq, root, length, synced, flags, ccrc, fcrc = FOOTER.unpack(raw)
+    if zlib.crc32(raw[:_FOOTER_CRC_AT], salt) != fcrc:
+        return None
+    start = end - length
+    if length < FOOTER_SIZE or start < HEADER_SIZE or synced > end or seq < 1:
+        return None
+    if flags == FLAG_SYNC_MARK and length != FOOTER_SIZE:
+        return None
+    if flags not in (0, FLAG_SYNC_MARK):
+        return None
+    if root != -1 and not HEADER_SIZE <= root < end - FOOTER_SIZE:
+        return None
+    return Footer(seq, root, length, synced, flags, ccrc, end)
+
+
+def read_footer(f, end, salt):
+    if end - FOOTER_SIZE < HEADER_SIZE:
+        return None
+    return _decode_footer(f.read(end - FOOTER_SIZE, FOOTER_SIZE), end, salt)
+
+
+def _commit_ok(f, ft, salt):
+    n = ft.length - FOOTER_SIZE
+    body = f.read(ft.start, n) if n else b""
+    return len(body) == n and zlib.crc32(body, salt) == ft.commit_crc
+
+
+def _previous_ok(prev, cur):
+    # Sequence numbers rise by one per commit; a sync mark repeats its predecessor's.
+    if cur.flags == FLAG_SYNC_MARK:
+        return prev.seq == cur.seq and prev.root == cur.root
+    return prev.seq == cur.seq - 1
+
+
+def _validate(f, last, salt):
+    """Given a self-consistent footer ``last``, return the newest commit at or below it
+    that is fully trustworthy, or None when ``last`` is not a real commit end.
+
+    Commits above ``last.synced`` are re-verified byte for byte (they were never known
+    to be on disk); the chain of footers down to ``synced`` must link up exactly."""
+    chain = [last]
+    cur = last
+    while cur.start > last.synced:
+        prev = read_footer(f, cur.start, salt)
+        if prev is None or not _previous_ok(prev, cur):
+            return None
+        chain.append(prev)
+        cur = prev
+    if cur.start < last.synced:
+        return None
+    if cur.start == HEADER_SIZE and not (cur.seq == 1 and cur.flags == 0):
+        return None
+    base = None
+    if cur.start > HEADER_SIZE:
+        base = read_footer(f, cur.start, salt)
+        if base is None or not _previous_ok(base, cur):
+            return None
+    good = base
+    for ft in reversed(chain):
+        if not _commit_ok(f, ft, salt):
+            break
+        good = ft
+    return good if good is not None else EMPTY
+
+
+# The state before the first commit.
+EMPTY = Footer(0, -1, 0, HEADER_SIZE, 0, 0, HEADER_SIZE)
+
+
+def find_last_commit(f, size, salt):
+    """The newest valid commit's Footer in a file of ``size`` bytes (a pseudo-footer with
+    seq 0, root -1 and end HEADER_SIZE when there is none). Reads the last footer (and
+    the commits since the last fsync); scans backwards only past a torn or corrupt tail."""
+    if size <= HEADER_SIZE:
+        return EMPTY
+    last = read_footer(f, size, salt)
+    if last is not None:
+        good = _validate(f, last, salt)
+        if good is not None:
+            return good
+    # Torn tail: look backwards for the newest footer that validates.
+    hi = size - 1
+    while hi >= HEADER_SIZE:
+        lo = max(HEADER_SIZE, hi - _SCAN_CHUNK)
+        window = f.read(lo, hi - lo + len(FOOTER_MAGIC))
+        pos = window.rfind(FOOTER_MAGIC)
+        while pos >= 0:
+            end = lo + pos + FOOTER_SIZE
+            if end <= size:
+                cand = read_footer(f, end, salt)
+                if cand is not None:
+                    good = _validate(f, cand, salt)
+                    if good is not None:
+                        return good
+            pos = window.rfind(FOOTER_MAGIC, 0, pos + len(FOOTER_MAGIC) - 1)
+        hi = lo - 1
+    return EMPTY
+
+
+def walk_commits(f, end, salt):
+    """Every commit footer from the first to the one ending at ``end``, oldest first,
+    following the footer chain backwards. Raises CorruptionError at a broken link."""
+    out = []
+    while end > HEADER_SIZE:
+        ft = read_footer(f, end, salt)
+        if ft is None:
+            raise CorruptionError("commit footer fails its checksum", offset=end - FOOTER_SIZE)
+        out.append(ft)
+        end = ft.start
+    out.reverse()
+    return out

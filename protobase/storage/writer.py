@@ -1,0 +1,469 @@
+"""The background writer: group commit, durability futures, and failure recovery.
+
+Callers build a commit on their own thread (``begin_commit`` -> ``write_atom``... ->
+``finish``) and get a Future; one writer thread owns every write to the file::
+
+    caller threads                       writer thread
+    --------------                       -------------
+    begin  (takes the commit lock)
+    write_atom -> ptr (cache + buffer)
+    finish -> queue.append, release  --> take the whole queue (a "group")
+    future.result() ...                  join its bytes + one footer per commit
+                                         one pwrite, one fsync (full mode)
+                               <-------- resolve every future of the group
+
+Pointers are handed out before anything is written, so the commit lock makes commits
+contiguous and ordered: a commit's atoms start where the previous queued commit ends.
+While the writer is busy with one group's fsync, the next commits pile up in the queue
+and share the next write and fsync: that is the whole of group commit.
+
+On a failed write or fsync the writer fails the group and everything queued after it
+(their pointers assumed the failed bytes), bumps the epoch so a commit being built right
+now fails at finish too, rolls the state back to the last *fsynced* commit, and cuts the
+file back to it. It never trusts that a failed fsync's data reached the disk. If the cut
+itself fails, the next group retries it before writing anything.
+"""
+import logging
+import threading
+import time
+import zlib
+from concurrent.futures import Future
+from itertools import accumulate, chain, repeat
+from operator import add
+
+from ..errors import (CorruptionError, DatabaseClosedError, StorageError,
+                      TransactionClosedError)
+from .log import (ATOM_PREFIX, ATOM_PREFIX_SIZE, FLAG_SYNC_MARK, FOOTER_SIZE, HEADER_SIZE,
+                  find_last_commit, pack_footer)
+
+__all__ = ["Writer", "Commit", "NORMAL_SYNC_INTERVAL"]
+
+logger = logging.getLogger("protobase")
+
+NORMAL_SYNC_INTERVAL = 1.0   # seconds between background fsyncs in "normal" mode
+_MAX_ATOM = 0xFFFFFFFF
+_ZERO_FOOTER = bytes(FOOTER_SIZE)
+_pack_prefix = ATOM_PREFIX.pack
+_crc32 = zlib.crc32
+
+
+class Commit:
+    """One commit being built. Holds the store's commit lock from begin to finish/abort."""
+
+    __slots__ = ("_w", "_parts", "_start", "_pos", "_epoch", "seq", "root", "future",
+                 "_salt", "_put")
+
+    def __init__(self, writer, start, seq, epoch):
+        self._w = writer
+        self._parts = []
+        self._start = self._pos = start
+        self._epoch = epoch
+        self.seq = seq
+        self.root = -1
+        self.future = None
+        self._salt = writer.salt
+        self._put = writer.cache.put
+
+    def write_atom(self, data):
+        """Append one atom to this commit; returns its pointer (usable right away:
+        the bytes go into the cache now and reach the file with the commit)."""
+        parts = self._parts
+        if parts is None:
+            raise TransactionClosedError("this commit was already finished or aborted")
+        if type(data) is not bytes:
+            data = bytes(data)
+        n = len(data)
+        if n > _MAX_ATOM:
+            raise ValueError(f"an atom holds at most {_MAX_ATOM} bytes, got {n}")
+        ptr = self._pos
+        self._pos = ptr + ATOM_PREFIX_SIZE + n
+        parts.append(_pack_prefix(n, _crc32(data, self._salt)))
+        parts.append(data)
+        self._put(ptr, data)
+        return ptr
+
+    def write_atoms(self, datas):
+        """Append many atoms at once; returns their pointers (same as calling
+        write_atom on each, with the per-atom work done in C loops)."""
+        parts = self._parts
+        if parts is None:
+            raise TransactionClosedError("this commit was already finished or aborted")
+        datas = [d if type(d) is bytes else bytes(d) for d in datas]
+        if not datas:
+            return []
+        lens = list(map(len, datas))
+        if max(lens) > _MAX_ATOM:
+            raise ValueError(f"an atom holds at most {_MAX_ATOM} bytes")
+        ends = list(accumulate(map(add, lens, repeat(ATOM_PREFIX_SIZE)), initial=self._pos))
+        prefixes = map(_pack_prefix, lens, map(_crc32, datas, repeat(self._salt)))
+        parts.extend(chain.from_iterable(zip(prefixes, datas)))
+        self._pos = ends.pop()
+        self._w.cache.put_many(ends, datas, self._pos - ends[0] - ATOM_PREFIX_SIZE * len(ends))
+        return ends
+
+    def finish(self, root_ptr):
+        """Queue the commit with ``root_ptr`` as its root; returns a Future whose result is
+        (seq, root_ptr) once the commit is as durable as the store's mode promises."""
+        if self._parts is None:
+            raise TransactionClosedError("this commit was already finished or aborted")
+        if root_ptr != -1 and not HEADER_SIZE <= root_ptr < self._pos:
+            self.abort()
+            raise ValueError(f"root pointer {root_ptr} is not an atom written so far")
+        self.root = root_ptr
+        self.future = Future()
+        self._w._enqueue(self)
+        return self.future
+
+    def abort(self):
+        """Drop this commit: nothing of it reaches the file."""
+        if self._parts is None:
+            return
+        self._parts = None
+        self._w._release(self, queued=False)
+
+    def _find(self, ptr):
+        # Rare path: an atom of this unfinished commit fell out of the cache.
+        pos = self._start
+        parts = self._parts or ()
+        for i in range(1, len(parts), 2):
+            if pos == ptr:
+                return parts[i]
+            pos += ATOM_PREFIX_SIZE + len(parts[i])
+        raise CorruptionError(f"pointer {ptr} is not an atom of the commit being built",
+                              offset=ptr)
+
+
+class Writer:
+    """Owns the file's writable end: the commit queue and the background thread."""
+
+    def __init__(self, file, salt, durability, cache, head_footer, stats):
+        self.file = file
+        self.salt = salt
+        self.durability = durability
+        self.cache = cache
+        self.stats = stats
+        self._cond = threading.Condition(threading.Lock())
+        self._commit_lock = threading.Lock()
+        self._queue = []
+        self._epoch = 0
+        self._closing = False
+        self._closed = False
+        self._checkpoints = []
+        self._building = None
+        end = head_footer.end
+        head = (head_footer.seq, head_footer.root)
+        # "tail"/"next_seq": after every queued commit; "written": bytes in the file;
+        # "synced": bytes known to be on disk. head/end: the last commit acknowledged.
+        self._tail = self._written_end = self._synced_end = self.end = end
+        self._next_seq = head[0]
+        self.head = self._synced_head = head
+        self._marked = bool(head_footer.flags & FLAG_SYNC_MARK) or end == HEADER_SIZE
+        self._damaged = False
+        self._damage_cause = None
+        self._close_error = None
+        self._last_sync = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="protobase-writer", daemon=True)
+        self._thread.start()
+
+    # ---- caller side -------------------------------------------------------------
+
+    def begin(self):
+        self._commit_lock.acquire()
+        with self._cond:
+            if self._closing:
+                self._commit_lock.release()
+                raise DatabaseClosedError("the store is closed")
+            c = Commit(self, self._tail, self._next_seq + 1, self._epoch)
+            self._building = c
+        return c
+
+    def _enqueue(self, c):
+        with self._cond:
+            ok = c._epoch == self._epoch and not self._closing
+            if ok:
+                self._tail = c._pos + FOOTER_SIZE
+                self._next_seq = c.seq
+                self._queue.append(c)
+                self._cond.notify_all()
+        if not ok:
+            c.future.set_exception(self._not_written_error(c))
+        self._release(c, queued=ok)
+
+    def _not_written_error(self, c):
+        if self._closing:
+            return DatabaseClosedError("the store was closed before this commit was queued")
+        return StorageError(
+            f"commit {c.seq} was not written: an earlier write or fsync failed while it "
+            f"was being built; the database is at its last durable commit, retry")
+
+    def _release(self, c, *, queued):
+        if not queued:
+            self.cache.discard_from(c._start, c._pos)
+        with self._cond:
+            if self._building is c:
+                self._building = None
+            self._cond.notify_all()
+        self._commit_lock.release()
+
+    def lookup_unwritten(self, ptr):
+        """For a pointer at or past the written end: the atom's bytes when it belongs to
+        the commit being built, None once it is in the file; waits while it is queued."""
+        with self._cond:
+            while True:
+                if ptr < self._written_end:
+                    return None
+                b = self._building
+                if b is not None and b._parts is not None and ptr >= b._start:
+                    return b._find(ptr)
+                if ptr >= self._tail or self._closed:
+                    raise CorruptionError(
+                        f"pointer {ptr} is past the end of the log ({self._tail}); was it "
+                        f"written by a commit that failed?", offset=ptr)
+                self._cond.wait()
+
+    @property
+    def written_end(self):
+        return self._written_end
+
+    def checkpoint(self):
+        """Block until every queued commit is written and fsynced and a sync mark closes
+        the log (the next open reads one footer)."""
+        with self._commit_lock:
+            fut = Future()
+            with self._cond:
+                if self._closing:
+                    raise DatabaseClosedError("the store is closed")
+                self._checkpoints.append(fut)
+                self._cond.notify_all()
+            fut.result()
+
+    def close(self):
+        """Write what is queued, fsync, write a sync mark, stop the thread. Raises
+        StorageError if that final write or fsync failed."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._epoch += 1   # a commit being built now fails at finish
+            self._cond.notify_all()
+        self._thread.join()
+        if self._close_error is not None:
+            raise self._close_error
+
+    # ---- writer thread -----------------------------------------------------------
+
+    def _run(self):
+        cond = self._cond
+        normal = self.durability == "normal"
+        while True:
+            with cond:
+                while True:
+                    if self._queue:
+                        batch, self._queue = self._queue, []
+                        break
+                    batch = None
+                    if self._closing or self._checkpoints:
+                        break
+                    if normal and self._written_end > self._synced_end:
+                        wait = self._last_sync + NORMAL_SYNC_INTERVAL - time.monotonic()
+                        if wait <= 0:
+                            break
+                        cond.wait(wait)
+                    else:
+                        cond.wait()
+                checkpoints, closing = self._checkpoints, self._closing
+                if batch is None:
+                    self._checkpoints = []
+            if batch is not None:
+                self._write_group(batch)
+                continue
+            if closing or checkpoints:
+                err = self._sync_and_mark()
+                for fut in checkpoints:
+                    if err is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(err)
+                if closing:
+                    with cond:
+                        self._closed = True
+                        cond.notify_all()
+                    self._close_error = err
+                    return
+            else:
+                self._sync()
+
+    def _write_group(self, batch):
+        if self._damaged and not self._repair():
+            self._fail(batch, self._damage_cause)
+            return
+        if batch[0]._start != self._written_end:
+            # The repair had to cut below the point these commits were built on.
+            self._fail(batch, OSError(5, "the log was cut back below these commits"))
+            return
+        parts = []
+        for c in batch:
+            parts.extend(c._parts)
+            parts.append(_ZERO_FOOTER)
+        buf = bytearray().join(parts)
+        mv = memoryview(buf)
+        salt = self.salt
+        synced = self._synced_end
+        pos = 0
+        for c in batch:
+            n = c._pos - c._start
+            pack_footer(buf, pos + n, salt, c.seq, c.root, n + FOOTER_SIZE, synced, 0,
+                        _crc32(mv[pos:pos + n], salt))
+            pos += n + FOOTER_SIZE
+            c._parts = None
+        off = batch[0]._start
+        full = self.durability == "full"
+        try:
+            self._write_all(off, mv)
+            if full:
+                self._fsync()
+        except OSError as exc:
+            mv.release()
+            self._fail(batch, exc)
+            return
+        mv.release()
+        last = batch[-1]
+        st = self.stats
+        with self._cond:
+            self._written_end = self.end = off + len(buf)
+            self.head = (last.seq, last.root)
+            if full:
+                self._synced_end = self._written_end
+                self._synced_head = self.head
+            self._marked = False
+            st["commits"] += len(batch)
+            st["groups"] += 1
+            st["max_group"] = max(st["max_group"], len(batch))
+            st["bytes_written"] += len(buf)
+            self._cond.notify_all()
+        for c in batch:
+            c.future.set_result((c.seq, c.root))
+        if (self.durability == "normal"
+                and time.monotonic() - self._last_sync >= NORMAL_SYNC_INTERVAL):
+            self._sync()
+
+    def _write_all(self, off, mv):
+        write = self.file.write
+        done = 0
+        total = len(mv)
+        while done < total:
+            n = write(off + done, mv[done:])
+            self.stats["writes"] += 1
+            if n <= 0:
+                raise OSError(5, "write made no progress")
+            done += n
+
+    def _fsync(self):
+        self.file.sync()
+        self.stats["fsyncs"] += 1
+        self._last_sync = time.monotonic()
+
+    def _sync(self):
+        """fsync what was written since the last fsync (normal/none modes)."""
+        if self._written_end == self._synced_end:
+            self._last_sync = time.monotonic()
+            return None
+        try:
+            self._fsync()
+        except OSError as exc:
+            return self._fail([], exc)
+        with self._cond:
+            self._synced_end = self._written_end
+            self._synced_head = self.head
+        return None
+
+    def _sync_and_mark(self):
+        """fsync everything, then append a sync mark (and fsync it) so that the next open
+        has nothing to re-verify. Returns the StorageError on failure."""
+        if self._damaged and not self._repair():
+            return self._storage_error(self._damage_cause)
+        err = self._sync()
+        seq, root = self.head
+        if err is not None or self._marked or seq == 0:
+            return err
+        start = self._written_end
+        buf = bytearray(FOOTER_SIZE)
+        pack_footer(buf, 0, self.salt, seq, root, FOOTER_SIZE, start, FLAG_SYNC_MARK,
+                    self.salt & 0xFFFFFFFF)
+        try:
+            self._write_all(start, memoryview(buf))
+            self._fsync()
+        except OSError as exc:
+            return self._fail([], exc)
+        with self._cond:
+            self._written_end = self._synced_end = self.end = start + FOOTER_SIZE
+            self._tail = self._written_end
+            self._marked = True
+        return None
+
+    def _storage_error(self, exc):
+        seq = self._synced_head[0]
+        err = StorageError(getattr(exc, "errno", None) or 5,
+                           f"writing the database failed ({exc}); it is back at its last "
+                           f"durable commit (seq {seq}); fix the cause and retry")
+        err.__cause__ = exc
+        return err
+
+    def _fail(self, batch, exc):
+        """A write or fsync failed: fail ``batch`` and everything queued, roll back to the
+        last fsynced commit, cut the file back to it."""
+        with self._cond:
+            self._epoch += 1
+            failed = batch + self._queue
+            self._queue = []
+            good = self._synced_end
+            lost = self.head[0] - self._synced_head[0]
+            self._tail = self._written_end = self.end = good
+            self.head = self._synced_head
+            self._next_seq = self.head[0]
+            self._marked = False
+            self.cache.discard_from(good)
+            self.stats["failed_commits"] += len(failed)
+            self.stats["lost_commits"] += max(lost, 0)
+            self.stats["errors"] += 1
+            self._cond.notify_all()
+        if lost > 0:
+            logger.error("fsync failed (%s): %d commit(s) acknowledged in %r mode since the "
+                         "last fsync are rolled back", exc, lost, self.durability)
+        else:
+            logger.error("write/fsync failed (%s): %d commit(s) failed", exc, len(failed))
+        self._damage_cause = exc
+        self._damaged = True
+        self._repair()
+        for c in failed:
+            c._parts = None
+            c.future.set_exception(self._storage_error(exc))
+        return self._storage_error(exc)
+
+    def _repair(self):
+        """Cut the file back to the last fsynced commit and re-verify it."""
+        good = self._synced_end
+        try:
+            self.file.truncate(good)
+            self._fsync()
+            ft = find_last_commit(self.file, good, self.salt)
+        except OSError as exc:
+            self._damage_cause = exc
+            return False
+        if ft.end != good:
+            # The fsynced data itself no longer verifies: fall back to what does.
+            logger.error("after a failed write the log verifies only up to offset %d "
+                         "(expected %d)", ft.end, good)
+            try:
+                self.file.truncate(ft.end)
+                self._fsync()
+            except OSError as exc:
+                self._damage_cause = exc
+                return False
+            with self._cond:
+                self._synced_end = self._tail = self._written_end = self.end = ft.end
+                self.head = self._synced_head = (ft.seq, ft.root)
+                self._next_seq = ft.seq
+                self._epoch += 1
+        self._damaged = False
+        return True

@@ -1,0 +1,152 @@
+"""Transactions: a snapshot, the handles that work on it, and what commit hands the database.
+
+A transaction starts from one immutable `State` (its snapshot, taken in O(1)). Each
+collection it touches gets one handle (protobase.collections), which is also the
+transaction's working copy of that collection. Commit hands the written handles to the
+database, which publishes them directly when nothing committed since the snapshot and
+otherwise merges them key by key onto the newer state (Database._commit).
+
+Isolation: "snapshot" (default) checks write sets only; "serializable" also records
+every key read (and whole-collection reads: iteration, len, queries) and fails the commit
+when a concurrent commit changed any of them, which rules out write skew.
+"""
+from .collections import Dict, List, Set, SortedDict, _Collection
+from .errors import CorruptionError, ReadOnlyError, SerializationError, TransactionClosedError
+
+__all__ = ["Transaction"]
+
+_KINDS = {"dict": Dict, "list": List, "set": Set, "sorted": SortedDict}
+ISOLATION_LEVELS = ("snapshot", "serializable")
+
+
+class Transaction:
+    """One unit of work on a snapshot of the database. Belongs to one thread.
+
+    Use as a context manager (commit on normal exit, abort on exception) or call
+    commit()/abort() yourself."""
+
+    __slots__ = ("_db", "_snapshot", "_readonly", "_serializable", "_closed", "_handles",
+                 "_dirty", "_new", "__weakref__")
+
+    def __init__(self, db, snapshot, readonly=False, isolation="snapshot"):
+        if isolation not in ISOLATION_LEVELS:
+            raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, not {isolation!r}")
+        self._db = db
+        self._snapshot = snapshot
+        self._readonly = bool(readonly)
+        self._serializable = isolation == "serializable"
+        self._closed = False
+        self._handles = {}    # coll id -> handle (also the working copy)
+        self._dirty = []      # handles written in this transaction, in first-write order
+        self._new = []        # handles of collections created in this transaction
+
+    # -- the root ----------------------------------------------------------------------
+
+    @property
+    def root(self):
+        """The persistent root mapping (a pb.Dict)."""
+        return self._handle(0)
+
+    def __getitem__(self, name):
+        return self.root[name]
+
+    def __setitem__(self, name, value):
+        self.root[name] = value
+
+    def __delitem__(self, name):
+        del self.root[name]
+
+    def __contains__(self, name):
+        return name in self.root
+
+    def get(self, name, default=None):
+        return self.root.get(name, default)
+
+    @property
+    def readonly(self):
+        return self._readonly
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def isolation(self):
+        return "serializable" if self._serializable else "snapshot"
+
+    # -- handles ---------------------------------------------------------------------
+
+    def _check_open(self):
+        if self._closed:
+            raise TransactionClosedError("this transaction has ended (committed or aborted); "
+                                         "start a new one with db.transaction()")
+
+    def _handle(self, cid):
+        self._check_open()
+        h = self._handles.get(cid)
+        if h is None:
+            cs = self._snapshot.colls.get(cid)
+            if cs is None:
+                raise CorruptionError(f"a stored reference names collection #{cid}, which does not exist")
+            h = self._handles[cid] = _KINDS[cs.kind]._bind(self, cid, cs)
+        return h
+
+    def _resolve(self, cid):
+        """Codec hook: a stored reference to collection cid -> its handle in this transaction."""
+        return self._handle(cid)
+
+    def _ref_hook(self, obj):
+        """Codec hook: a collection inside a value being written is stored by reference."""
+        if not isinstance(obj, _Collection):
+            return None
+        tx = obj._tx
+        if tx is self:
+            return obj._cid
+        if tx is None:                         # free-standing: it becomes a new collection here
+            if self._readonly:
+                raise ReadOnlyError("this transaction is read-only; use db.transaction() to write")
+            cid = self._db._allocate_collection_id()
+            self._handles[cid] = obj
+            self._new.append(obj)
+            obj._adopt(self, cid)
+            return cid
+        if tx._db is self._db:                 # a handle from another transaction: same collection
+            return obj._cid
+        raise SerializationError(
+            "a collection from another database cannot be stored here; copy its contents "
+            "into a new pb collection instead", type_name=type(obj).__name__)
+
+    # -- ending ------------------------------------------------------------------------
+
+    def commit(self):
+        """Make every write durable and visible (per the database's durability mode), or
+        raise ConflictError and leave the database unchanged."""
+        self._check_open()
+        try:
+            self._db._commit(self)
+        finally:
+            self._close()
+
+    def abort(self):
+        """Drop every write of this transaction. Aborting twice is harmless."""
+        self._close()
+
+    def _close(self):
+        self._closed = True
+
+    def __enter__(self):
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._closed:
+            return False
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("read-only" if self._readonly else "open")
+        return f"<pb.Transaction {state} at seq {self._snapshot.seq}, {self.isolation}>"

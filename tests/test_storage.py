@@ -1,0 +1,494 @@
+"""LogStore: round trips, reopen, recovery from torn tails, corruption, foreign files, the
+writer lock, group commit, durability modes and the byte-bounded atom cache."""
+import logging
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from protobase.errors import (CorruptionError, DatabaseLockedError, NotADatabaseError,
+                              ReadOnlyError, TransactionClosedError)
+from protobase.storage import AtomBytesCache, FaultInjector, LogStore, MemoryFS
+from protobase.storage.cache import ENTRY_OVERHEAD
+from protobase.storage.log import FOOTER_SIZE, HEADER_SIZE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child_env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+
+
+def commit(store, *atoms, root_index=-1):
+    """Write atoms in one commit, root at atoms[root_index]; returns (ptrs, (seq, root))."""
+    c = store.begin_commit()
+    ptrs = [c.write_atom(a) for a in atoms]
+    root = ptrs[root_index] if ptrs else -1
+    return ptrs, c.finish(root).result(timeout=30)
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "db.pb")
+
+
+def test_a_new_store_is_empty_and_a_missing_file_is_created(path):
+    assert not os.path.exists(path)
+    with LogStore.open(path) as s:
+        assert s.head == (0, -1)
+    assert os.path.getsize(path) == HEADER_SIZE
+    with LogStore.open(path) as s:
+        assert s.head == (0, -1)
+
+
+def test_round_trip_and_reopen_keep_every_atom_and_the_sequence(path):
+    written = {}
+    with LogStore.open(path) as s:
+        for i in range(20):
+            atoms = [f"commit {i} atom {j}".encode() * (j + 1) for j in range(i % 4 + 1)]
+            ptrs, head = commit(s, *atoms)
+            assert head == (i + 1, ptrs[-1]) == s.head
+            written.update(zip(ptrs, atoms))
+        assert all(s.read_atom(p) == a for p, a in written.items())
+    with LogStore.open(path) as s:
+        assert s.head[0] == 20
+        assert all(s.read_atom(p) == a for p, a in written.items())
+        ptrs, head = commit(s, b"after reopen")
+        assert head[0] == 21
+    with LogStore.open(path, readonly=True) as s:
+        assert s.head == head
+        assert s.read_atom(ptrs[0]) == b"after reopen"
+        report = s.check()
+        assert report.problems == [] and report.atoms == len(written) + 1
+
+
+def test_empty_atoms_and_empty_commits_round_trip(path):
+    with LogStore.open(path) as s:
+        ptrs, _ = commit(s, b"", b"x", b"")
+        head = s.begin_commit().finish(ptrs[1]).result()   # no atoms, an older root
+        assert head == (2, ptrs[1])
+    with LogStore.open(path) as s:
+        assert s.head == (2, ptrs[1])
+        assert [s.read_atom(p) for p in ptrs] == [b"", b"x", b""]
+
+
+def test_write_atoms_matches_write_atom_one_by_one(tmp_path):
+    atoms = [bytes([i % 251]) * (i % 300) for i in range(500)]
+    with LogStore.open(str(tmp_path / "a")) as a, LogStore.open(str(tmp_path / "b")) as b:
+        ca, cb = a.begin_commit(), b.begin_commit()
+        pa = [ca.write_atom(x) for x in atoms]
+        pb = cb.write_atoms(atoms)
+        assert pa == pb
+        ca.finish(pa[-1]).result()
+        cb.finish(pb[-1]).result()
+    with open(tmp_path / "a", "rb") as fa, open(tmp_path / "b", "rb") as fb:
+        # Same layout; only the per-file salt (and the checksums it seeds) differ.
+        assert len(fa.read()) == len(fb.read())
+    with LogStore.open(str(tmp_path / "b"), bytes_cache_size=0) as b:
+        assert [b.read_atom(p) for p in pb] == atoms
+
+
+def test_reading_what_was_just_written_never_touches_the_file(path):
+    counter = FaultInjector()
+    with LogStore.open(path, file_layer=counter) as s:
+        ptrs, _ = commit(s, *[b"a%d" % i * 50 for i in range(100)])
+        reads = counter.counts["read"]
+        for p in ptrs:
+            s.read_atom(p)
+        assert counter.counts["read"] == reads
+        st_ = s.stats()
+        assert st_["cache_hits"] == 100 and st_["cache_misses"] == 0 and st_["reads"] == 0
+    with LogStore.open(path, file_layer=FaultInjector()) as s:
+        s.read_atom(ptrs[0])
+        assert s.stats()["reads"] == 1 and s.stats()["cache_misses"] == 1
+        s.read_atom(ptrs[0])
+        assert s.stats()["reads"] == 1 and s.stats()["cache_hits"] == 1
+
+
+def test_large_atoms_are_read_back_across_the_first_read(path):
+    big = os.urandom(100_000)
+    with LogStore.open(path) as s:
+        ptrs, _ = commit(s, b"small", big, b"tail")
+    with LogStore.open(path, bytes_cache_size=0) as s:
+        assert s.read_atom(ptrs[1]) == big
+        assert s.read_atom(ptrs[2]) == b"tail"
+
+
+def _two_commit_file(path):
+    with LogStore.open(path, durability="none") as s:
+        first, h1 = commit(s, b"one" * 10, b"two" * 5)
+        s.checkpoint()
+        size1 = os.path.getsize(path)
+        second, h2 = commit(s, b"three" * 7, b"four" * 3)
+    with open(path, "rb") as f:
+        return f.read(), size1, first, h1, second, h2
+
+
+def test_a_torn_tail_is_cut_back_to_the_previous_commit_at_every_offset(path, tmp_path, caplog):
+    data, size1, first, h1, second, h2 = _two_commit_file(path)
+    # The file ends: [... commit 1][mark][commit 2][mark]. Cut inside commit 2 or its mark.
+    caplog.set_level(logging.WARNING, logger="protobase")
+    cut_path = str(tmp_path / "cut.pb")
+    end2 = len(data) - FOOTER_SIZE      # end of commit 2 (before its sync mark)
+    for cut in range(size1 + 1, len(data)):
+        with open(cut_path, "wb") as f:
+            f.write(data[:cut])
+        with LogStore.open(cut_path, readonly=True) as r:
+            expect = h2 if cut >= end2 else h1
+            assert r.head == expect
+        assert os.path.getsize(cut_path) == cut          # readonly never truncates
+        caplog.clear()
+        with LogStore.open(cut_path) as s:
+            assert s.head == expect
+            assert s.read_atom(first[0]) == b"one" * 10
+            if expect == h1:
+                with pytest.raises(CorruptionError):
+                    s.read_atom(second[0])
+            else:
+                assert s.read_atom(second[1]) == b"four" * 3
+        if cut not in (size1, end2):
+            dropped = cut - (end2 if cut >= end2 else size1)
+            assert f"dropped {dropped} bytes" in caplog.text
+
+
+def test_a_commit_with_a_damaged_middle_is_not_accepted_on_open(path):
+    # Group commit writes several commits at once: if a crash tears the middle of an
+    # unsynced commit, open must not accept it (its footer may be intact).
+    with LogStore.open(path, durability="none") as s:
+        base, h1 = commit(s, b"base")
+        s.checkpoint()
+        p2, _ = commit(s, b"x" * 300)
+        p3, h3 = commit(s, b"y" * 300)
+    raw = bytearray(open(path, "rb").read())
+    raw[p2[0] + 100] ^= 0x40                   # inside commit 2 (unsynced span)
+    raw = raw[:-FOOTER_SIZE]                   # drop the closing sync mark
+    open(path, "wb").write(raw)
+    with LogStore.open(path) as s:
+        assert s.head == h1
+        assert s.read_atom(base[0]) == b"base"
+
+
+def test_a_bad_checksum_in_committed_data_raises_corruption_error_with_the_offset(path):
+    with LogStore.open(path) as s:
+        ptrs, _ = commit(s, b"alpha" * 20, b"beta" * 20)
+    with open(path, "r+b") as f:
+        f.seek(ptrs[0] + 8 + 10)
+        b = f.read(1)
+        f.seek(ptrs[0] + 8 + 10)
+        f.write(bytes([b[0] ^ 1]))
+    with LogStore.open(path) as s:
+        with pytest.raises(CorruptionError) as ei:
+            s.read_atom(ptrs[0])
+        assert ei.value.offset == ptrs[0]
+        assert s.read_atom(ptrs[1]) == b"beta" * 20
+        report = s.check()
+        assert [p.offset for p in report.problems] == [ptrs[0], ptrs[0]]  # commit + atom
+        assert not report.ok
+
+
+def test_pointers_outside_the_committed_log_raise_corruption_error(path):
+    with LogStore.open(path) as s:
+        ptrs, _ = commit(s, b"abc")
+        for bad in (-5, 0, HEADER_SIZE - 1, 10 ** 9):
+            with pytest.raises(CorruptionError):
+                s.read_atom(bad)
+        with pytest.raises(CorruptionError):
+            s.read_atom(ptrs[0] + 1)   # mid-atom: the checksum cannot match
+
+
+@pytest.mark.parametrize("content", [
+    b"hello, this is a text file\n" * 10,
+    b"x",
+    b"\x89ProtoBase\r\nBUT NOT REALLY" + bytes(40),   # our magic, damaged header
+    "sqlite",
+])
+def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(tmp_path, content):
+    path = str(tmp_path / "foreign")
+    if content == "sqlite":
+        con = sqlite3.connect(path)
+        con.execute("create table t(x)")
+        con.execute("insert into t values (1)")
+        con.commit()
+        con.close()
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
+    before = open(path, "rb").read()
+    mtime = os.stat(path).st_mtime_ns
+    for readonly in (False, True):
+        with pytest.raises((NotADatabaseError, CorruptionError)) as ei:
+            LogStore.open(path, readonly=readonly)
+        if content != b"\x89ProtoBase\r\nBUT NOT REALLY" + bytes(40):
+            assert isinstance(ei.value, NotADatabaseError)
+    assert open(path, "rb").read() == before
+    assert os.stat(path).st_mtime_ns == mtime
+    assert not os.path.exists(path + ".lock")
+
+
+def test_an_empty_file_and_a_torn_header_are_new_empty_databases(tmp_path):
+    for prefix in (b"", b"\x89Proto"):
+        path = str(tmp_path / f"f{len(prefix)}")
+        open(path, "wb").write(prefix)
+        with LogStore.open(path, readonly=True) as r:
+            assert r.head == (0, -1)
+        assert open(path, "rb").read() == prefix
+        with LogStore.open(path) as s:
+            assert s.head == (0, -1)
+            ptrs, head = commit(s, b"first")
+        with LogStore.open(path) as s:
+            assert s.head == head and s.read_atom(ptrs[0]) == b"first"
+
+
+def test_a_second_writer_is_refused_at_once_in_this_process_and_another(path):
+    with LogStore.open(path) as s:
+        commit(s, b"x")
+        with pytest.raises(DatabaseLockedError):
+            LogStore.open(path)
+        script = ("import sys\nfrom protobase.storage import LogStore\n"
+                  "from protobase.errors import DatabaseLockedError\n"
+                  "try:\n    LogStore.open(sys.argv[1])\nexcept DatabaseLockedError:\n"
+                  "    print('locked')\nelse:\n    print('opened')\n")
+        out = subprocess.run([sys.executable, "-c", script, path], capture_output=True,
+                             text=True, timeout=60, cwd=REPO,
+                             env=_child_env())
+        assert out.stdout.strip() == "locked", out.stderr
+    with LogStore.open(path) as s:   # the lock is released on close
+        assert s.head[0] == 1
+
+
+def test_a_reader_works_beside_the_writer_and_refresh_sees_new_commits(path):
+    with LogStore.open(path) as w:
+        p1, h1 = commit(w, b"one")
+        with LogStore.open(path, readonly=True) as r:
+            assert r.head == h1
+            p2, h2 = commit(w, b"two")
+            assert r.head == h1
+            assert r.refresh() == h2 == r.head
+            assert r.read_atom(p2[0]) == b"two"
+            with pytest.raises(ReadOnlyError):
+                r.begin_commit()
+            w.checkpoint()            # a sync mark: same head
+            assert r.refresh() == h2
+
+
+def test_eight_threads_committing_in_full_mode_share_fsyncs(path):
+    n_threads, per_thread = 8, 25
+    results = {}
+    barrier = threading.Barrier(n_threads)
+
+    def worker(t):
+        barrier.wait()
+        out = []
+        for i in range(per_thread):
+            payload = f"thread {t} commit {i}".encode()
+            c = s.begin_commit()
+            ptr = c.write_atom(payload)
+            fut = c.finish(ptr)
+            out.append((payload, fut.result(timeout=60)))
+        results[t] = out
+
+    with LogStore.open(path, durability="full") as s:
+        fsyncs0 = s.stats()["fsyncs"]
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = s.stats()
+        total = n_threads * per_thread
+        assert stats["commits"] == total
+        assert stats["fsyncs"] - fsyncs0 < total
+        assert stats["max_group"] > 1
+    seqs = sorted(seq for out in results.values() for _, (seq, _) in out)
+    assert seqs == list(range(1, total + 1))
+    with LogStore.open(path) as s:
+        assert s.head[0] == total
+        for out in results.values():
+            for payload, (_, ptr) in out:
+                assert s.read_atom(ptr) == payload
+        assert s.check().ok
+
+
+@pytest.mark.parametrize("mode", ["normal", "none"])
+def test_relaxed_modes_resolve_without_fsync_and_close_makes_them_durable(path, mode):
+    with LogStore.open(path, durability=mode) as s:
+        f0 = s.stats()["fsyncs"]
+        heads = [commit(s, b"r%d" % i)[1] for i in range(50)]
+        assert s.stats()["fsyncs"] - f0 <= 1   # "normal" may fsync once per second
+        assert s.head == heads[-1]
+    with LogStore.open(path) as s:
+        assert s.head == heads[-1]
+        assert s.read_atom(heads[10][1]) == b"r10"
+
+
+def test_abort_drops_the_commit_and_its_space_is_reused(path):
+    with LogStore.open(path) as s:
+        keep, h1 = commit(s, b"keep")
+        c = s.begin_commit()
+        gone = c.write_atom(b"gone" * 10)
+        c.abort()
+        with pytest.raises(TransactionClosedError):
+            c.write_atom(b"late")
+        with pytest.raises(CorruptionError):
+            s.read_atom(gone)
+        again, h2 = commit(s, b"next")
+        assert again[0] == gone and h2[0] == h1[0] + 1
+        assert s.read_atom(gone) == b"next"
+
+
+def test_a_finished_commit_cannot_be_used_again(path):
+    with LogStore.open(path) as s:
+        c = s.begin_commit()
+        p = c.write_atom(b"a")
+        c.finish(p).result()
+        with pytest.raises(TransactionClosedError):
+            c.write_atom(b"b")
+        with pytest.raises(TransactionClosedError):
+            c.finish(p)
+        with pytest.raises(ValueError):
+            s.begin_commit().finish(10 ** 9)
+
+
+def test_the_memory_file_layer_behaves_like_a_file():
+    fs = MemoryFS()
+    with LogStore.open("mem.pb", file_layer=fs) as s:
+        ptrs, head = commit(s, b"in memory", b"too")
+        with pytest.raises(DatabaseLockedError):
+            LogStore.open("mem.pb", file_layer=fs)
+    with LogStore.open("mem.pb", file_layer=fs) as s:
+        assert s.head == head and s.read_atom(ptrs[0]) == b"in memory"
+        assert s.check().ok
+
+
+def test_open_reads_a_constant_number_of_bytes_however_long_the_log(path):
+    with LogStore.open(path, durability="none") as s:
+        for i in range(300):
+            commit(s, b"z" * 200)
+    counter = FaultInjector()
+    with LogStore.open(path, file_layer=counter) as s:
+        assert s.head[0] == 300
+        # header twice (probe + under the lock) and the closing sync mark's footer
+        assert counter.counts["read"] <= 4
+
+
+# ---- AtomBytesCache: differential against a plain OrderedDict model --------------------
+
+class CacheMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.max = 1000
+        self.cache = AtomBytesCache(self.max)
+        self.model = OrderedDict()
+        self.hits = self.misses = 0
+
+    def _evict(self):
+        while sum(len(v) + ENTRY_OVERHEAD for v in self.model.values()) > self.max:
+            self.model.popitem(last=False)
+
+    @rule(ptr=st.integers(0, 30), n=st.integers(0, 1100))
+    def put(self, ptr, n):
+        data = bytes([ptr % 256]) * n
+        self.cache.put(ptr, data)
+        self.model.pop(ptr, None)
+        if n + ENTRY_OVERHEAD <= self.max:
+            self.model[ptr] = data
+            self._evict()
+
+    @rule(ptr=st.integers(0, 30))
+    def get(self, ptr):
+        got = self.cache.get(ptr)
+        want = self.model.get(ptr)
+        assert got == want
+        if want is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self.model.move_to_end(ptr)
+
+    @rule(lo=st.integers(0, 30))
+    def discard(self, lo):
+        self.cache.discard_from(lo)
+        for p in [p for p in self.model if p >= lo]:
+            del self.model[p]
+
+    @invariant()
+    def same_state(self):
+        assert list(self.cache._d.items()) == list(self.model.items())
+        assert self.cache.bytes == sum(len(v) + ENTRY_OVERHEAD for v in self.model.values())
+        assert self.cache.bytes <= self.max
+        assert (self.cache.hits, self.cache.misses) == (self.hits, self.misses)
+
+
+TestCacheMachine = CacheMachine.TestCase
+TestCacheMachine.settings = settings(derandomize=True, max_examples=100, deadline=None)
+
+
+@settings(derandomize=True, max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=120), min_size=1, max_size=40), st.integers(0, 3000))
+def test_put_many_keeps_the_newest_atoms_within_the_budget(datas, max_bytes):
+    cache = AtomBytesCache(max_bytes)
+    cache.put(-1, b"stale")
+    ptrs = list(range(len(datas)))
+    cache.put_many(ptrs, datas, sum(map(len, datas)))
+    model = OrderedDict([(-1, b"stale")] + list(zip(ptrs, datas)))
+    while sum(len(v) + ENTRY_OVERHEAD for v in model.values()) > max_bytes:
+        model.popitem(last=False)
+    assert list(cache._d.items()) == list(model.items())
+    assert cache.bytes == sum(len(v) + ENTRY_OVERHEAD for v in model.values())
+
+
+# ---- the store against a model: random commits, aborts, reopens -------------------------
+
+class StoreMachine(RuleBasedStateMachine):
+    """Every pointer handed out by a successful commit keeps reading back its bytes, across
+    reopens and aborts; the head is the last finished commit."""
+
+    def __init__(self):
+        super().__init__()
+        self.fs = MemoryFS()
+        self.store = LogStore.open("m.pb", file_layer=self.fs, bytes_cache_size=2000)
+        self.atoms = {}
+        self.head = (0, -1)
+
+    @rule(atoms=st.lists(st.binary(max_size=300), max_size=6), root_last=st.booleans())
+    def commit(self, atoms, root_last):
+        c = self.store.begin_commit()
+        ptrs = [c.write_atom(a) for a in atoms]
+        root = ptrs[-1] if ptrs and root_last else self.head[1]
+        self.head = c.finish(root).result()
+        self.atoms.update(zip(ptrs, atoms))
+
+    @rule(atoms=st.lists(st.binary(max_size=50), min_size=1, max_size=3))
+    def abort(self, atoms):
+        c = self.store.begin_commit()
+        for a in atoms:
+            c.write_atom(a)
+        c.abort()
+
+    @rule()
+    def reopen(self):
+        self.store.close()
+        self.store = LogStore.open("m.pb", file_layer=self.fs, bytes_cache_size=2000)
+
+    @invariant()
+    def everything_reads_back(self):
+        assert self.store.head == self.head
+        for p, a in self.atoms.items():
+            assert self.store.read_atom(p) == a
+
+    def teardown(self):
+        report = self.store.check()
+        self.store.close()
+        assert report.ok, report
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(derandomize=True, max_examples=40, deadline=None,
+                                     stateful_step_count=20)
