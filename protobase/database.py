@@ -13,16 +13,26 @@ A commit whose write or fsync fails fails with StorageError, and so does every c
 queued after it (storage guarantees that); the pending head then falls back to the
 published head, so nothing is ever built on data that did not reach the disk.
 """
+import os
 import random
 import threading
 import time
 from functools import wraps
 
-from .errors import ConflictError, DatabaseClosedError, ReadOnlyError, StorageError
-from .state import State, StoreIO
+from .errors import ConflictError, CorruptionError, DatabaseClosedError, ReadOnlyError, StorageError
+from .state import State, StoreIO, copy_collection, hamt
+from .storage.store import CheckReport, Problem
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
+
+
+def _sync_directory(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 DURABILITY_MODES = ("full", "normal", "none")
 
@@ -41,6 +51,9 @@ def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20):
         return Database(None, durability=durability, readonly=readonly)
     from .storage import LogStore
     store = LogStore.open(path, durability=durability, readonly=readonly, bytes_cache_size=cache_size)
+    leftover = os.fspath(path) + ".compact"
+    if not readonly and os.path.exists(leftover):
+        os.remove(leftover)          # an interrupted compaction; the database file is intact
     try:
         return Database(store, durability=durability, readonly=readonly)
     except BaseException:
@@ -61,6 +74,7 @@ class Database:
         self._publish_lock = threading.Lock()
         self._id_lock = threading.Lock()
         self._last_future = None
+        self._retired = []           # stores replaced by compaction, read by old snapshots
         self._commits = 0
         self._conflicts = 0
         self._head = self._pending = None
@@ -205,6 +219,124 @@ class Database:
             return wrapper
         return decorate
 
+    # -- maintenance -------------------------------------------------------------------
+
+    def _wait_pending(self):
+        """Caller holds the commit lock: wait until every handed-over commit is settled."""
+        last = self._last_future
+        if last is not None:
+            try:
+                last.result()
+            except StorageError:
+                self._pending = self._head
+
+    def _write_copy(self, store, state, changed=None):
+        """Write a fresh copy of `state` (or only its `changed` collections on top of what
+        `store` already holds) as one commit of `store`; returns the copied State."""
+        io = StoreIO(store)
+        if changed is None:
+            colls = hamt.Map().mutate()
+            items = state.colls.items()
+        else:
+            colls = changed[0].colls.mutate()
+            items = ((cid, state.colls[cid]) for cid in changed[1])
+        for cid, cs in items:
+            colls[cid] = copy_collection(cs)
+        if changed is not None:
+            for cid in list(colls):
+                if cid not in state.colls:
+                    del colls[cid]
+        copy = State(colls.finish(), state.next_coll_id)
+        c = store.begin_commit()
+        io.commit = c
+        try:
+            root_ptr = copy.persist(io)
+        except BaseException:
+            c.abort()
+            raise
+        copy.seq = c.finish(root_ptr).result()[0]
+        return copy
+
+    def compact(self):
+        """Rewrite the file to hold only the live data of the newest state, while reads and
+        writes go on; commits made meanwhile are carried over, and the new file replaces the
+        old atomically (a crash at any point leaves a valid database). Returns a dict with
+        the file size before and after."""
+        self._check_open()
+        if self._store is None:
+            return {"before": 0, "after": 0}
+        if self._readonly:
+            raise ReadOnlyError("the database was opened read-only")
+        from .storage import LogStore
+        path = self._store.path
+        tmp = path + ".compact"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        before = os.path.getsize(path)
+        new = LogStore.open(tmp, durability=self._durability)
+        try:
+            with self._commit_lock:
+                self._wait_pending()
+                first = self._pending
+            copy = self._write_copy(new, first)          # the long part: commits go on
+            with self._commit_lock:
+                self._wait_pending()
+                last = self._pending
+                if last is not first:
+                    changed = [cid for cid, cs in last.colls.items() if first.colls.get(cid) is not cs]
+                    copy = self._write_copy(new, last, changed=(copy, changed))
+                new.checkpoint()
+                os.replace(tmp, path)
+                _sync_directory(path)
+                new.path = path
+                # Old snapshots keep reading the old (now unlinked) file until close.
+                self._retired.append(self._store)
+                self._store, self._io = new, StoreIO(new)
+                seq, root_ptr = new.head
+                self._head = self._pending = State.load(root_ptr, seq, self._io)
+                self._last_future = None
+        except BaseException:
+            if self._store is not new:
+                new.close()
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            raise
+        return {"before": before, "after": os.path.getsize(path)}
+
+    def backup(self, path):
+        """Write a consistent copy of the newest state to a new database file at `path`
+        while this database stays in use."""
+        self._check_open()
+        from .storage import LogStore
+        path = os.fspath(path)
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            raise FileExistsError(f"{path!r} already exists; backup writes a new database file")
+        state = self._head
+        store = LogStore.open(path, durability="full")
+        try:
+            self._write_copy(store, state)
+        finally:
+            store.close()
+
+    def check(self):
+        """Verify every checksum in the file and every structure reachable from the newest
+        state. Returns a report whose `problems` list is empty when all is well."""
+        self._check_open()
+        report = self._store.check() if self._store is not None else CheckReport([], 0, 0, 0, 0, 0)
+        try:
+            colls = list(self._head.colls.items())
+        except CorruptionError as exc:
+            report.problems.append(Problem(exc.offset, f"collections table: {exc}"))
+            return report
+        for cid, cs in colls:
+            for name in sorted(cs.part_names()):
+                try:
+                    cs.part(name)._check()
+                except (CorruptionError, AssertionError) as exc:
+                    report.problems.append(Problem(getattr(exc, "offset", None),
+                                                   f"collection {cid}, part {name}: {exc}"))
+        return report
+
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
@@ -225,6 +357,8 @@ class Database:
             return
         with self._commit_lock:
             self._closed = True
+            for store in self._retired:
+                store.close()
             if self._store is not None:
                 self._store.close()
 

@@ -24,7 +24,7 @@ pvec = _load_core("pvec")
 btree = _load_core("btree")
 idset = _load_core("idset")
 
-__all__ = ["FORMAT", "CollState", "State", "StoreIO", "MISSING"]
+__all__ = ["FORMAT", "CollState", "State", "StoreIO", "MISSING", "copy_part", "copy_collection"]
 
 FORMAT = 1
 EXT_COLLSTATE = 64
@@ -155,6 +155,27 @@ class State:
             raise CorruptionError(f"unsupported state format {fmt!r} at offset {ptr}; "
                                   f"this ProtoBase reads format {FORMAT}", offset=ptr)
         return cls(hamt.Map._load(colls_ptr, io), next_id, seq, ptr)
+
+
+def copy_part(struct):
+    """A fresh copy of a structure: same contents, new unwritten nodes (for compaction and
+    backup, which write live data into a new file)."""
+    if type(struct) is idset.IdSet:
+        return struct
+    if type(struct) is pvec.Vector:
+        return pvec.Vector(struct)
+    m = type(struct)().mutate()
+    if type(struct) is hamt.HashSet:
+        for x in struct:
+            m.add(x)
+    else:
+        for k, v in struct.items():
+            m[k] = v
+    return m.finish()
+
+
+def copy_collection(cs):
+    return CollState(cs.kind, {n: copy_part(cs.part(n)) for n in cs.part_names()}, cs.meta)
 
 
 class StoreIO:

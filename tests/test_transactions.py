@@ -354,3 +354,66 @@ def test_run_passes_arguments_and_returns_the_result(db):
     assert db.run(f, 3, b=4) == 12
     with db.transaction() as tx:
         assert tx["r"] == 7
+
+
+# -- maintenance ------------------------------------------------------------------------
+
+
+def test_compaction_keeps_every_commit_and_shrinks_the_file(tmp_path):
+    path = str(tmp_path / "c.pb")
+    db = pb.open(path, durability="none")
+    with db.transaction() as tx:
+        tx["d"] = pb.Dict()
+        tx["l"] = pb.List()
+    for i in range(200):
+        with db.transaction() as tx:
+            tx["d"][i % 20] = "x" * 100 + str(i)
+            tx["l"].append(i)
+    old = db.transaction(readonly=True)          # a snapshot from before compaction
+    before = old["d"][5]
+    result = db.compact()
+    assert result["after"] < result["before"] / 3
+    assert old["d"][5] == before and len(old["l"]) == 200     # old snapshot still reads
+    with db.transaction() as tx:                 # and writes go on after the swap
+        tx["d"]["after"] = 1
+        tx["l"].append("after")
+    late = db.transaction()
+    late["d"]["late"] = 2
+    late.commit()
+    assert db.check().problems == []
+    db.close()
+    with pb.open(path) as db2:
+        with db2.transaction() as tx:
+            assert tx["d"]["after"] == 1 and tx["d"]["late"] == 2
+            assert tx["d"][19] == "x" * 100 + "199"
+            assert list(tx["l"]) == list(range(200)) + ["after"]
+
+
+def test_a_transaction_begun_before_compaction_merges_after_it(tmp_path):
+    db = pb.open(str(tmp_path / "m.pb"))
+    with db.transaction() as tx:
+        tx["d"] = pb.Dict({1: 1})
+    t = db.transaction()
+    t["d"][2] = 2
+    db.compact()
+    t.commit()
+    with db.transaction() as tx:
+        assert dict(tx["d"].items()) == {1: 1, 2: 2}
+    assert db.check().problems == []
+    db.close()
+
+
+def test_backup_is_a_consistent_copy(tmp_path):
+    db = pb.open(str(tmp_path / "src.pb"))
+    with db.transaction() as tx:
+        tx["d"] = pb.Dict({i: str(i) for i in range(500)})
+        tx["s"] = pb.SortedDict({"b": 2, "a": 1})
+    db.backup(str(tmp_path / "copy.pb"))
+    with pytest.raises(FileExistsError):
+        db.backup(str(tmp_path / "copy.pb"))
+    db.close()
+    with pb.open(str(tmp_path / "copy.pb"), readonly=True) as b:
+        with b.transaction() as tx:
+            assert dict(tx["d"].items()) == {i: str(i) for i in range(500)}
+            assert list(tx["s"].items()) == [("a", 1), ("b", 2)]
+        assert b.check().problems == []
