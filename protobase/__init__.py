@@ -12,6 +12,7 @@ from .errors import (ConflictError, CorruptionError, DatabaseClosedError, Databa
                      TransactionClosedError, TransactionError)
 from .state import codec as _codec
 from .collections import Dict, List, Set, SortedDict
+from .query import F, Query
 from .transaction import Transaction
 from .database import Database, open
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open", "Database", "Transaction", "Dict", "List", "Set", "SortedDict", "register_class",
+    "F", "Query",
     "errors", "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
     "ReadOnlyError", "SerializationError", "DecodeError", "CorruptionError", "NotADatabaseError",
     "DatabaseLockedError", "DatabaseClosedError", "StorageError", "QueryError",

@@ -18,7 +18,11 @@ from functools import cmp_to_key
 from itertools import islice
 
 from .errors import ConflictError, ReadOnlyError, TransactionClosedError
-from .state import MISSING, CollState, btree, codec
+from .index import Index, IndexSpec
+from .query import Query, make_predicate
+from .state import MISSING, CollState, btree, codec, hamt, idset
+
+IdSet = idset.IdSet
 
 __all__ = ["Dict", "List", "Set", "SortedDict"]
 
@@ -42,7 +46,8 @@ def _repr_items(items, limit=10):
 class _Collection:
     """What every collection kind shares: binding, transaction checks, value coding."""
 
-    __slots__ = ("_tx", "_cid", "_base", "_mut", "_writes", "_reads", "_initial", "__weakref__")
+    __slots__ = ("_tx", "_cid", "_base", "_mut", "_writes", "_reads", "_initial", "_ix", "_schema",
+                 "__weakref__")
     KIND = None
 
     def __init__(self, initial=None):
@@ -53,6 +58,8 @@ class _Collection:
         self._writes = None
         self._reads = None
         self._initial = initial
+        self._ix = None          # indexed maps: the working row-id and index mutations
+        self._schema = False     # indexes created or dropped in this transaction
 
     # -- binding -------------------------------------------------------------------
 
@@ -66,6 +73,8 @@ class _Collection:
         self._writes = {}
         self._reads = set() if tx._serializable else None
         self._initial = None
+        self._ix = None
+        self._schema = False
         return self
 
     def _adopt(self, tx, cid):
@@ -99,6 +108,8 @@ class _Collection:
             raise ReadOnlyError("this transaction is read-only; use db.transaction() to write")
         if self._mut is None:
             self._mut = self._base.data.mutate()
+            if self._base.meta.get("indexes"):
+                self._ix = _Indexed(self._base, self._mut, self)
             tx._dirty.append(self)
         return self._mut
 
@@ -117,16 +128,20 @@ class _Collection:
     def _commit_state(self, head):
         """The CollState to publish on top of `head` (the latest committed version of this
         collection, or None when it is new); raises ConflictError when it cannot merge."""
-        mine = self._mut.finish() if self._mut is not None else None
         if head is None or head is self._base:      # nobody else touched it: publish as is
-            return self._base if mine is None else self._state_with(mine)
+            if self._ix is not None:
+                return self._ix.state()
+            if self._mut is None:
+                return self._base
+            data = self._mut.finish()
+            return CollState.new(self.KIND).replace(data=data) if self._base is None \
+                else self._base.replace(data=data)
+        if self._schema:
+            self._conflict(None, "indexes were changed while another transaction wrote the collection")
         self._check_reads(head)
-        if mine is None:
+        if self._mut is None:
             return head
-        return head.replace(data=self._merge(head, mine))
-
-    def _state_with(self, data):
-        return CollState.new(self.KIND).replace(data=data) if self._base is None else self._base.replace(data=data)
+        return self._merge(head, self._mut.finish())
 
     def _check_reads(self, head):
         if not self._reads:
@@ -204,7 +219,11 @@ class _MapBase(_Collection, MutableMapping):
         if m is None:
             self._initial[key] = value
             return
-        m[key] = _dumps(value, ref_hook=self._tx._ref_hook)
+        raw = _dumps(value, ref_hook=self._tx._ref_hook)
+        if self._ix is None:
+            m[key] = raw
+        else:
+            self._ix.put(key, raw, value)
         self._writes[key] = True
 
     def __delitem__(self, key):
@@ -214,7 +233,10 @@ class _MapBase(_Collection, MutableMapping):
             return
         if key not in m:
             raise KeyError(key)
-        del m[key]
+        if self._ix is None:
+            del m[key]
+        else:
+            self._ix.put(key, MISSING, MISSING)
         self._writes[key] = True
 
     def __len__(self):
@@ -264,13 +286,207 @@ class _MapBase(_Collection, MutableMapping):
     def _merge(self, head, mine):
         self._check_writes(head)
         m = head.data.mutate()
+        if head.meta.get("indexes"):               # replay through the head's indexes
+            ix = _Indexed(head, m, self)
+            rowids = self._ix.rowid if self._ix is not None else None
+            for key in self._writes:
+                raw = mine.get(key, MISSING)
+                value = MISSING if raw is MISSING else self._decode(raw)
+                rid = rowids.get(key) if rowids is not None else None
+                ix.put(key, raw, value, rid)
+            return ix.state()
         for key in self._writes:
             raw = mine.get(key, MISSING)
             if raw is MISSING:
                 m.pop(key, None)
             else:
                 m[key] = raw
-        return m.finish()
+        return head.replace(data=m.finish())
+
+    # -- indexes and queries ---------------------------------------------------------------
+
+    @property
+    def indexes(self):
+        """The field paths this collection is indexed on."""
+        if self._tx is None:
+            return []
+        self._struct()
+        if self._ix is not None:
+            return list(self._ix.indexes)
+        return [] if self._base is None else list(self._base.meta.get("indexes", ()))
+
+    def create_index(self, field):
+        """Index entries by `field` (a dict key or attribute; "a.b" nests). The index is
+        built over the current contents, persisted with the collection and maintained by
+        every write. Creating an index that exists already does nothing."""
+        spec = IndexSpec(field)
+        if self._tx is None:
+            raise TypeError(f"store this {type(self).__name__} in a transaction before indexing it")
+        if spec.field in self.indexes:
+            return
+        self._writable()
+        if self._ix is None:
+            self._ix = _Indexed(self._base or CollState.new(self.KIND), self._mut, self)
+        self._ix.add_index(spec.field)
+        self._schema = True
+
+    def drop_index(self, field):
+        """Remove the index on `field`; KeyError if there is none."""
+        spec = IndexSpec(field)
+        if spec.field not in self.indexes:
+            raise KeyError(f"no index on {spec.field!r}")
+        self._writable()
+        self._ix.drop_index(spec.field)
+        self._schema = True
+
+    def where(self, *predicates, **equalities):
+        """A lazy Query over this collection: predicates (F expressions) and keyword
+        equalities are ANDed; no arguments selects everything."""
+        self._struct()
+        self._read_all()
+        return Query(_Source(self), make_predicate(*predicates, **equalities))
+
+
+class _Indexed:
+    """The working state of an indexed map inside one transaction (or one merge): the data
+    transient plus row ids (key <-> row id, the set of live ids) and one IndexMutation per
+    index. Every write goes through put(), which keeps them all in step.
+
+    Row ids come from a per-collection counter in the Database, so concurrent transactions
+    never hand out the same id and merges keep the ids they chose."""
+
+    __slots__ = ("kind", "meta", "data", "rowid", "keyof", "ids", "indexes", "owner", "next_rowid")
+
+    def __init__(self, cs, data_mut, owner):
+        self.kind = cs.kind
+        self.meta = dict(cs.meta)
+        self.data = data_mut
+        self.owner = owner
+        self.next_rowid = self.meta.get("next_rowid", 0)
+        fields = self.meta.get("indexes", [])
+        if fields:
+            self.rowid = cs.part("rowid").mutate()
+            self.keyof = cs.part("keyof").mutate()
+            self.ids = cs.part("ids").mutate()
+        else:                                  # the first index: number the existing entries
+            self.rowid, self.keyof, self.ids = hamt.Map().mutate(), hamt.Map().mutate(), IdSet().mutate()
+            for key in data_mut:
+                rid = self._allocate()
+                self.rowid[key] = rid
+                self.keyof[rid] = key
+                self.ids.add(rid)
+        self.indexes = {f: Index.from_parts(f, {n: cs.part(f"ix/{f}/{n}") for n in _INDEX_PARTS}).mutate()
+                        for f in fields}
+
+    def _allocate(self):
+        owner = self.owner
+        rid = owner._tx._db._allocate_row_id(owner._cid, self.next_rowid)
+        self.next_rowid = rid + 1
+        return rid
+
+    def put(self, key, raw, value, rid=None):
+        """Set key to (raw, value), or delete it when raw is MISSING; indexes follow."""
+        old_raw = self.data.get(key, MISSING)
+        if old_raw is MISSING:
+            if raw is MISSING:
+                return
+            if rid is None:
+                rid = self._allocate()
+            else:
+                self.next_rowid = max(self.next_rowid, rid + 1)
+            self.rowid[key] = rid
+            self.keyof[rid] = key
+            self.ids.add(rid)
+            for ix in self.indexes.values():
+                ix.insert(rid, value)
+            self.data[key] = raw
+            return
+        rid = self.rowid[key]
+        old = self.owner._decode(old_raw)
+        if raw is MISSING:
+            for ix in self.indexes.values():
+                ix.delete(rid, old)
+            del self.data[key]
+            del self.rowid[key]
+            del self.keyof[rid]
+            self.ids.discard(rid)
+        else:
+            for ix in self.indexes.values():
+                ix.update(rid, old, value)
+            self.data[key] = raw
+
+    def add_index(self, field):
+        decode = self.owner._decode
+        self.indexes[field] = Index.build(
+            field, ((rid, decode(self.data[key])) for rid, key in self.keyof.items())).mutate()
+
+    def drop_index(self, field):
+        del self.indexes[field]
+
+    def snapshot_indexes(self):
+        return {f: m.finish() for f, m in self.indexes.items()}
+
+    def state(self):
+        """The CollState holding everything written so far."""
+        meta = dict(self.meta, next_rowid=self.next_rowid, indexes=sorted(self.indexes))
+        parts = {"data": self.data.finish()}
+        if self.indexes:
+            parts.update(rowid=self.rowid.finish(), keyof=self.keyof.finish(), ids=self.ids.finish())
+            for f, ix in self.snapshot_indexes().items():
+                for n, struct in ix.parts().items():
+                    parts[f"ix/{f}/{n}"] = struct
+        else:
+            meta.pop("indexes")
+        return CollState(self.kind, parts, meta)
+
+
+_INDEX_PARTS = ("tree", "other", "missing")
+
+
+class _Source:
+    """One map collection in one transaction, as the query layer reads it (QuerySource)."""
+
+    __slots__ = ("h",)
+
+    def __init__(self, handle):
+        self.h = handle
+
+    def scan(self):
+        return self.h._iter_items()
+
+    def indexes(self):
+        h = self.h
+        h._struct()
+        if h._ix is not None:
+            return h._ix.snapshot_indexes()
+        cs = h._base
+        return {f: Index.from_parts(f, {n: cs.part(f"ix/{f}/{n}") for n in _INDEX_PARTS})
+                for f in cs.meta.get("indexes", ())}
+
+    def _parts(self):
+        h = self.h
+        h._struct()
+        if h._ix is not None:
+            return h._ix.keyof, h._ix.ids.finish()
+        return h._base.part("keyof"), h._base.part("ids")
+
+    def all_ids(self):
+        return self._parts()[1]
+
+    def row(self, rowid):
+        key = self._parts()[0][rowid]
+        return key, self.h._decode(self.h._struct()[key])
+
+    def rows(self, ids):
+        keyof = self._parts()[0]
+        data = self.h._struct()
+        decode = self.h._decode
+        for rid in ids:
+            key = keyof[rid]
+            yield key, decode(data[key])
+
+    def count(self):
+        return len(self.h._struct())
 
 
 class _ItemsView(ItemsView):
@@ -422,7 +638,7 @@ class Set(_Collection, MutableSet):
                 m.add(x)
             else:
                 m.discard(x)
-        return m.finish()
+        return head.replace(data=m.finish())
 
 
 class List(_Collection, MutableSequence):
@@ -564,7 +780,7 @@ class List(_Collection, MutableSequence):
         m = head.data.mutate()
         for raw in mine[len(mine) - n:]:
             m.append(raw)
-        return m.finish()
+        return head.replace(data=m.finish())
 
 
 def _index(i):

@@ -74,6 +74,7 @@ class Database:
         self._publish_lock = threading.Lock()
         self._id_lock = threading.Lock()
         self._last_future = None
+        self._row_ids = {}           # coll id -> next row id to hand out
         self._retired = []           # stores replaced by compaction, read by old snapshots
         self._commits = 0
         self._conflicts = 0
@@ -127,6 +128,14 @@ class Database:
         seq, root_ptr = self._store.head
         if root_ptr >= 0 and seq != self._head.seq:
             self._head = self._pending = State.load(root_ptr, seq, self._io)
+
+    def _allocate_row_id(self, cid, at_least):
+        """A row id for an entry of collection cid, never handed out before (ids stay
+        unique across concurrent transactions; an aborted one leaves a gap)."""
+        with self._id_lock:
+            rid = max(self._row_ids.get(cid, 0), at_least)
+            self._row_ids[cid] = rid + 1
+            return rid
 
     def _allocate_collection_id(self):
         with self._id_lock:
