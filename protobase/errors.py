@@ -5,7 +5,7 @@ __all__ = [
     "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
     "ReadOnlyError", "SerializationError", "DecodeError", "CorruptionError",
     "NotADatabaseError", "DatabaseLockedError", "QueryError", "MissingDependencyError",
-    "StorageError", "DatabaseClosedError",
+    "StorageError", "DatabaseClosedError", "VectorError",
 ]
 
 
@@ -90,3 +90,7 @@ class QueryError(ProtoBaseError, ValueError):
 
 class MissingDependencyError(ProtoBaseError, ImportError):
     """An optional dependency is not installed; the message says which extra to install."""
+
+
+class VectorError(ProtoBaseError, ValueError):
+    """A vector is unusable: wrong dimension, not numeric, NaN/inf, or a bad index setting."""
