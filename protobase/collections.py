@@ -18,8 +18,11 @@ from functools import cmp_to_key
 from itertools import islice
 
 from .errors import ConflictError, ReadOnlyError, TransactionClosedError
+from . import vector
+from .errors import VectorError
 from .index import Index, IndexSpec
 from .query import Query, make_predicate
+from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, CollState, btree, codec, hamt, idset
 
 IdSet = idset.IdSet
@@ -108,7 +111,7 @@ class _Collection:
             raise ReadOnlyError("this transaction is read-only; use db.transaction() to write")
         if self._mut is None:
             self._mut = self._base.data.mutate()
-            if self._base.meta.get("indexes"):
+            if self._base.meta.get("rowids"):
                 self._ix = _Indexed(self._base, self._mut, self)
             tx._dirty.append(self)
         return self._mut
@@ -286,7 +289,7 @@ class _MapBase(_Collection, MutableMapping):
     def _merge(self, head, mine):
         self._check_writes(head)
         m = head.data.mutate()
-        if head.meta.get("indexes"):               # replay through the head's indexes
+        if head.meta.get("rowids"):                # replay through the head's indexes
             ix = _Indexed(head, m, self)
             rowids = self._ix.rowid if self._ix is not None else None
             for key in self._writes:
@@ -339,6 +342,35 @@ class _MapBase(_Collection, MutableMapping):
         self._ix.drop_index(spec.field)
         self._schema = True
 
+    def create_vector_index(self, field, dim, metric="cosine", M=16, ef_construction=200):
+        """Index the vectors at `field` (numpy arrays or sequences of floats of length `dim`)
+        for nearest-neighbour search with hnswlib ("cosine", "l2" or "ip"). Every existing
+        and future vector at `field` must have that dimension. Needs protobase[vector]."""
+        vector.require_hnswlib()
+        spec = vector.make_spec(IndexSpec(field).field, dim, metric, M, ef_construction)
+        if self._tx is None:
+            raise TypeError(f"store this {type(self).__name__} in a transaction before indexing it")
+        self._struct()
+        self._writable()
+        if self._ix is None:
+            self._ix = _Indexed(self._base or CollState.new(self.KIND), self._mut, self)
+        self._ix.add_vector_index(spec)
+        self._schema = True
+
+    @property
+    def vector_indexes(self):
+        """Field path -> settings of each vector index."""
+        if self._tx is None:
+            return {}
+        self._struct()
+        if self._ix is not None:
+            return dict(self._ix.vectors)
+        return {} if self._base is None else dict(self._base.meta.get("vectors", {}))
+
+    def nearest(self, field, vector, k=10, ef=None):
+        """The k entries whose vector at `field` is nearest to `vector`: where().nearest()."""
+        return self.where().nearest(field, vector, k=k, ef=ef)
+
     def where(self, *predicates, **equalities):
         """A lazy Query over this collection: predicates (F expressions) and keyword
         equalities are ANDed; no arguments selects everything."""
@@ -355,7 +387,8 @@ class _Indexed:
     Row ids come from a per-collection counter in the Database, so concurrent transactions
     never hand out the same id and merges keep the ids they chose."""
 
-    __slots__ = ("kind", "meta", "data", "rowid", "keyof", "ids", "indexes", "owner", "next_rowid")
+    __slots__ = ("kind", "meta", "data", "rowid", "keyof", "ids", "indexes", "vectors", "owner",
+                 "next_rowid")
 
     def __init__(self, cs, data_mut, owner):
         self.kind = cs.kind
@@ -364,7 +397,8 @@ class _Indexed:
         self.owner = owner
         self.next_rowid = self.meta.get("next_rowid", 0)
         fields = self.meta.get("indexes", [])
-        if fields:
+        self.vectors = dict(self.meta.get("vectors", {}))
+        if self.meta.get("rowids"):
             self.rowid = cs.part("rowid").mutate()
             self.keyof = cs.part("keyof").mutate()
             self.ids = cs.part("ids").mutate()
@@ -386,6 +420,9 @@ class _Indexed:
 
     def put(self, key, raw, value, rid=None):
         """Set key to (raw, value), or delete it when raw is MISSING; indexes follow."""
+        if raw is not MISSING:
+            for field, spec in self.vectors.items():   # refuse a bad vector before any change
+                _check_vector(value, field, spec)
         old_raw = self.data.get(key, MISSING)
         if old_raw is MISSING:
             if raw is MISSING:
@@ -423,21 +460,40 @@ class _Indexed:
     def drop_index(self, field):
         del self.indexes[field]
 
+    def add_vector_index(self, spec):
+        decode = self.owner._decode
+        for key, raw in self.data.items():
+            _check_vector(decode(raw), spec["field"], spec)
+        self.vectors[spec["field"]] = spec
+
     def snapshot_indexes(self):
         return {f: m.finish() for f, m in self.indexes.items()}
 
     def state(self):
         """The CollState holding everything written so far."""
-        meta = dict(self.meta, next_rowid=self.next_rowid, indexes=sorted(self.indexes))
+        meta = dict(self.meta, next_rowid=self.next_rowid, indexes=sorted(self.indexes),
+                    vectors=self.vectors, rowids=True)
         parts = {"data": self.data.finish()}
-        if self.indexes:
+        if self.indexes or self.vectors:
             parts.update(rowid=self.rowid.finish(), keyof=self.keyof.finish(), ids=self.ids.finish())
             for f, ix in self.snapshot_indexes().items():
                 for n, struct in ix.parts().items():
                     parts[f"ix/{f}/{n}"] = struct
-        else:
-            meta.pop("indexes")
+        for name in ("indexes", "vectors"):
+            if not meta[name]:
+                del meta[name]
+        if not (self.indexes or self.vectors):
+            del meta["rowids"]
         return CollState(self.kind, parts, meta)
+
+
+def _check_vector(value, field, spec):
+    v = extract(value, split_path(field))
+    if v is not FIELD_MISSING:
+        try:
+            vector.as_vector(v, spec["dim"])
+        except VectorError as exc:
+            raise VectorError(f"field {field!r}: {exc}") from None
 
 
 _INDEX_PARTS = ("tree", "other", "missing")
@@ -481,12 +537,32 @@ class _Source:
         keyof = self._parts()[0]
         data = self.h._struct()
         decode = self.h._decode
-        for rid in ids:
-            key = keyof[rid]
+        keys = (keyof[rid] for rid in ids)
+        if self.h.KIND == "sorted":        # a SortedDict answers in key order, as its scan does
+            keys = sorted(keys, key=_sort_key)
+        for key in keys:
             yield key, decode(data[key])
 
     def count(self):
         return len(self.h._struct())
+
+    def vector_spec(self, field):
+        return self.h.vector_indexes.get(IndexSpec(field).field)
+
+    def vector_index(self, field):
+        spec = self.vector_spec(field)
+        if spec is None:
+            return None
+        h = self.h
+        return h._tx._db._vector_index(h._cid, spec)
+
+    def written_ids(self):
+        h = self.h
+        h._struct()
+        if h._ix is None:
+            return IdSet()
+        rowid = h._ix.rowid
+        return IdSet(r for r in (rowid.get(k) for k in h._writes) if r is not None)
 
 
 class _ItemsView(ItemsView):

@@ -19,12 +19,19 @@ import threading
 import time
 from functools import wraps
 
-from .errors import ConflictError, CorruptionError, DatabaseClosedError, ReadOnlyError, StorageError
-from .state import State, StoreIO, copy_collection, hamt
+from . import vector
+from .errors import (ConflictError, CorruptionError, DatabaseClosedError, MissingDependencyError,
+                     ReadOnlyError, StorageError)
+from .query.expr import MISSING as FIELD_MISSING, extract, split_path
+from .state import State, StoreIO, codec, copy_collection, hamt
 from .storage.store import CheckReport, Problem
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
+
+
+def _no_ref(cid):
+    return None          # vector extraction never follows references to other collections
 
 
 def _sync_directory(path):
@@ -75,6 +82,7 @@ class Database:
         self._id_lock = threading.Lock()
         self._last_future = None
         self._row_ids = {}           # coll id -> next row id to hand out
+        self._vectors = {}           # (coll id, field) -> vector.HnswIndex, loaded on first use
         self._retired = []           # stores replaced by compaction, read by old snapshots
         self._commits = 0
         self._conflicts = 0
@@ -128,6 +136,71 @@ class Database:
         seq, root_ptr = self._store.head
         if root_ptr >= 0 and seq != self._head.seq:
             self._head = self._pending = State.load(root_ptr, seq, self._io)
+
+    # -- vector indexes (protobase.vector): one shared HNSW index per (collection, field) --
+
+    def _vector_index(self, cid, spec):
+        """The HNSW index of a vector field, loaded (or rebuilt) on first use; None when
+        hnswlib is not installed (queries then scan exactly)."""
+        key = (cid, spec["field"])
+        ix = self._vectors.get(key)
+        if ix is not None:
+            return ix
+        try:
+            vector.require_hnswlib()
+        except MissingDependencyError:
+            return None
+        with self._commit_lock:      # no commit slips between reading the rows and registering
+            ix = self._vectors.get(key)
+            if ix is None:
+                state = self._pending
+                ix = vector.HnswIndex.open(spec, self._vector_path(cid, spec),
+                                           lambda: self._vector_rows(state, cid, spec), state.seq)
+                self._vectors[key] = ix
+        return ix
+
+    def _vector_path(self, cid, spec):
+        if self._store is None:
+            return None
+        safe = "".join(c if c.isalnum() else "_" for c in spec["field"])
+        return f"{self._store.path}-vec-{cid}-{safe}.hnsw"
+
+    @staticmethod
+    def _vector_rows(state, cid, spec):
+        cs = state.colls.get(cid)
+        if cs is None or not cs.meta.get("rowids"):
+            return
+        parts = split_path(spec["field"])
+        data = cs.data
+        for rid, key in cs.part("keyof").items():
+            v = extract(codec.loads(data[key], ref_resolver=_no_ref), parts)
+            if v is not FIELD_MISSING:
+                yield rid, vector.as_vector(v, spec["dim"])
+
+    def _follow_vectors(self, tx, before, after):
+        """Commit hook (under the commit lock): bring loaded HNSW indexes up to date with the
+        rows this commit wrote. HNSW only proposes candidates, so an index a little ahead of
+        a reader's snapshot never changes that reader's answer."""
+        for h in tx._dirty + tx._new:
+            for (cid, field), ix in self._vectors.items():
+                if cid != h._cid:
+                    continue
+                cs, old = after.colls.get(cid), before.colls.get(cid)
+                if field not in cs.meta.get("vectors", {}):
+                    continue
+                parts = split_path(field)
+                rowid = cs.part("rowid")
+                old_rowid = old.part("rowid") if old is not None and old.meta.get("rowids") else None
+                for key in h._writes:
+                    rid = rowid.get(key)
+                    if rid is not None:
+                        v = extract(codec.loads(cs.data[key], ref_resolver=_no_ref), parts)
+                        if v is FIELD_MISSING:
+                            ix.remove(rid)
+                        else:
+                            ix.upsert(rid, vector.as_vector(v))
+                    elif old_rowid is not None and old_rowid.get(key) is not None:
+                        ix.remove(old_rowid.get(key))
 
     def _allocate_row_id(self, cid, at_least):
         """A row id for an entry of collection cid, never handed out before (ids stay
@@ -185,6 +258,8 @@ class Database:
                 self._conflicts += 1
                 raise
             state = State(colls.finish(), max(base.next_coll_id, self._next_coll_id), base.seq + 1)
+            if self._vectors:
+                self._follow_vectors(tx, base, state)
             if self._store is None:
                 self._head = self._pending = state
                 self._commits += 1
@@ -366,6 +441,10 @@ class Database:
             return
         with self._commit_lock:
             self._closed = True
+            for (cid, field), ix in self._vectors.items():
+                path = self._vector_path(cid, {"field": field})
+                if path is not None and not self._readonly:
+                    ix.checkpoint(path, self._head.seq)
             for store in self._retired:
                 store.close()
             if self._store is not None:

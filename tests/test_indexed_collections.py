@@ -1,0 +1,207 @@
+"""Indexes through the public API: one answer, two speeds.
+
+Each query runs on a collection with indexes (planner), on an identical one without
+(plain scan) and against a Python oracle written here from the documented semantics,
+across commits, concurrent merges, aborts and reopens."""
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import protobase as pb
+from protobase import F
+
+FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(-3, 12, allow_nan=False),
+                         st.sampled_from(["a", "b", "ab", "c", ""]), st.lists(st.integers(0, 3), max_size=2))
+ROWS = st.dictionaries(st.integers(0, 60), st.dictionaries(st.sampled_from(["x", "y"]), FIELD_VALUES, max_size=2),
+                       max_size=40)
+
+
+def _cls(v):
+    if v is None:
+        return 0
+    if isinstance(v, (bool, int, float)):
+        return 1
+    if isinstance(v, str):
+        return 2
+    return 9
+
+
+def _orderable(a, b):
+    return _cls(a) == _cls(b) and _cls(a) in (1, 2)
+
+
+ORACLE = {
+    "==": lambda a, b: _cls(a) == _cls(b) and a == b,
+    "!=": lambda a, b: not (_cls(a) == _cls(b) and a == b),
+    "<": lambda a, b: _orderable(a, b) and a < b,
+    "<=": lambda a, b: _orderable(a, b) and a <= b,
+    ">": lambda a, b: _orderable(a, b) and a > b,
+    ">=": lambda a, b: _orderable(a, b) and a >= b,
+}
+BUILD = {"==": lambda f, v: f == v, "!=": lambda f, v: f != v, "<": lambda f, v: f < v,
+         "<=": lambda f, v: f <= v, ">": lambda f, v: f > v, ">=": lambda f, v: f >= v}
+OPERANDS = st.one_of(st.none(), st.integers(-2, 12), st.floats(-2, 12, allow_nan=False), st.sampled_from(["a", "b", "c"]))
+TERMS = st.tuples(st.sampled_from(["x", "y"]), st.sampled_from(sorted(ORACLE)), OPERANDS)
+
+
+def _oracle(rows, terms, combine):
+    out = set()
+    for k, row in rows.items():
+        hits = [f in row and ORACLE[op](row[f], v) for f, op, v in terms]
+        if combine(hits):
+            out.add(k)
+    return out
+
+
+def _predicate(terms, mode):
+    preds = [BUILD[op](getattr(F, f), v) for f, op, v in terms]
+    p = preds[0]
+    for q in preds[1:]:
+        p = (p & q) if mode == "and" else (p | q)
+    return p
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(rows=ROWS, terms=st.lists(TERMS, min_size=1, max_size=3), mode=st.sampled_from(["and", "or", "not"]))
+def test_indexed_plain_and_oracle_agree(rows, terms, mode):
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["ix"] = pb.Dict(rows)
+        tx["plain"] = pb.Dict(rows)
+        tx["ix"].create_index("x")
+        tx["ix"].create_index("y")
+    combine = {"and": all, "or": any, "not": lambda hs: not all(hs)}[mode]
+    expected = _oracle(rows, terms, combine)
+    with db.transaction(readonly=True) as tx:
+        pred = _predicate(terms, "or" if mode == "or" else "and")
+        if mode == "not":
+            pred = ~pred
+        for name in ("ix", "plain"):
+            q = tx[name].where(pred)
+            assert set(q.keys()) == expected, (name, q.explain())
+            assert q.count() == len(expected)
+
+
+def test_old_snapshots_query_their_own_index():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["p"] = pb.Dict({i: {"cat": i % 3} for i in range(30)})
+        tx["p"].create_index("cat")
+    old = db.transaction(readonly=True)
+    with db.transaction() as tx:
+        for i in range(30, 60):
+            tx["p"][i] = {"cat": 0}
+        del tx["p"][0]
+    assert sorted(old["p"].where(cat=0).keys()) == list(range(0, 30, 3))
+    with db.transaction() as tx:
+        assert sorted(tx["p"].where(cat=0).keys()) == list(range(3, 30, 3)) + list(range(30, 60))
+    old.abort()
+
+
+def test_concurrent_writes_to_an_indexed_collection_merge_with_their_index_entries():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["p"] = pb.Dict({1: {"c": "a"}, 2: {"c": "b"}})
+        tx["p"].create_index("c")
+    t1, t2 = db.transaction(), db.transaction()
+    t1["p"][3] = {"c": "a"}
+    t1["p"][1] = {"c": "z"}
+    t2["p"][4] = {"c": "a"}
+    del t2["p"][2]
+    t1.commit()
+    t2.commit()
+    with db.transaction() as tx:
+        p = tx["p"]
+        assert sorted(p.where(c="a").keys()) == [3, 4]
+        assert sorted(p.where(c="z").keys()) == [1]
+        assert p.where(c="b").count() == 0
+        assert "IndexedSearchPlan" in p.where(c="a").explain()
+
+
+def test_a_concurrent_index_creation_and_write_conflict_at_commit():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["p"] = pb.Dict({1: {"c": 1}})
+    t1, t2 = db.transaction(), db.transaction()
+    t1["p"].create_index("c")
+    t2["p"][2] = {"c": 2}
+    t2.commit()
+    with pytest.raises(pb.ConflictError):
+        t1.commit()
+
+
+def test_writes_after_a_concurrently_created_index_are_indexed():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["p"] = pb.Dict({1: {"c": 1}})
+    t1, t2 = db.transaction(), db.transaction()
+    t2["p"][2] = {"c": 2}          # t2's snapshot has no index
+    t1["p"].create_index("c")
+    t1.commit()
+    t2.commit()                    # merged onto the indexed head: replayed through the index
+    with db.transaction() as tx:
+        assert sorted(tx["p"].where(F.c >= 1).keys()) == [1, 2]
+        assert "IndexedSearchPlan" in tx["p"].where(F.c >= 1).explain()
+
+
+def test_indexes_persist_and_follow_random_writes_across_reopen(tmp_path):
+    path = str(tmp_path / "ix.pb")
+    rnd = random.Random(5)
+    model = {}
+    db = pb.open(path, durability="none")
+    with db.transaction() as tx:
+        tx["p"] = pb.SortedDict()
+        tx["p"].create_index("v")
+    for round_ in range(6):
+        with db.transaction() as tx:
+            p = tx["p"]
+            for _ in range(50):
+                k = rnd.randrange(80)
+                if rnd.random() < 0.3 and k in model:
+                    del p[k]
+                    del model[k]
+                else:
+                    v = {"v": rnd.choice([rnd.randrange(10), str(rnd.randrange(3)), None])}
+                    p[k] = v
+                    model[k] = v
+        if round_ % 2:
+            db.close()
+            db = pb.open(path, durability="none")
+        with db.transaction(readonly=True) as tx:
+            p = tx["p"]
+            assert p.indexes == ["v"]
+            for probe in [0, 5, "1", None]:
+                expect = sorted(k for k, r in model.items() if _cls(r["v"]) == _cls(probe) and r["v"] == probe)
+                assert list(p.where(v=probe).keys()) == expect
+            expect = sorted(k for k, r in model.items() if _cls(r["v"]) == 1 and 2 <= r["v"] <= 6)
+            assert sorted(p.where(F.v.between(2, 6)).keys()) == expect
+    assert db.check().problems == []
+    db.close()
+
+
+def test_drop_index_keeps_answers_and_removes_the_plan():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["p"] = pb.Dict({i: {"c": i % 4} for i in range(40)})
+        p = tx["p"]
+        p.create_index("c")
+        assert p.indexes == ["c"]
+        before = sorted(p.where(c=1).keys())
+        p.drop_index("c")
+        assert p.indexes == []
+        assert sorted(p.where(c=1).keys()) == before
+        assert "FullScan" in p.where(c=1).explain()
+        with pytest.raises(KeyError):
+            p.drop_index("c")
+
+
+def test_malformed_queries_raise_query_error_at_build_time():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["p"] = pb.Dict()
+        with pytest.raises(pb.QueryError):
+            tx["p"].where(F.x.in_(5))
+        with pytest.raises(pb.QueryError):
+            tx["p"].where(F.x == 1).limit(-1)
