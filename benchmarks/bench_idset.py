@@ -4,8 +4,9 @@ Dense data, as row ids are: n random ids drawn from [0, 4n), so every 65536-id c
 holds about 16k ids and is a bitmap. Each figure is the median of repeated runs, printed
 beside its baseline measured in the same run on the same data.
 
-    python benchmarks/bench_idset.py            # full run
+    python benchmarks/bench_idset.py            # full run (installed package)
     python benchmarks/bench_idset.py --quick    # fewer repeats
+    PYTHONPATH=. python benchmarks/bench_idset.py   # from a source checkout
 """
 import os
 import sys

@@ -155,6 +155,24 @@ def test_from_range_matches_range(lo, hi, width):
         assert s.min() == lo and s.max() == hi - 1
 
 
+@pytest.mark.parametrize("kernels", ["portable", "popcnt", "avx2"])
+def test_every_word_kernel_variant_gives_the_same_answers(kernels):
+    rng = np.random.default_rng(9)
+    a_arr = rng.integers(0, 6 * 65536, 120_000)
+    b_arr = np.concatenate([rng.integers(0, 6 * 65536, 120_000), np.arange(65536, 65536 + 9000)])
+    a, b = set(a_arr.tolist()), set(b_arr.tolist())
+    installed = idset._use_word_kernels(kernels)
+    try:
+        assert installed in ("portable", "popcnt", "avx2")
+        x, y = IdSet.from_numpy(a_arr), IdSet.from_numpy(b_arr)
+        for got, want in ((x & y, a & b), (x | y, a | b), (x - y, a - b), (x ^ y, a ^ b)):
+            assert_same(got, want)
+        assert x.intersection_count(y) == len(a & b)
+        assert IdSet.union_many([x, y, IdSet(range(100))]) == IdSet(a | b | set(range(100)))
+    finally:
+        idset._use_word_kernels("avx2")
+
+
 # ---------------------------------------------------------------------------------------
 # Container switch, boundaries, skew
 # ---------------------------------------------------------------------------------------
@@ -272,6 +290,17 @@ def test_repr_is_truncated_and_mutation_cannot_be_built_directly():
     assert repr(IdSet()) == "IdSet([], len=0)"
     with pytest.raises(TypeError):
         idset.IdSetMutation()
+
+
+def test_an_idset_is_immutable_hashable_and_equal_only_to_idsets():
+    s = IdSet([1, 2, 3])
+    s.__init__([7, 8])
+    assert list(s) == [1, 2, 3]
+    assert s.add(2) is s and s.discard(99) is s
+    assert {s: "x"}[IdSet([3, 2, 1])] == "x"
+    assert hash(s) == hash(IdSet([1, 2, 3])) and hash(s) == hash(s)
+    assert s != {1, 2, 3} and s != [1, 2, 3]
+    assert IdSet(s) == s and IdSet(iter([3, 1, 2, 1])) == s
 
 
 def test_mutation_edits_in_place_until_finish_and_never_touches_snapshots():

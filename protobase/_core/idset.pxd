@@ -17,6 +17,7 @@ cdef class _Cont:
 cdef class IdSet:
     cdef list conts            # _Cont objects in ascending key order, none empty
     cdef int64_t count         # total number of ids (sum of the containers' cards)
+    cdef Py_hash_t hash_cache  # -1 until first hashed
 
 
 cdef class IdSetMutation:

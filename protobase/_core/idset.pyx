@@ -61,14 +61,22 @@ buffers, never creating Python objects per id:
     bitmap & bitmap   1024 word ANDs with popcount
     OR / ANDNOT / XOR the same three shapes (merges; bit set/clear/flip; word ops)
 
+The bitmap word loops are the hot spot of dense sets and are bound by popcount. Builds
+use no -march flags, so the C block below compiles them three times (portable C, POPCNT,
+AVX2 with a nibble-lookup popcount) via function target attributes, and the import picks
+the best the CPU supports (``WORD_KERNELS`` names it).
+
 Results are normalized to the switch rule (a bitmap AND of few bits becomes an array).
 ``intersection_count`` runs the counting twins of the AND kernels and allocates nothing.
 ``intersect_many`` intersects smallest first and stops at the first empty result;
 ``union_many`` groups all containers by key and ORs each group into one bitmap.
 
 Complexity (n ids, C containers, w = 1024 words): membership O(log C + log 4096);
-``add``/``discard`` O(C) pointer copy + O(8 KiB); AND/OR of dense sets O(C * w);
-skewed AND of m ids against a dense set O(m log) ; len O(1); iteration O(n).
+``add``/``discard`` O(C) pointer copy + one container copy (<= 8 KiB); AND/OR of two
+dense sets O(C * w) word operations; AND of m ids against a large set O(m) probes plus
+O(log) galloping between keys; ``len`` O(1); iteration and ``to_numpy`` O(n).
+The pointer-list copy in ``add`` is 8 bytes per 65536-id chunk: 128 bytes for a million
+dense ids. Sets spread over very many chunks are better built with ``mutate()``.
 
 Serialized layout (``to_bytes``; all integers little-endian)
 ------------------------------------------------------------
@@ -94,9 +102,9 @@ count cannot cause a large allocation: it is checked against the bytes actually 
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
-from libc.string cimport memcmp, memcpy, memmove, memset
+from libc.string cimport memcmp, memcpy, memmove
 
 from protobase.errors import DecodeError
 
@@ -128,10 +136,11 @@ cdef extern from *:
     static inline void pb_put64(unsigned char *p, uint64_t v) { v = PB_LE64(v); memcpy(p, &v, 8); }
 
     /* Word kernels over two 1024-word bitmaps. They dominate dense AND/OR, and their cost
-       is the popcount: without -march flags the compiler emits a slow bit-twiddling
-       popcount, so on x86-64 a second copy is compiled for the POPCNT instruction and
-       chosen once at import when the CPU has it. op: 0 AND, 1 OR, 2 ANDNOT, 3 XOR;
-       out == NULL counts without storing. */
+       is the popcount. Without -march flags the compiler emits a slow bit-twiddling
+       popcount, so on x86-64 two more copies are compiled with function target attributes
+       (POPCNT; AVX2 with Mula's nibble-lookup popcount) and the best one the CPU supports
+       is chosen once at import. op: 0 AND, 1 OR, 2 ANDNOT, 3 XOR; out == NULL counts
+       without storing. */
     #define PB_WORDS 1024
     #define PB_WORD_LOOP(EXPR) \
         int32_t n = 0; int i; \
@@ -147,26 +156,74 @@ cdef extern from *:
     typedef int32_t (*pb_wop_fn)(const uint64_t *, const uint64_t *, uint64_t *);
     typedef int32_t (*pb_wcount_fn)(const uint64_t *);
     PB_DEFINE_WORD_KERNELS(generic, )
-    #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-    PB_DEFINE_WORD_KERNELS(popcnt, __attribute__((target("popcnt"))))
-    static int pb_cpu_has_popcnt(void) { __builtin_cpu_init(); return __builtin_cpu_supports("popcnt"); }
-    #else
-    #define pb_wand_popcnt pb_wand_generic
-    #define pb_wor_popcnt pb_wor_generic
-    #define pb_wandnot_popcnt pb_wandnot_generic
-    #define pb_wxor_popcnt pb_wxor_generic
-    #define pb_wcount_popcnt pb_wcount_generic
-    static int pb_cpu_has_popcnt(void) { return 0; }
-    #endif
     static pb_wop_fn pb_wops[4] = {pb_wand_generic, pb_wor_generic, pb_wandnot_generic, pb_wxor_generic};
     static pb_wcount_fn pb_wcount = pb_wcount_generic;
-    static int pb_select_word_kernels(void) {
-        if (!pb_cpu_has_popcnt()) return 0;
-        pb_wops[0] = pb_wand_popcnt; pb_wops[1] = pb_wor_popcnt;
-        pb_wops[2] = pb_wandnot_popcnt; pb_wops[3] = pb_wxor_popcnt;
-        pb_wcount = pb_wcount_popcnt;
-        return 1;
+
+    #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    #include <immintrin.h>
+    PB_DEFINE_WORD_KERNELS(popcnt, __attribute__((target("popcnt"))))
+
+    /* Per-64-bit-lane popcount of a 256-bit vector: two 16-entry nibble lookups (pshufb)
+       give per-byte counts, and a sum of absolute differences against zero adds the 8
+       bytes of each lane. */
+    __attribute__((target("avx2"))) static inline __m256i pb_popcount256(__m256i v) {
+        const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                               0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+        const __m256i nibble = _mm256_set1_epi8(0x0f);
+        __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(v, nibble));
+        __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble));
+        return _mm256_sad_epu8(_mm256_add_epi8(lo, hi), _mm256_setzero_si256());
     }
+    __attribute__((target("avx2"))) static inline int32_t pb_sum256(__m256i acc) {
+        uint64_t lanes[4];
+        _mm256_storeu_si256((__m256i *)lanes, acc);
+        return (int32_t)(lanes[0] + lanes[1] + lanes[2] + lanes[3]);
+    }
+    #define PB_AVX2_LOOP(EXPR) \
+        __m256i acc = _mm256_setzero_si256(), va, vb, x; int i; \
+        if (out == NULL) { \
+            for (i = 0; i < PB_WORDS; i += 4) { \
+                va = _mm256_loadu_si256((const __m256i *)(a + i)); vb = _mm256_loadu_si256((const __m256i *)(b + i)); \
+                x = (EXPR); acc = _mm256_add_epi64(acc, pb_popcount256(x)); } \
+            return pb_sum256(acc); } \
+        for (i = 0; i < PB_WORDS; i += 4) { \
+            va = _mm256_loadu_si256((const __m256i *)(a + i)); vb = _mm256_loadu_si256((const __m256i *)(b + i)); \
+            x = (EXPR); _mm256_storeu_si256((__m256i *)(out + i), x); acc = _mm256_add_epi64(acc, pb_popcount256(x)); } \
+        return pb_sum256(acc);
+    __attribute__((target("avx2"))) static int32_t pb_wand_avx2(const uint64_t *a, const uint64_t *b, uint64_t *out) { PB_AVX2_LOOP(_mm256_and_si256(va, vb)) }
+    __attribute__((target("avx2"))) static int32_t pb_wor_avx2(const uint64_t *a, const uint64_t *b, uint64_t *out) { PB_AVX2_LOOP(_mm256_or_si256(va, vb)) }
+    __attribute__((target("avx2"))) static int32_t pb_wandnot_avx2(const uint64_t *a, const uint64_t *b, uint64_t *out) { PB_AVX2_LOOP(_mm256_andnot_si256(vb, va)) }
+    __attribute__((target("avx2"))) static int32_t pb_wxor_avx2(const uint64_t *a, const uint64_t *b, uint64_t *out) { PB_AVX2_LOOP(_mm256_xor_si256(va, vb)) }
+    __attribute__((target("avx2"))) static int32_t pb_wcount_avx2(const uint64_t *a) {
+        __m256i acc = _mm256_setzero_si256(); int i;
+        for (i = 0; i < PB_WORDS; i += 4)
+            acc = _mm256_add_epi64(acc, pb_popcount256(_mm256_loadu_si256((const __m256i *)(a + i))));
+        return pb_sum256(acc);
+    }
+    /* Installs the best kernels at or below `wanted` (2: AVX2, 1: POPCNT, 0: portable C)
+       that this CPU supports, and returns the level installed. */
+    static int pb_select_word_kernels(int wanted) {
+        __builtin_cpu_init();
+        if (wanted >= 2 && __builtin_cpu_supports("avx2")) {
+            pb_wops[0] = pb_wand_avx2; pb_wops[1] = pb_wor_avx2;
+            pb_wops[2] = pb_wandnot_avx2; pb_wops[3] = pb_wxor_avx2;
+            pb_wcount = pb_wcount_avx2;
+            return 2;
+        }
+        if (wanted >= 1 && __builtin_cpu_supports("popcnt")) {
+            pb_wops[0] = pb_wand_popcnt; pb_wops[1] = pb_wor_popcnt;
+            pb_wops[2] = pb_wandnot_popcnt; pb_wops[3] = pb_wxor_popcnt;
+            pb_wcount = pb_wcount_popcnt;
+            return 1;
+        }
+        pb_wops[0] = pb_wand_generic; pb_wops[1] = pb_wor_generic;
+        pb_wops[2] = pb_wandnot_generic; pb_wops[3] = pb_wxor_generic;
+        pb_wcount = pb_wcount_generic;
+        return 0;
+    }
+    #else
+    static int pb_select_word_kernels(int wanted) { (void)wanted; return 0; }
+    #endif
     """
     int pb_ctz64(uint64_t x) noexcept nogil
     int __builtin_clzll(unsigned long long x) noexcept nogil
@@ -180,10 +237,22 @@ cdef extern from *:
     ctypedef int32_t (*pb_wcount_fn)(const uint64_t *) noexcept nogil
     pb_wop_fn pb_wops[4]
     pb_wcount_fn pb_wcount
-    int pb_select_word_kernels() noexcept nogil
+    int pb_select_word_kernels(int wanted) noexcept nogil
 
-# True when the POPCNT word kernels were chosen for this CPU (see the C block above).
-HARDWARE_POPCOUNT = bool(pb_select_word_kernels())
+_KERNEL_NAMES = ("portable", "popcnt", "avx2")
+
+
+def _use_word_kernels(name):
+    """Switches the bitmap word kernels to `name` or the best below it that this CPU
+    supports, and returns the name installed. For tests, which must exercise every variant
+    whatever machine they run on; not thread-safe."""
+    global WORD_KERNELS
+    WORD_KERNELS = _KERNEL_NAMES[pb_select_word_kernels(_KERNEL_NAMES.index(name))]
+    return WORD_KERNELS
+
+
+# Which bitmap word kernels this CPU runs (see the C block above); chosen at import.
+WORD_KERNELS = _use_word_kernels("avx2")
 
 cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
@@ -952,13 +1021,13 @@ cdef class IdSet:
     """An immutable set of row ids (ints in [0, 2**63)). Updates return new sets that
     share every untouched container with the old one."""
 
-    def __cinit__(self):
-        self.conts = []
-        self.count = 0
-
-    def __init__(self, iterable=None):
+    def __cinit__(self, iterable=None):
+        # Built in __cinit__, not __init__, so that calling __init__ again on an existing
+        # set cannot change it.
         cdef IdSet built
+        self.hash_cache = -1
         if iterable is None:
+            self.conts = []
             return
         if isinstance(iterable, IdSet):
             built = <IdSet>iterable
@@ -1272,7 +1341,9 @@ cdef class IdSet:
         return not _conts_equal(self.conts, y.conts)
 
     def __hash__(self):
-        return hash(self.to_bytes())
+        if self.hash_cache == -1:
+            self.hash_cache = hash(self.to_bytes())
+        return self.hash_cache
 
     # -- serialization --------------------------------------------------------------------
 

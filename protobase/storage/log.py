@@ -32,7 +32,7 @@ from ..errors import CorruptionError, NotADatabaseError
 __all__ = [
     "HEADER_SIZE", "FOOTER_SIZE", "ATOM_PREFIX_SIZE", "FORMAT_VERSION", "HEADER_MAGIC",
     "FOOTER_MAGIC", "FLAG_SYNC_MARK", "Footer", "build_header", "parse_header",
-    "pack_footer", "read_footer", "find_last_commit", "walk_commits", "EMPTY",
+    "pack_footer", "make_footer", "read_footer", "find_last_commit", "walk_commits", "EMPTY",
 ]
 
 HEADER_MAGIC = b"\x89ProtoBase\r\n"     # 12 bytes; \x89 and \r\n catch text-mode mangling
@@ -42,7 +42,8 @@ FLAG_SYNC_MARK = 1                      # footer with no atoms: "everything befo
 
 HEADER = struct.Struct("<12sHHI8xI")    # magic, version, flags, salt, reserved, crc
 ATOM_PREFIX = struct.Struct("<II")      # length, crc32(data, salt)
-FOOTER = struct.Struct("<8sQqQQIII")    # magic, seq, root, length, synced, flags, commit crc, footer crc
+# magic, seq, root, length, synced, flags, commit crc, footer crc
+FOOTER = struct.Struct("<8sQqQQIII")
 FOOTER_BODY = struct.Struct("<8sQqQQII")  # the footer without its own crc
 
 HEADER_SIZE = HEADER.size               # 32
@@ -96,6 +97,16 @@ class Footer:
     def __repr__(self):
         return (f"Footer(seq={self.seq}, root={self.root}, start={self.start}, "
                 f"end={self.end}, synced={self.synced}, flags={self.flags})")
+
+
+_pack_footer_body = FOOTER_BODY.pack
+_pack_u32 = struct.Struct("<I").pack
+
+
+def make_footer(salt, seq, root, length, synced, flags, commit_crc):
+    """A footer's 52 bytes."""
+    body = _pack_footer_body(FOOTER_MAGIC, seq, root, length, synced, flags, commit_crc)
+    return body + _pack_u32(zlib.crc32(body, salt))
 
 
 def pack_footer(buf, at, salt, seq, root, length, synced, flags, commit_crc):

@@ -17,7 +17,7 @@ from ..errors import CorruptionError, DatabaseClosedError, ReadOnlyError, Storag
 from .cache import AtomBytesCache
 from .fileio import os_file_layer
 from .log import (EMPTY, ATOM_PREFIX, ATOM_PREFIX_SIZE, FOOTER_SIZE, HEADER_SIZE, build_header,
-                  find_last_commit, parse_header, read_footer, walk_commits)
+                  find_last_commit, parse_header, walk_commits)
 from .writer import Writer
 
 __all__ = ["LogStore", "CheckReport", "Problem", "DURABILITY_MODES"]
@@ -257,7 +257,7 @@ class LogStore:
             footers = []
         prev_seq = 0
         for ft in footers:
-            commits += 1
+            commits += not ft.flags      # sync marks are not commits
             if ft.seq not in (prev_seq, prev_seq + 1) or (ft.seq == prev_seq and not ft.flags):
                 problems.append(Problem(ft.end - FOOTER_SIZE,
                                         f"commit sequence {ft.seq} follows {prev_seq}"))
@@ -311,7 +311,8 @@ class LogStore:
 
     def __repr__(self):
         mode = "readonly" if self.readonly else self.durability
-        return f"<LogStore {self.path!r} {mode} head={self.head}{' closed' if self._closed else ''}>"
+        closed = " closed" if self._closed else ""
+        return f"<LogStore {self.path!r} {mode} head={self.head}{closed}>"
 
 
 class _Prepared:
@@ -331,8 +332,12 @@ def _prepare_for_writing(f, path):
             salt = struct.unpack("<I", os.urandom(4))[0]
             f.truncate(0)
             header = build_header(salt)
-            if f.write(0, header) != len(header):
-                raise OSError(28, "short write of the database header")
+            done = 0
+            while done < len(header):    # pwrite may write less than asked
+                n = f.write(done, header[done:])
+                if n <= 0:
+                    raise OSError(28, "the database header could not be written")
+                done += n
             f.sync()
             f.sync_directory()
             return _Prepared(salt, EMPTY)

@@ -17,6 +17,15 @@ contiguous and ordered: a commit's atoms start where the previous queued commit 
 While the writer is busy with one group's fsync, the next commits pile up in the queue
 and share the next write and fsync: that is the whole of group commit.
 
+Who writes: in "full" mode always the background thread, so that finish() returns at
+once and the layer above can build the next commit during the fsync (it calls finish()
+under its own commit lock). In "normal" and "none" modes a write to the OS costs a few
+microseconds, less than the two thread switches of a hand-off, so the committing thread
+writes its group itself when no write is in progress (the ``_writing`` flag); commits
+that arrive meanwhile queue up and the background thread writes them as one group. The
+background thread also does the once-a-second fsync of "normal" mode, checkpoints and
+close.
+
 On a failed write or fsync the writer fails the group and everything queued after it
 (their pointers assumed the failed bytes), bumps the epoch so a commit being built right
 now fails at finish too, rolls the state back to the last *fsynced* commit, and cuts the
@@ -34,7 +43,7 @@ from operator import add
 from ..errors import (CorruptionError, DatabaseClosedError, StorageError,
                       TransactionClosedError)
 from .log import (ATOM_PREFIX, ATOM_PREFIX_SIZE, FLAG_SYNC_MARK, FOOTER_SIZE, HEADER_SIZE,
-                  find_last_commit, pack_footer)
+                  find_last_commit, make_footer, pack_footer)
 
 __all__ = ["Writer", "Commit", "NORMAL_SYNC_INTERVAL"]
 
@@ -43,6 +52,7 @@ logger = logging.getLogger("protobase")
 NORMAL_SYNC_INTERVAL = 1.0   # seconds between background fsyncs in "normal" mode
 _MAX_ATOM = 0xFFFFFFFF
 _ZERO_FOOTER = bytes(FOOTER_SIZE)
+_BIG = 1 << 16       # above this a commit is written as body + footer, not concatenated
 _pack_prefix = ATOM_PREFIX.pack
 _crc32 = zlib.crc32
 
@@ -110,9 +120,11 @@ class Commit:
             self.abort()
             raise ValueError(f"root pointer {root_ptr} is not an atom written so far")
         self.root = root_ptr
-        self.future = Future()
-        self._w._enqueue(self)
-        return self.future
+        fut = self.future = Future()
+        batch = self._w._enqueue(self)
+        if batch is not None:
+            self._w._lead(batch)
+        return fut
 
     def abort(self):
         """Drop this commit: nothing of it reaches the file."""
@@ -160,6 +172,10 @@ class Writer:
         self._marked = bool(head_footer.flags & FLAG_SYNC_MARK) or end == HEADER_SIZE
         self._damaged = False
         self._damage_cause = None
+        self._caller_writes = durability != "full"
+        self._writing = False        # a thread (caller or background) is writing the file
+        self._timing = False         # the background thread waits for the next normal fsync
+        self._readers_waiting = 0
         self._close_error = None
         self._last_sync = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="protobase-writer", daemon=True)
@@ -169,25 +185,60 @@ class Writer:
 
     def begin(self):
         self._commit_lock.acquire()
-        with self._cond:
-            if self._closing:
-                self._commit_lock.release()
-                raise DatabaseClosedError("the store is closed")
-            c = Commit(self, self._tail, self._next_seq + 1, self._epoch)
-            self._building = c
+        if self._closing:
+            self._commit_lock.release()
+            raise DatabaseClosedError("the store is closed")
+        # No condition lock needed: under the commit lock only _fail changes tail/seq,
+        # and it bumps the epoch last, so a stale (tail, seq) always comes with a stale
+        # epoch and finish() refuses it.
+        epoch = self._epoch
+        c = Commit(self, self._tail, self._next_seq + 1, epoch)
+        self._building = c
         return c
 
     def _enqueue(self, c):
+        """Queue a finished commit and release the commit lock. Returns the group to
+        write when the calling thread should write it itself (see _lead), else None."""
+        lead = None
         with self._cond:
             ok = c._epoch == self._epoch and not self._closing
             if ok:
                 self._tail = c._pos + FOOTER_SIZE
                 self._next_seq = c.seq
                 self._queue.append(c)
-                self._cond.notify_all()
+                if not self._writing:
+                    if self._caller_writes:
+                        lead, self._queue = self._queue, []
+                        self._writing = True
+                    else:
+                        self._cond.notify_all()
         if not ok:
             c.future.set_exception(self._not_written_error(c))
         self._release(c, queued=ok)
+        return lead
+
+    def _lead(self, batch):
+        # "normal"/"none": a write to the OS is cheap, so the committing thread does it
+        # itself instead of paying two thread switches; commits that arrive meanwhile
+        # queue up for the background thread (still one write per group).
+        released = False
+        try:
+            released = self._write_group(batch)
+        finally:
+            if not released:
+                self._done_writing()
+
+    def _done_writing(self):
+        with self._cond:
+            self._release_writing()
+
+    def _release_writing(self):
+        # Under the condition lock. Wake the background thread only if it has work or
+        # is not already waiting with a timeout for the next fsync.
+        self._writing = False
+        if (self._queue or self._closing or self._checkpoints or self._readers_waiting
+                or not self._timing):
+            self._cond.notify_all()
 
     def _not_written_error(self, c):
         if self._closing:
@@ -199,10 +250,8 @@ class Writer:
     def _release(self, c, *, queued):
         if not queued:
             self.cache.discard_from(c._start, c._pos)
-        with self._cond:
-            if self._building is c:
-                self._building = None
-            self._cond.notify_all()
+        if self._building is c:
+            self._building = None
         self._commit_lock.release()
 
     def lookup_unwritten(self, ptr):
@@ -219,7 +268,11 @@ class Writer:
                     raise CorruptionError(
                         f"pointer {ptr} is past the end of the log ({self._tail}); was it "
                         f"written by a commit that failed?", offset=ptr)
-                self._cond.wait()
+                self._readers_waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._readers_waiting -= 1
 
     @property
     def written_end(self):
@@ -258,6 +311,13 @@ class Writer:
         while True:
             with cond:
                 while True:
+                    # _timing: this thread will wake by itself for the next fsync, so
+                    # writers need not notify it (a notify per commit would cost a
+                    # thread switch per commit).
+                    if self._writing:
+                        self._timing = False
+                        cond.wait()
+                        continue
                     if self._queue:
                         batch, self._queue = self._queue, []
                         break
@@ -268,16 +328,24 @@ class Writer:
                         wait = self._last_sync + NORMAL_SYNC_INTERVAL - time.monotonic()
                         if wait <= 0:
                             break
+                        self._timing = True
                         cond.wait(wait)
                     else:
+                        self._timing = False
                         cond.wait()
+                self._timing = False
+                self._writing = True
                 checkpoints, closing = self._checkpoints, self._closing
                 if batch is None:
                     self._checkpoints = []
-            if batch is not None:
-                self._write_group(batch)
-                continue
-            if closing or checkpoints:
+            released = False
+            try:
+                if batch is not None:
+                    released = self._write_group(batch)
+                    continue
+                if not (closing or checkpoints):
+                    self._sync()
+                    continue
                 err = self._sync_and_mark()
                 for fut in checkpoints:
                     if err is None:
@@ -287,50 +355,66 @@ class Writer:
                 if closing:
                     with cond:
                         self._closed = True
-                        cond.notify_all()
                     self._close_error = err
                     return
-            else:
-                self._sync()
+            finally:
+                if not released:
+                    self._done_writing()
 
     def _write_group(self, batch):
+        """Write one group (the caller holds the _writing flag). Returns True when it
+        released the flag itself: on success it does so *before* resolving the futures,
+        so a woken committer finds the file free and writes its next commit itself
+        rather than queueing behind this thread."""
         if self._damaged and not self._repair():
             self._fail(batch, self._damage_cause)
-            return
+            return False
         if batch[0]._start != self._written_end:
             # The repair had to cut below the point these commits were built on.
             self._fail(batch, OSError(5, "the log was cut back below these commits"))
-            return
-        parts = []
-        for c in batch:
-            parts.extend(c._parts)
-            parts.append(_ZERO_FOOTER)
-        buf = bytearray().join(parts)
-        mv = memoryview(buf)
+            return False
         salt = self.salt
         synced = self._synced_end
-        pos = 0
-        for c in batch:
-            n = c._pos - c._start
-            pack_footer(buf, pos + n, salt, c.seq, c.root, n + FOOTER_SIZE, synced, 0,
-                        _crc32(mv[pos:pos + n], salt))
-            pos += n + FOOTER_SIZE
+        if len(batch) == 1:
+            # The common case, kept short: one join, two checksums, one footer.
+            c = batch[0]
+            body = b"".join(c._parts)
             c._parts = None
+            footer = make_footer(salt, c.seq, c.root, len(body) + FOOTER_SIZE, synced, 0,
+                                 _crc32(body, salt))
+            bufs = (body + footer,) if len(body) < _BIG else (body, footer)
+        else:
+            parts = []
+            for c in batch:
+                parts.extend(c._parts)
+                parts.append(_ZERO_FOOTER)
+            buf = bytearray().join(parts)
+            with memoryview(buf) as mv:
+                pos = 0
+                for c in batch:
+                    n = c._pos - c._start
+                    pack_footer(buf, pos + n, salt, c.seq, c.root, n + FOOTER_SIZE, synced,
+                                0, _crc32(mv[pos:pos + n], salt))
+                    pos += n + FOOTER_SIZE
+                    c._parts = None
+            bufs = (buf,)
         off = batch[0]._start
         full = self.durability == "full"
         try:
-            self._write_all(off, mv)
+            at = off
+            for b in bufs:
+                self._write_all(at, b)
+                at += len(b)
             if full:
                 self._fsync()
         except OSError as exc:
-            mv.release()
             self._fail(batch, exc)
-            return
-        mv.release()
+            return False
+        buf_len = at - off
         last = batch[-1]
         st = self.stats
         with self._cond:
-            self._written_end = self.end = off + len(buf)
+            self._written_end = self.end = off + buf_len
             self.head = (last.seq, last.root)
             if full:
                 self._synced_end = self._written_end
@@ -339,24 +423,26 @@ class Writer:
             st["commits"] += len(batch)
             st["groups"] += 1
             st["max_group"] = max(st["max_group"], len(batch))
-            st["bytes_written"] += len(buf)
-            self._cond.notify_all()
+            st["bytes_written"] += buf_len
+            self._release_writing()
         for c in batch:
             c.future.set_result((c.seq, c.root))
-        if (self.durability == "normal"
-                and time.monotonic() - self._last_sync >= NORMAL_SYNC_INTERVAL):
-            self._sync()
+        return True
 
-    def _write_all(self, off, mv):
+    def _write_all(self, off, data):
         write = self.file.write
-        done = 0
-        total = len(mv)
-        while done < total:
-            n = write(off + done, mv[done:])
-            self.stats["writes"] += 1
-            if n <= 0:
-                raise OSError(5, "write made no progress")
-            done += n
+        n = write(off, data)
+        self.stats["writes"] += 1
+        if n == len(data):
+            return
+        with memoryview(data) as mv:   # a short write: finish it (ENOSPC shows up next)
+            done = n
+            while done < len(mv):
+                if n <= 0:
+                    raise OSError(5, "write made no progress")
+                n = write(off + done, mv[done:])
+                self.stats["writes"] += 1
+                done += n
 
     def _fsync(self):
         self.file.sync()
@@ -391,7 +477,7 @@ class Writer:
         pack_footer(buf, 0, self.salt, seq, root, FOOTER_SIZE, start, FLAG_SYNC_MARK,
                     self.salt & 0xFFFFFFFF)
         try:
-            self._write_all(start, memoryview(buf))
+            self._write_all(start, buf)
             self._fsync()
         except OSError as exc:
             return self._fail([], exc)
@@ -413,7 +499,6 @@ class Writer:
         """A write or fsync failed: fail ``batch`` and everything queued, roll back to the
         last fsynced commit, cut the file back to it."""
         with self._cond:
-            self._epoch += 1
             failed = batch + self._queue
             self._queue = []
             good = self._synced_end
@@ -421,6 +506,7 @@ class Writer:
             self._tail = self._written_end = self.end = good
             self.head = self._synced_head
             self._next_seq = self.head[0]
+            self._epoch += 1     # last: see begin()
             self._marked = False
             self.cache.discard_from(good)
             self.stats["failed_commits"] += len(failed)
@@ -464,6 +550,6 @@ class Writer:
                 self._synced_end = self._tail = self._written_end = self.end = ft.end
                 self.head = self._synced_head = (ft.seq, ft.root)
                 self._next_seq = ft.seq
-                self._epoch += 1
+                self._epoch += 1     # last: see begin()
         self._damaged = False
         return True
