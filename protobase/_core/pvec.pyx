@@ -23,8 +23,8 @@ Layout
                     ▼                     ▼                ▼
                Leaf [64 items]      Leaf [64 items]   Leaf [32 items]
 
-* ``_Leaf.items``: a Python list of 1..LEAF_MAX items (LEAF_MIN..LEAF_MAX unless it is the root).
-* ``_Branch.children`` (2..BRANCH_MAX entries, BRANCH_MIN.. unless root) and the C array
+* ``_Leaf.items``: a Python list of LEAF_MIN..LEAF_MAX items (0..LEAF_MAX in a root leaf).
+* ``_Branch.children`` (BRANCH_MIN..BRANCH_MAX nodes, 2..BRANCH_MAX in the root) and the C array
   ``cum``: ``cum[j]`` = items under ``children[0..j]``. Index lookup is a binary search of
   ``cum``; an insert adds one to the entries right of the path.
 * Every leaf sits at the same depth, ``height`` levels below the root (0: the root is a leaf).
@@ -63,8 +63,11 @@ Algorithms
   underfull child is merged with or rebalanced against a sibling.
 
 Complexity (n items, B = 64): index, assign, insert, delete, slice, concatenation:
-O(log_B n) node visits, each O(B); append and pop at the end amortized O(1); len O(1);
-iteration O(n), leaf by leaf (the items of each leaf go through a C list iterator).
+O(log_B n) node visits, each O(B); append and pop at the end amortized O(1) (a list
+operation on the tail, plus one O(log n) tree step per B items); len O(1); iteration
+O(n), leaf by leaf (the items of each leaf go through a C list iterator). A slice with a
+step other than 1 is O(n). Reading a slice from a mutation snapshots it (fresh token), so
+its next edits copy their paths once more.
 
 Persistence
 -----------
@@ -149,15 +152,15 @@ cdef inline Py_ssize_t _child_size(_Branch b, Py_ssize_t j):
 
 
 cdef inline Py_ssize_t _find(_Branch b, Py_ssize_t i) noexcept:
-    # first child j with cum[j] > i
-    cdef Py_ssize_t lo = 0, hi = b.n - 1, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if b.cum[mid] > i:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    # First child j with cum[j] > i (given i < cum[n - 1]). The answer stays in
+    # [base, base + size); the loop body has no data-dependent branch (a cmov), because
+    # a mispredicted branch per level cost more than the search itself.
+    cdef Py_ssize_t base = 0, size = b.n, half
+    while size > 1:
+        half = size >> 1
+        base = base + half if b.cum[base + half - 1] <= i else base
+        size -= half
+    return base
 
 
 cdef int _br_push(_Branch b, object child, Py_ssize_t size) except -1:
@@ -205,9 +208,13 @@ cdef inline _Node _own(_Node node, int h, object tok):
 
 cdef inline _Node _child(_Branch b, Py_ssize_t j, int ch, object io):
     cdef object c = b.children[j]
-    if isinstance(c, _Node):
+    if type(c) is not int:   # a slot holds a node or, until first touched, an int pointer
         return <_Node>c
-    node = _load_node(io, c, ch, _child_size(b, j), False)
+    return _load_child(b, j, ch, io)
+
+
+cdef _Node _load_child(_Branch b, Py_ssize_t j, int ch, object io):
+    cdef _Node node = _load_node(io, b.children[j], ch, _child_size(b, j), False)
     b.children[j] = node   # benign write: the logical content is unchanged
     return node
 
@@ -396,15 +403,11 @@ cdef object _tree_insert(_Node node, int h, Py_ssize_t i, object x, object tok, 
 
 cdef object _tree_delete(_Node node, int h, Py_ssize_t i, object tok, object io):
     # node is owned by tok; removes and returns item i, leaving node possibly underfull
-    cdef _Leaf leaf
     cdef _Branch b
     cdef Py_ssize_t j, off, k
     cdef _Node c
     if h == 0:
-        leaf = <_Leaf>node
-        item = leaf.items[i]
-        del leaf.items[i]
-        return item
+        return (<_Leaf>node).items.pop(i)
     b = <_Branch>node
     j = _find(b, i)
     off = b.cum[j - 1] if j else 0
@@ -419,15 +422,55 @@ cdef object _tree_delete(_Node node, int h, Py_ssize_t i, object tok, object io)
     return item
 
 
-cdef tuple _build_tree(list items, object tok):
-    """A tree of the items (root, height): leaves filled evenly, every node within bounds."""
-    cdef Py_ssize_t n = len(items), k, q, r, t, pos, m
+cdef object _append_leaf(_Branch b, int h, _Leaf leaf, object tok, object io):
+    # b (owned, height h >= 1) is on the right spine: add leaf (>= LEAF_MIN items) as the
+    # last leaf under it; returns b's new right sibling when b split, else None.
+    cdef Py_ssize_t j
+    cdef _Node c
+    if h > 1:
+        j = b.n - 1
+        c = _own_child(b, j, h - 1, tok, io)
+        extra = _append_leaf(<_Branch>c, h - 1, leaf, tok, io)
+        b.cum[j] = (b.cum[j - 1] if j else 0) + _size(c, h - 1)
+        if extra is None:
+            return None
+        _br_push(b, extra, _size(<_Node>extra, h - 1))
+    else:
+        _br_push(b, leaf, len(leaf.items))
+    if b.n > BRANCH_MAX:
+        return _split_branch(b, tok)
+    return None
+
+
+cdef _Leaf _remove_last_leaf(_Branch b, int h, object tok, object io):
+    # b (owned, height h >= 1) is on the right spine: detach and return its last leaf,
+    # merging an underfull last child with its left sibling on the way back up.
+    cdef Py_ssize_t j = b.n - 1
+    cdef _Node c
+    cdef _Leaf leaf
+    if h == 1:
+        leaf = <_Leaf>_child(b, j, 0, io)
+        del b.children[j]
+        b.n = j
+        return leaf
+    c = _own_child(b, j, h - 1, tok, io)
+    leaf = _remove_last_leaf(<_Branch>c, h - 1, tok, io)
+    b.cum[j] -= len(leaf.items)
+    if (<_Branch>c).n < BRANCH_MIN:
+        x, y = _pair(_child(b, j - 1, h - 1, io), c, h - 1, tok)
+        _br_splice(b, j - 1, j + 1, [x] if y is None else [x, y], h - 1)
+    return leaf
+
+
+cdef tuple _build_tree(list items, Py_ssize_t n, object tok):
+    """A tree of items[:n] (root, height): leaves filled evenly, every node within bounds."""
+    cdef Py_ssize_t k, q, r, t, pos, m
     cdef list level, nxt
     cdef Py_ssize_t *sizes
     cdef int h = 0
     cdef _Branch b
     if n <= LEAF_MAX:
-        return _new_leaf(items[:], tok), 0
+        return _new_leaf(items[:n], tok), 0
     k = (n + LEAF_MAX - 1) // LEAF_MAX
     q, r = n // k, n % k
     level = []
@@ -485,7 +528,8 @@ cdef _corrupt(object ptr, str what):
 
 
 cdef bint _is_count(object x):
-    return type(x) is int and x >= 0
+    # a count or pointer read from the file: a plain int that fits comfortably in Py_ssize_t
+    return type(x) is int and 0 <= x <= _MAX_COUNT
 
 
 cdef _Node _load_node(object io, object ptr, int h, Py_ssize_t expected, bint is_root):
@@ -536,13 +580,18 @@ cdef _Node _load_node(object io, object ptr, int h, Py_ssize_t expected, bint is
     return b
 
 
-cdef int _resolve_all(_Node node, int h, object io) except -1:
+cdef _Node _detached(_Node node, int h, object io):
+    # A fresh copy of a whole subtree, every child loaded and no node persisted: its
+    # pointers belong to another atom I/O and mean nothing to ours.
+    cdef _Branch b, c
     cdef Py_ssize_t j
     if h == 0:
-        return 0
-    for j in range((<_Branch>node).n):
-        _resolve_all(_child(<_Branch>node, j, h - 1, io), h - 1, io)
-    return 0
+        return _new_leaf((<_Leaf>node).items[:], None)
+    b = <_Branch>node
+    c = <_Branch>_copy(b, h, None)
+    for j in range(b.n):
+        c.children[j] = _detached(_child(b, j, h - 1, io), h - 1, io)
+    return c
 
 
 cdef int _require(bint ok, str what) except -1:
@@ -589,12 +638,12 @@ cdef inline Py_ssize_t _norm(Py_ssize_t i, Py_ssize_t n) except -1:
 cdef class _VectorBase:
 
     cdef _Node _rootnode(self):
-        if not isinstance(self._root, _Node):
+        if type(self._root) is int:
             self._root = _load_node(self._io, self._root, self._height, self._tcount, True)
         return <_Node>self._root
 
     cdef _Leaf _tailnode(self):
-        if not isinstance(self._tail, _Node):
+        if type(self._tail) is int:
             self._tail = _load_node(self._io, self._tail, 0, self._tlen, True)
         return <_Leaf>self._tail
 
@@ -683,10 +732,8 @@ cdef class _VectorBase:
         if i >= self._tcount:
             tail = <_Leaf>_own(self._tailnode(), 0, tok)
             self._tail = tail
-            item = tail.items[i - self._tcount]
-            del tail.items[i - self._tcount]
             self._tlen -= 1
-            return item
+            return tail.items.pop(i - self._tcount)
         root = _own(self._rootnode(), self._height, tok)
         item = _tree_delete(root, self._height, i, tok, self._io)
         while self._height > 0 and (<_Branch>root).n == 1:
@@ -697,25 +744,38 @@ cdef class _VectorBase:
         return item
 
     cdef int _push_leaf(self, _Leaf leaf, object tok) except -1:
-        root, h = _join(self._rootnode(), self._height, leaf, 0, tok, self._io)
-        self._root = root
-        self._height = h
-        self._tcount += len(leaf.items)
+        # leaf has >= LEAF_MIN items
+        cdef _Node root
+        cdef Py_ssize_t m = len(leaf.items)
+        if self._height == 0:   # the root leaf may be underfull: a general join
+            self._root, self._height = _join(self._rootnode(), 0, leaf, 0, tok, self._io)
+        else:
+            root = _own(self._rootnode(), self._height, tok)
+            extra = _append_leaf(<_Branch>root, self._height, leaf, tok, self._io)
+            if extra is not None:
+                top = _new_branch(tok)
+                _br_push(top, root, _size(root, self._height))
+                _br_push(top, extra, _size(<_Node>extra, self._height))
+                root = top
+                self._height += 1
+            self._root = root
+        self._tcount += m
         return 0
 
     cdef int _pull_tail(self, object tok) except -1:
         # The tail is empty: make the tree's last leaf the tail (O(log n), once per leaf).
-        cdef _Node node = self._rootnode()
-        cdef int h = self._height
-        while h > 0:
-            h -= 1
-            node = _child(<_Branch>node, (<_Branch>node).n - 1, h, self._io)
-        left, lh, right, rh = _split(self._rootnode(), self._height, self._tcount - _size(node, 0),
-                                     tok, self._io)
-        self._root = left
-        self._height = lh
-        self._tail = right
-        self._tlen = _size(<_Node>right, 0)
+        cdef _Node root
+        if self._height == 0:
+            self._tail = self._rootnode()
+            self._root = _new_leaf([], tok)
+        else:
+            root = _own(self._rootnode(), self._height, tok)
+            self._tail = _remove_last_leaf(<_Branch>root, self._height, tok, self._io)
+            while self._height > 0 and (<_Branch>root).n == 1:
+                root = _child(<_Branch>root, 0, self._height - 1, self._io)
+                self._height -= 1
+            self._root = root
+        self._tlen = len((<_Leaf>self._tail).items)
         self._tcount -= self._tlen
         return 0
 
@@ -739,8 +799,9 @@ cdef class _VectorBase:
             self._io = o._io
         elif o._io is not None and o._io is not self._io:
             o = (<Vector>other)._derive()
-            _resolve_all(o._rootnode(), o._height, o._io)
-            o._tailnode()
+            o._root = _detached(o._rootnode(), o._height, o._io)
+            o._tail = _detached(o._tailnode(), 0, o._io)
+            o._io = None
         self._flush(tok)
         root, h = _join(self._rootnode(), self._height, o._rootnode(), o._height, tok, self._io)
         self._root = root
@@ -765,7 +826,7 @@ cdef class _VectorBase:
         left, lh, rest, rsh = _split(self._rootnode(), self._height, b, tok, self._io)
         left, lh, gone, gh = _split(left, lh, a, tok, self._io)
         if items:
-            mid, mh = _build_tree(items, tok)
+            mid, mh = _build_tree(items, len(items), tok)
             left, lh = _join(left, lh, mid, mh, tok, self._io)
         self._root, self._height = _join(left, lh, rest, rsh, tok, self._io)
         self._tcount += len(items) - (b - a)
@@ -889,17 +950,12 @@ def _leaves_reversed(_Node node, int h, io):
 
 
 cdef _init_from(_VectorBase v, object iterable, object tok):
-    cdef list items = list(iterable) if iterable is not None else []
-    cdef Py_ssize_t n = len(items), keep
+    # items is only sliced, never kept: a caller's list is not aliased
+    cdef list items = [] if iterable is None else _as_list(iterable)
+    cdef Py_ssize_t n = len(items), keep = n - n % LEAF_MAX   # full leaves; the rest: tail
     if n <= LEAF_MAX:
-        v._root = _new_leaf([], tok)
-        v._height = 0
-        v._tcount = 0
-        v._tail = _new_leaf(items, tok)
-        v._tlen = n
-        return
-    keep = n - n % LEAF_MAX   # full leaves in the tree, the rest in the tail
-    v._root, v._height = _build_tree(items[:keep], tok)
+        keep = 0
+    v._root, v._height = _build_tree(items, keep, tok)
     v._tcount = keep
     v._tail = _new_leaf(items[keep:], tok)
     v._tlen = n - keep
@@ -921,8 +977,7 @@ cdef Vector _slice_of(Vector v, object index):
     cdef Vector r
     a, b, step = index.indices(n)
     if step != 1:
-        items = list(v)[a:b:step] if n else []
-        return Vector(items)
+        return Vector(list(v)[index])   # O(n), but at C speed: a k-step walk is rarely faster
     if b <= a:
         return Vector()
     if a == 0 and b == n:
@@ -959,7 +1014,7 @@ cdef class Vector(_VectorBase):
         if (not isinstance(data, (list, tuple)) or len(data) != 6 or data[0] != _HEADER_TAG
                 or not all(_is_count(x) for x in data[1:])):
             raise _corrupt(ptr, "not a vector header")
-        if (data[1] > _MAX_COUNT or data[2] > _MAX_HEIGHT or data[4] > LEAF_MAX
+        if (data[2] > _MAX_HEIGHT or data[4] > LEAF_MAX
                 or (data[1] == 0 and data[2] != 0)):
             raise _corrupt(ptr, "vector header out of bounds")
         v = Vector.__new__(Vector)
@@ -982,7 +1037,7 @@ cdef class Vector(_VectorBase):
                                         self._tlen, tptr]))
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
+        if type(index) is not int and isinstance(index, slice):
             return _slice_of(self, index)
         return self._get(_norm(index, self._tcount + self._tlen))
 
@@ -1096,7 +1151,7 @@ cdef class VectorMutation(_VectorBase):
         return self._snapshot()
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
+        if type(index) is not int and isinstance(index, slice):
             return _slice_of(self._snapshot(), index)
         return self._get(_norm(index, self._tcount + self._tlen))
 
