@@ -37,9 +37,10 @@ emptied postings. After ``finish()`` the mutation stays usable (the kernels give
 tokens) and never changes the snapshot it returned. Queries only ever read ``Index``
 snapshots: a writing transaction hands them ``mutation.finish()``.
 
-Persistence: ``tree`` persists with ``SortedMap._persist`` (its values are ``IdSet``s,
-which the codec hooks encode); ``other`` and ``missing`` with ``IdSet.to_bytes()``; and
-``Index(field, tree, other, missing)`` puts a loaded index back together.
+Persistence: ``index.parts()`` is ``{"tree": SortedMap, "other": IdSet, "missing": IdSet}``,
+three ordinary persistent structures the collection stores beside its data (the tree's
+values are ``IdSet``s, which the codec hooks encode); ``Index.from_parts(field, parts)``
+puts a loaded index back together.
 
 Statistics for the planner
 --------------------------
@@ -52,7 +53,7 @@ posting size over ``SAMPLE`` keys spread evenly across the run), each probe O(lo
 from .errors import QueryError
 from ._core import load
 from .query.expr import (MISSING, extract, key_class, split_path, values_equal,
-                         EQ, NE, LT, LE, GT, GE, BETWEEN, STARTSWITH)
+                         LT, LE, GT, GE, BETWEEN, STARTSWITH)
 
 __all__ = ["Index", "IndexMutation", "IndexSpec", "MISSING", "extract", "SAMPLE"]
 
@@ -65,22 +66,26 @@ _type_class = _btree.type_class
 
 SAMPLE = 32
 _EMPTY = IdSet()
+# Field value types that are always hashable keys (others go through key_class first).
+_HASHABLE = frozenset((str, int, float, bool, bytes, type(None)))
 
 
 class IndexSpec:
     """What an index covers: a field path (``"a.b"``: dict key or attribute, nested)."""
 
-    __slots__ = ("field", "parts")
+    __slots__ = ("field", "parts", "extract")
 
     def __init__(self, field):
         if isinstance(field, IndexSpec):
             field = field.field
-        self.parts = split_path(field)
-        self.field = ".".join(self.parts)
-
-    def extract(self, value):
-        """The entry's value at this path, or MISSING; never raises."""
-        return extract(value, self.parts)
+        self.parts = parts = split_path(field)
+        self.field = ".".join(parts)
+        if len(parts) == 1:  # a top-level key of a dict entry: one dict lookup
+            part = parts[0]
+            self.extract = lambda value: value.get(part, MISSING) if type(value) is dict \
+                else extract(value, parts)
+        else:
+            self.extract = lambda value: extract(value, parts)
 
     def __eq__(self, other):
         return isinstance(other, IndexSpec) and other.field == self.field
@@ -122,9 +127,19 @@ class Index:
     def build(cls, field, entries):
         """An index over ``entries``, an iterable of ``(rowid, value)``."""
         m = cls(field).mutate()
+        get, target = m.spec.extract, m._target
         for rowid, value in entries:
-            m.insert(rowid, value)
+            target(get(value)).add(rowid)
         return m.finish()
+
+    @classmethod
+    def from_parts(cls, field, parts):
+        """The index whose ``parts()`` were ``parts`` (e.g. loaded back from storage)."""
+        return cls(field, parts["tree"], parts["other"], parts["missing"])
+
+    def parts(self):
+        """The persistent structures that make up this index, by name."""
+        return {"tree": self.tree, "other": self.other, "missing": self.missing}
 
     @property
     def field(self):
@@ -272,64 +287,58 @@ class Index:
 class IndexMutation:
     """Edits an index in place for one transaction; ``finish()`` returns a snapshot."""
 
-    __slots__ = ("spec", "_tree", "_other", "_missing", "_touched")
+    __slots__ = ("spec", "_tree", "_other", "_missing", "_live")
 
     def __init__(self, index):
         self.spec = index.spec
         self._tree = index.tree.mutate()
         self._other = index.other.mutate()
         self._missing = index.missing.mutate()
-        self._touched = []
+        # Postings being edited, by field value. A dict finds them without a tree descent;
+        # its equality is the tree's (docs/internals.md "Key rules"), except that a NaN
+        # misses here and is found in the tree, where the live mutation also sits.
+        self._live = {}
 
-    def _posting(self, key):
-        ids = self._tree.get(key)
-        if ids is None:
-            ids = _EMPTY.mutate()
-        elif isinstance(ids, IdSetMutation):
-            return ids
-        else:
-            ids = ids.mutate()
-        self._tree[key] = ids
-        self._touched.append(key)
-        return ids
-
-    def _file(self, rowid, field_value, add):
+    def _target(self, field_value):
+        """The id set mutation that files a row with this field value."""
         if field_value is MISSING:
-            target = self._missing
-        elif key_class(field_value) is None:
-            target = self._other
-        else:
-            target = self._posting(field_value)
-        if add:
-            target.add(rowid)
-        else:
-            target.discard(rowid)
+            return self._missing
+        ids = self._live.get(field_value) if type(field_value) in _HASHABLE else None
+        if ids is not None:
+            return ids
+        if key_class(field_value) is None:
+            return self._other
+        ids = self._tree.get(field_value)
+        if isinstance(ids, IdSetMutation):
+            return ids
+        ids = _EMPTY.mutate() if ids is None else ids.mutate()
+        self._tree[field_value] = ids
+        self._live[field_value] = ids
+        return ids
 
     def insert(self, rowid, value):
         """A new entry ``value`` got row id ``rowid``."""
-        self._file(rowid, self.spec.extract(value), True)
+        self._target(self.spec.extract(value)).add(rowid)
 
     def delete(self, rowid, value):
         """The entry ``value`` with row id ``rowid`` was removed."""
-        self._file(rowid, self.spec.extract(value), False)
+        self._target(self.spec.extract(value)).discard(rowid)
 
     def update(self, rowid, old_value, new_value):
         """Entry ``rowid`` changed from ``old_value`` to ``new_value`` (whole entries)."""
         old, new = self.spec.extract(old_value), self.spec.extract(new_value)
         if not _same_place(old, new):
-            self._file(rowid, old, False)
-            self._file(rowid, new, True)
+            self._target(old).discard(rowid)
+            self._target(new).add(rowid)
 
     def finish(self):
         """The index as edited so far, as a persistent ``Index``."""
         tree = self._tree
-        for key in self._touched:
-            ids = tree.get(key)
-            if isinstance(ids, IdSetMutation):
-                ids = ids.finish()
-                if len(ids):
-                    tree[key] = ids
-                else:
-                    del tree[key]
-        self._touched = []
+        for key, live in self._live.items():
+            ids = live.finish()
+            if len(ids):
+                tree[key] = ids
+            else:
+                del tree[key]
+        self._live = {}
         return Index(self.spec, tree.finish(), self._other.finish(), self._missing.finish())

@@ -25,6 +25,7 @@ malformed query (an operand that is not a value, ``in_`` of a non-iterable, a ra
 operand that cannot be ordered...) raises :class:`~protobase.errors.QueryError` when the
 term is built.
 """
+import itertools
 import types
 from collections.abc import Mapping
 
@@ -55,6 +56,15 @@ MISSING = _Missing()
 
 # Exact types whose class is known without asking the kernel (the common case).
 _FAST_CLASS = {type(None): 0, bool: 1, int: 1, float: 1, str: 2, bytes: 3}
+# Numbers Python itself compares exactly as btree.compare does (NaN aside).
+_NATIVE_NUMBERS = frozenset((int, float, bool))
+
+
+def _plain_number(value):
+    # An int/float/bool other than NaN: Python's operators then agree with btree order.
+    return type(value) in _NATIVE_NUMBERS and value == value
+
+
 # Types whose values are never valid keys: answer without a failing kernel call.
 _NEVER_KEY = (list, dict, set, bytearray, complex)
 
@@ -147,9 +157,46 @@ def extract(value, parts):
 class Predicate:
     """A boolean condition on one value. Combine with ``&``, ``|``, ``~``."""
 
-    __slots__ = ()
+    __slots__ = ("_fn",)
 
     def matches(self, value):
+        """Whether ``value`` (a whole entry) satisfies this predicate."""
+        return self.matcher()(value)
+
+    def matcher(self):
+        """The function ``value -> bool`` that decides ``matches``, built once per predicate.
+
+        The tree is compiled into one Python expression (the way ``namedtuple`` builds its
+        class), so filtering a row costs one call instead of one per node: each term
+        extracts its field once, takes an inline fast path when field and operand are
+        both plain str or both plain numbers (where Python's operators agree with the
+        rule), and otherwise calls the term's general test. Operands and paths are bound
+        as names in the namespace, never pasted into the source text."""
+        return self._compiled()[0]
+
+    def row_filter(self):
+        """A generator function ``rows -> rows`` keeping the ``(key, value)`` pairs whose
+        value matches: the same compiled test inlined in the loop (no call per row)."""
+        return self._compiled()[1]
+
+    def _compiled(self):
+        try:
+            return self._fn
+        except AttributeError:
+            pass
+        ns = {"M": MISSING, "EX": extract, "NN": _NATIVE_NUMBERS}
+        expr = self._emit(ns, itertools.count())
+        exec(f"def match(value):\n    return {expr}\n"
+             f"def keep(rows):\n"
+             f"    for row in rows:\n"
+             f"        value = row[1]\n"
+             f"        if {expr}:\n"
+             f"            yield row\n", ns)
+        self._fn = (ns["match"], ns["keep"])
+        return self._fn
+
+    def _emit(self, ns, counter):
+        """Python source of an expression over ``value``; constants go into ``ns``."""
         raise NotImplementedError(type(self).__name__)
 
     def __and__(self, other):
@@ -185,8 +232,8 @@ class All(Predicate):
 
     __slots__ = ()
 
-    def matches(self, value):
-        return True
+    def _emit(self, ns, counter):
+        return "True"
 
     def __repr__(self):
         return "All()"
@@ -213,11 +260,10 @@ class And(Predicate):
                 flat.append(child)
         self.children = tuple(flat)
 
-    def matches(self, value):
-        for child in self.children:
-            if not child.matches(value):
-                return False
-        return True
+    def _emit(self, ns, counter):
+        if not self.children:
+            return "True"
+        return "(" + " and ".join(child._emit(ns, counter) for child in self.children) + ")"
 
     def __repr__(self):
         return "(" + " & ".join(map(repr, self.children)) + ")" if self.children else "All()"
@@ -235,11 +281,8 @@ class Or(Predicate):
             flat.extend(child.children if isinstance(child, Or) else (child,))
         self.children = tuple(flat)
 
-    def matches(self, value):
-        for child in self.children:
-            if child.matches(value):
-                return True
-        return False
+    def _emit(self, ns, counter):
+        return "(" + " or ".join(child._emit(ns, counter) for child in self.children) + ")"
 
     def __repr__(self):
         return "(" + " | ".join(map(repr, self.children)) + ")"
@@ -253,8 +296,8 @@ class Not(Predicate):
     def __init__(self, child):
         self.child = _as_predicate(child)
 
-    def matches(self, value):
-        return not self.child.matches(value)
+    def _emit(self, ns, counter):
+        return f"(not {self.child._emit(ns, counter)})"
 
     def __repr__(self):
         inner = repr(self.child)
@@ -341,11 +384,9 @@ class Term(Predicate):
         return ".".join(self.parts)
 
     def _compile(self):
-        # One closure per term, so matching a row does no dispatch on the operator.
+        # The term's meaning on a present field value, with no fast paths (see _emit).
         op, v, vc = self.op, self.operand, self.operand_class
         if op == EQ:
-            if type(v) is str:  # the hot case: a plain string equality
-                return lambda x: x == v if type(x) is str else values_equal(x, key_class(x), v, vc)
             return lambda x: values_equal(x, key_class(x), v, vc)
         if op == NE:
             return lambda x: not values_equal(x, key_class(x), v, vc)
@@ -385,11 +426,30 @@ class Term(Predicate):
             return contains
         return lambda x: True  # EXISTS: reached only when the path is present
 
-    def matches(self, value):
-        x = extract(value, self.parts)
-        if x is MISSING:
-            return False
-        return self._test(x)
+    def _emit(self, ns, counter):
+        i = next(counter)
+        x, test, v = f"x{i}", f"T{i}", f"V{i}"
+        ns[test], ns[f"P{i}"], ns[v] = self._test, self.parts, self.operand
+        if len(self.parts) == 1:  # the common case: a top-level key of a dict entry
+            ns[f"K{i}"] = self.parts[0]
+            get = f"(value.get(K{i}, M) if type(value) is dict else EX(value, P{i}))"
+        else:
+            get = f"EX(value, P{i})"
+        op, operand = self.op, self.operand
+        body = f"{test}({x})"
+        if op in (EQ, NE) and type(operand) is str:
+            body = f"({x} {op} {v} if type({x}) is str else {body})"
+        elif op in (EQ, NE) and _plain_number(operand):
+            body = f"({x} {op} {v} if type({x}) in NN else {body})"
+        elif op in (LT, LE, GT, GE) and _plain_number(operand):
+            body = f"({x} {op} {v} if type({x}) in NN and {x} == {x} else {body})"
+        elif op in (LT, LE, GT, GE) and type(operand) is str:
+            body = f"({x} {op} {v} if type({x}) is str else {body})"
+        elif op == BETWEEN and _plain_number(operand[0]) and _plain_number(operand[1]):
+            ns[f"L{i}"], ns[f"H{i}"] = operand
+            # A NaN field fails both bounds, as it sorts after every number.
+            body = f"(L{i} <= {x} <= H{i} if type({x}) in NN else {body})"
+        return f"(({x} := {get}) is not M and {body})"
 
     def __repr__(self):
         name = "F." + self.path

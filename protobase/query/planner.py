@@ -28,7 +28,7 @@ from .plans import (IndexedSearchPlan, AndMerge, OrMerge, Complement, FullScan, 
                     Filter, OrderBy, Offset, Limit)
 from .._core import load
 
-__all__ = ["Planner", "build_plan", "guess_selectivity"]
+__all__ = ["Planner", "build_plan", "normalize", "guess_selectivity"]
 
 IdSet = load("idset").IdSet
 _WORDS = 4096  # row ids per unit of set-algebra cost (64 words of 64 bits)
@@ -106,14 +106,15 @@ class Planner:
             return node(lambda s: ids, len(ids), len(sets) + 1, exact), \
                 (None if exact else term)
         present = self.total - len(index.missing)
+        algebra = self.total // _WORDS + 1  # set algebra over every row id
         if op == EXISTS:
-            return node(lambda s: index.present(s.all_ids()), present, self.total // _WORDS + 1), None
+            return node(lambda s: index.present(s.all_ids()), present, algebra), None
         if op == NE:
             if vc is None:
                 return None, term
             eq = index.lookup(v)
             return node(lambda s: index.present(s.all_ids()) - eq, present - len(eq),
-                        self.total // _WORDS + 1), None
+                        algebra), None
         if op in RANGE_OPS or op == STARTSWITH:
             p0, p1 = index.span(op, v, vc)
             return node(lambda s: index.span_ids(p0, p1), index.span_estimate(p0, p1),
@@ -165,7 +166,9 @@ class Planner:
         """``(row node, id node or None, residual)`` for the rows matching ``pred``."""
         if pred is None:
             return FullScan(None, self.total), None, None
-        node, residual = self.id_plan(pred) if self.indexes else (None, pred)
+        node, residual = (None, pred)
+        if self.indexes:
+            node, residual = self.id_plan(pred)
         if node is None:
             return FullScan(pred, self.total * guess_selectivity(pred)), None, pred
         rows = Fetch(node)

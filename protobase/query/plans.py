@@ -29,7 +29,8 @@ from .._core import load
 from .expr import MISSING, extract, key_class
 
 __all__ = ["PlanNode", "IndexedSearchPlan", "AndMerge", "OrMerge", "Complement",
-           "FullScan", "Fetch", "Filter", "OrderBy", "Offset", "Limit", "Count", "sort_rows"]
+           "FullScan", "Fetch", "Filter", "OrderBy", "Offset", "Limit", "Count", "sort_rows",
+           "sort_by_key"]
 
 _btree = load("btree")
 _idset = load("idset")
@@ -37,13 +38,44 @@ IdSet = _idset.IdSet
 _KEY = cmp_to_key(_btree.compare)
 
 
-def _key_of_row(row):
-    return _KEY(row[0])
+def _first(pair):
+    return pair[0]
+
+
+# Exact types whose Python order is the btree order (no NaN, one class at a time).
+_NATIVE = {str: 2, bytes: 3, int: 1, bool: 1, float: 1}
+
+
+def _native_class(items):
+    """The one type class all ``items`` share if Python can order them as btree does
+    (plain str, bytes or non-NaN numbers), else None."""
+    classes = set()
+    for item in items:
+        c = _NATIVE.get(type(item))
+        if c is None or (c == 1 and item != item):
+            return None
+        classes.add(c)
+    return classes.pop() if len(classes) == 1 else None
+
+
+def _sort_pairs(pairs, descending=False):
+    # Stable sort of (sort value, row) pairs by btree order of the sort value.
+    if _native_class(p[0] for p in pairs) is not None:
+        pairs.sort(key=_first, reverse=descending)
+    else:
+        pairs.sort(key=lambda p: _KEY(p[0]), reverse=descending)
+
+
+def sort_by_key(rows):
+    """``(key, value)`` rows in ascending btree order of their keys."""
+    pairs = [(row[0], row) for row in rows]
+    _sort_pairs(pairs)
+    return [row for _, row in pairs]
 
 
 def sort_rows(rows, parts, descending):
     """Sort ``(key, value)`` rows by the field ``parts`` in the documented order."""
-    rows = sorted(rows, key=_key_of_row)
+    rows = sort_by_key(rows)
     ordered, unordered, missing = [], [], []
     for row in rows:
         v = extract(row[1], parts)
@@ -52,9 +84,9 @@ def sort_rows(rows, parts, descending):
         elif key_class(v) is None:
             unordered.append(row)
         else:
-            ordered.append((_KEY(v), row))
-    # sorted() is stable, also with reverse=True: equal values keep ascending key order.
-    ordered.sort(key=lambda pair: pair[0], reverse=descending)
+            ordered.append((v, row))
+    # sort() is stable, also with reverse=True: equal values keep ascending key order.
+    _sort_pairs(ordered, descending)
     return [row for _, row in ordered] + unordered + missing
 
 
@@ -181,8 +213,7 @@ class FullScan(RowNode):
         pred = self.predicate
         if pred is None:
             return source.scan()
-        match = pred.matches
-        return (row for row in source.scan() if match(row[1]))
+        return pred.row_filter()(source.scan())
 
     def label(self):
         return "FullScan" if self.predicate is None else f"FullScan(filter {self.predicate!r})"
@@ -211,8 +242,7 @@ class Filter(RowNode):
         self.predicate = predicate
 
     def _rows(self, source):
-        match = self.predicate.matches
-        return (row for row in self.children[0].rows(source) if match(row[1]))
+        return self.predicate.row_filter()(self.children[0].rows(source))
 
     def label(self):
         return f"Filter({self.predicate!r})"
@@ -249,7 +279,7 @@ class OrderBy(RowNode):
     def _walk(self, source):
         index = self.index
         cand = self.children[0].ids(source) if self.children else None
-        match = self.residual.matches if self.residual is not None else None
+        match = self.residual.matcher() if self.residual is not None else None
 
         def group(ids):
             if cand is not None:
@@ -259,7 +289,7 @@ class OrderBy(RowNode):
             rows = source.rows(ids)
             if match is not None:
                 rows = [row for row in rows if match(row[1])]
-            return sorted(rows, key=_key_of_row)
+            return sort_by_key(rows)
 
         for _, ids in index.postings(self.descending):
             yield from group(ids)

@@ -61,7 +61,10 @@ def _count_arg(name, n):
 
 
 class Query:
-    """A lazy, re-runnable query over one collection snapshot."""
+    """A lazy, re-runnable query over one collection snapshot.
+
+    ``list(q)`` values, ``q.items()``, ``q.keys()``, ``q.count()``, ``q.first()``,
+    ``q.explain()``; ``q.matching_ids()`` is the hook a later ``nearest(...)`` uses."""
 
     __slots__ = ("_source", "_pred", "_order", "_descending", "_limit", "_offset", "_plan")
 
@@ -165,7 +168,7 @@ class Query:
         ids = node.ids(source) if node is not None else source.all_ids()
         if residual is None:
             return ids
-        match = residual.matches
+        match = residual.matcher()
         keep = ids.mutate()
         for rowid in ids:
             if not match(source.row(rowid)[1]):
