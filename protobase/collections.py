@@ -769,10 +769,7 @@ class List(_Collection, MutableSequence):
             start, stop, step = index.indices(len(m))
             new = [self._encode(v) for v in value]
             if step == 1:
-                stop = max(stop, start)
-                del m[start:stop]
-                for i, raw in enumerate(new):
-                    m.insert(start + i, raw)
+                m[start:max(stop, start)] = new
             else:
                 positions = range(start, stop, step)
                 if len(positions) != len(new):

@@ -38,8 +38,8 @@ cdef class _ClassInfo:
     cdef bint use_dict           # dataclass: fields live in the instance __dict__
     cdef bint custom_state       # the class overrides __getstate__
     cdef bint has_setstate
-    cdef object new              # cls.__new__
     cdef str refusal             # kind == refused: why
+    cdef bint registered         # `name` is registered for this class (strict mode accepts it)
 
 
 cdef class _Encoder:

@@ -43,19 +43,25 @@ would silently lose their class, and restoring them would need their own ``__new
 Errors carry a path. Nothing is tracked on the success path: when a child fails, each
 container frame appends ``(container, step)`` to the encoder while the exception unwinds,
 and ``dumps`` formats ``value['k'][3].attr``. Cycles cost nothing either: a cycle recurses
-until the depth limit (``MAX_DEPTH``, 1000 levels), and the unwound path then shows the first container
-that repeats, which is reported as the cycle at the path of its second occurrence.
+until the depth limit (``MAX_DEPTH``, 1000 levels), and the unwound path then shows the
+first container that repeats, reported as a cycle at the path of its second occurrence.
 
 Decoder
 -------
 Direct reads from the caller's buffer with an explicit ``end``; every length is checked
 against the bytes that remain *before* anything is allocated (an array of N items needs at
 least N bytes), so a forged header cannot cause a huge allocation. An extension narrows
-``end`` to its payload and must consume it exactly. Nesting deeper than ``DEPTH_LIMIT``, bad
+``end`` to its payload and must consume it exactly. Nesting deeper than ``MAX_DEPTH``, bad
 UTF-8, unknown codes, values of the wrong type inside an extension, and trailing bytes are
 all ``DecodeError``; any other failure while building a value from forged fields (an
 invalid date, an unhashable key) is converted to ``DecodeError`` too. Exceptions raised by
 the caller's own hooks (``ref_resolver``, ``ext_hook``) pass through unchanged.
+
+Two small caches make repeated shapes cheap: short ASCII map keys are looked up in a
+direct-mapped table of 1024 interned-like ``str`` objects (hit verified by memcmp, so a
+collision only costs a miss), and a class name equal to the last class decoded is matched
+by one memcmp instead of a str allocation and a dict lookup. Instances are created through
+the type's ``tp_new`` slot, which is what ``cls.__new__(cls)`` calls.
 
 Classes
 -------
@@ -72,8 +78,9 @@ value (int when integral, float when the value is exactly a float, else an exact
 one NaN), aware datetimes/times converted to UTC, frozensets with sorted members, IntEnum /
 StrEnum members as their plain value (they are equal to it in a dict).
 
-Complexity: O(size of the value) both ways, plus O(depth) memmove per structured extension
-nesting level (the header slide); class metadata O(1) after the first use of each class.
+Complexity: O(size of the value) both ways. The header slide moves a structured extension's
+payload once per enclosing structured extension, so bytes nested k extensions deep move k
+times (short payloads in practice). Class metadata is O(1) after a class's first use.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -81,7 +88,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.dict cimport PyDict_New, PyDict_SetItem, PyDict_Next, PyDict_GetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_ITEM
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM, PyTuple_GET_ITEM
-from cpython.set cimport PySet_Add, PySet_New, PyFrozenSet_New
+from cpython.set cimport PySet_Add
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.ref cimport PyObject, Py_INCREF
 from cpython.object cimport PyObject_GenericSetAttr
@@ -135,12 +142,24 @@ cdef extern from "Python.h":
     double PyComplex_RealAsDouble(object) except? -1
     double PyComplex_ImagAsDouble(object) except? -1
     object PyObject_CallOneArg(object, object)
-    object PyObject_CallNoArgs(object)
     object PyNumber_Index(object)
     object PyUnicode_FromObject(object)
     unsigned long Py_TPFLAGS_HEAPTYPE
-    ctypedef struct PyTypeObject:
-        unsigned long tp_flags
+    object PyObject_GenericGetDict(object, void *)
+    bint PyUnicode_IS_COMPACT_ASCII(PyObject *)
+    void *PyUnicode_DATA(PyObject *)
+    Py_ssize_t PyUnicode_GET_LENGTH(PyObject *)
+    void Py_XDECREF(PyObject *)
+    int memcmp(const void *, const void *, size_t)
+
+cdef extern from *:
+    """
+    /* cls.__new__(cls) through the type slot: what `cls.__new__(cls)` does, minus the lookup. */
+    static PyObject *pb_tp_new(PyObject *cls, PyObject *args) {
+        return ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, args, NULL);
+    }
+    """
+    object pb_tp_new(object cls, object args)
 
 cdt.import_datetime()
 
@@ -183,8 +202,8 @@ cdef object _tzinfo = _dt.tzinfo
 cdef object _utc = _dt.timezone.utc
 cdef object _Enum = _enum.Enum
 cdef object _object_getstate = object.__getstate__
-cdef object _object_new = object.__new__
 cdef object _canonical_nan = float("nan")
+cdef tuple _no_args = ()
 
 # Built-in value types whose subclasses are refused (see the essay).
 cdef tuple _BUILTIN_VALUE_TYPES = (
@@ -199,6 +218,7 @@ cdef dict _name_to_class = {}       # registered name -> class
 cdef dict _class_to_name = {}       # class -> registered name (the latest registration)
 cdef dict _enc_info = {}            # class -> _ClassInfo, for encoding
 cdef dict _dec_info = {}            # stored name -> _ClassInfo, for decoding
+cdef _ClassInfo _last_dec = None    # the class decoded last: homogeneous data skips the lookup
 
 
 def register_class(cls, name):
@@ -216,6 +236,8 @@ def register_class(cls, name):
     _class_to_name[cls] = name
     _enc_info.clear()
     _dec_info.clear()
+    global _last_dec
+    _last_dec = None
 
 
 cdef str _default_name(cls):
@@ -285,7 +307,6 @@ cdef _ClassInfo _classify(object cls):
     getstate = getattr(cls, "__getstate__", _object_getstate)
     info.custom_state = getstate is not _object_getstate
     info.has_setstate = hasattr(cls, "__setstate__")
-    info.new = cls.__new__
     # dataclass(slots=True, frozen=True) adds its own get/setstate: plain fields all the same.
     generated = getattr(getstate, "__qualname__", "") == "_dataclass_getstate"
     if _dataclasses.is_dataclass(cls) and (generated or not (info.custom_state or info.has_setstate)):
@@ -316,6 +337,11 @@ cdef _ClassInfo _named(_ClassInfo info):
     name = _class_to_name.get(cls)
     if name is None:
         name = _default_name(cls)
+        if name in _name_to_class:
+            info.kind = K_REFUSED
+            info.refusal = (f"cannot store an instance of {cls.__qualname__}: its name {name!r} "
+                            f"is registered for another class; register this one under a new name")
+            return info
         try:
             found = _lookup_qualname(cls.__module__, cls.__qualname__)
         except Exception:
@@ -327,6 +353,7 @@ cdef _ClassInfo _named(_ClassInfo info):
                             f"give it a stable name with pb.register_class(cls, name)")
             return info
     info.name = name
+    info.registered = _name_to_class.get(name) is cls
     cdef _Encoder e = _Encoder.__new__(_Encoder)
     _w_str(e, name)
     info.name_packed = e.take()
@@ -372,14 +399,31 @@ cdef _ClassInfo _resolve(_Decoder d, str name, int expect):
     if d.strict and _name_to_class.get(name) is not info.cls:
         raise DecodeError(f"class {name!r} is not registered and strict=True refuses it; "
                           f"call pb.register_class(cls, {name!r}) to allow it")
-    kind = info.kind
-    if kind == K_VALUE_ENUM:
-        kind = K_ENUM
-    elif kind == K_DATACLASS and expect == K_OBJECT:
-        kind = K_OBJECT         # a dataclass with extra attributes is stored as an object
-    if kind != expect:
+    if not _kind_ok(info.kind, expect):
         raise DecodeError(f"class {name!r} is not of the kind the stored value needs "
                           f"(the class changed since the value was written?)")
+    return info
+
+
+cdef inline bint _kind_ok(int kind, int expect) noexcept:
+    return (kind == expect or (kind == K_VALUE_ENUM and expect == K_ENUM)
+            # a dataclass with attributes beyond its fields is stored as an object
+            or (kind == K_DATACLASS and expect == K_OBJECT))
+
+
+cdef _ClassInfo _dec_class(_Decoder d, int depth, int expect):
+    """Read a stored class name and resolve it; a repeat of the last class is one memcmp."""
+    global _last_dec
+    cdef _ClassInfo last = _last_dec
+    cdef Py_ssize_t n
+    if last is not None and _kind_ok(last.kind, expect) and (last.registered or not d.strict):
+        n = PyBytes_GET_SIZE(last.name_packed)
+        if d.end - d.pos >= n and memcmp(d.buf + d.pos, PyBytes_AS_STRING(last.name_packed), n) == 0:
+            d.pos += n
+            return last
+    info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), expect)
+    if info.name_packed is not None:
+        _last_dec = info
     return info
 
 
@@ -911,12 +955,20 @@ cdef int _enc_ndarray(_Encoder e, object arr, int depth) except -1:
     if dtype.hasobject:
         _refuse(arr, "cannot store a numpy array of dtype object (it holds arbitrary Python "
                      "objects); convert it to a list or a fixed dtype")
+    spec = _dtype_spec(dtype)
+    if dtype.names is not None:
+        # A structured dtype travels as its descr; refuse one that descr cannot rebuild
+        # (aligned padding, offsets) rather than write bytes that would not decode.
+        rebuilt = sys.modules["numpy"].dtype(spec)
+        if rebuilt != dtype or _dtype_spec(rebuilt) != spec:
+            _refuse(arr, f"cannot store a numpy array of structured dtype {dtype} (padding or "
+                         f"explicit offsets); use a packed dtype (align=False)")
     flags = arr.flags
     fortran = bool(flags.f_contiguous and not flags.c_contiguous)
     raw = arr.tobytes(order="F" if fortran else "C")
     start = _ext_begin(e)
     _w_array_header(e, 4)
-    _enc(e, _dtype_spec(dtype), depth + 1)
+    _enc(e, spec, depth + 1)
     _w_array_header(e, len(arr.shape))
     for dim in arr.shape:
         _w_int(e, dim)
@@ -947,7 +999,7 @@ cdef int _enc_dataclass(_Encoder e, _ClassInfo info, object obj, int depth) exce
     cdef object d = None
     cdef PyObject *p
     if info.use_dict:
-        d = obj.__dict__
+        d = PyObject_GenericGetDict(obj, NULL)
         if PyDict_GET_SIZE(d) != n:
             # Attributes beyond the fields (or missing ones): keep them all, by name.
             return _enc_object(e, info, obj, depth)
@@ -978,11 +1030,12 @@ cdef int _enc_object(_Encoder e, _ClassInfo info, object obj, int depth) except 
     except TypeError as exc:
         raise SerializationError(f"cannot store an instance of {type(obj).__qualname__}: {exc}",
                                  type_name=type(obj).__qualname__) from None
+    # The default state is a dict (one level below the object) or a slots pair (two levels).
+    if not info.custom_state and depth + (2 if PyTuple_CheckExact(state) else 1) >= DEPTH_LIMIT:
+        return _too_deep(e, obj)
     start = _ext_begin(e)
     _w_array_header(e, 2)
     _w_raw(e, PyBytes_AS_STRING(info.name_packed), PyBytes_GET_SIZE(info.name_packed))
-    if depth + 2 >= DEPTH_LIMIT:
-        return _too_deep(e, obj)
     try:
         if info.custom_state:
             try:
@@ -1100,6 +1153,7 @@ cdef int _key_float(_Encoder e, double f) except -1:
 cdef int _key(_Encoder e, object k, int depth) except -1:
     cdef object t = type(k)
     cdef Py_ssize_t i, start
+    cdef _Encoder sub
     if depth >= DEPTH_LIMIT:
         return _too_deep(e, k)
     if t is str:
@@ -1125,10 +1179,16 @@ cdef int _key(_Encoder e, object k, int depth) except -1:
                 raise
         return _ext_end(e, start, EXT_TUPLE)
     if t is frozenset:
+        # Members in the order of their key bytes: equal sets, identical bytes.
         parts = []
         for item in k:
             sub = _Encoder.__new__(_Encoder)
-            _key(sub, item, depth + 1)
+            try:
+                _key(sub, item, depth + 1)
+            except BaseException:
+                e.steps = sub.steps
+                _step(e, k, S_MEMBER, len(parts))
+                raise
             parts.append(sub.take())
         parts.sort()
         start = _ext_begin(e)
@@ -1184,22 +1244,23 @@ cdef int _key(_Encoder e, object k, int depth) except -1:
 
 
 cdef object _canonical_time(object k, object off):
-    """An aware time equal to `k` (time equality is by UTC-adjusted microseconds, no wrap)."""
-    cdef int64_t day = 86400000000
-    cdef int64_t local = ((<int64_t>cdt.time_hour(k) * 3600 + cdt.time_minute(k) * 60
-                           + cdt.time_second(k)) * 1000000 + cdt.time_microsecond(k))
-    cdef int64_t adj = local - _td_us(off)
-    cdef int64_t t_us, off_us
-    if 0 <= adj < day:
-        t_us, off_us = adj, 0
+    """An aware time equal to `k`. CPython compares aware times by (whole seconds minus the
+    offset's whole seconds, then microseconds), with no wrap at midnight; keep both parts and
+    pick the representative in UTC when it fits the day, else at the day's edge."""
+    cdef int64_t local = (<int64_t>cdt.time_hour(k) * 3600 + cdt.time_minute(k) * 60
+                          + cdt.time_second(k))
+    cdef int64_t adj = local - (<int64_t>cdt.timedelta_days(off) * 86400 + cdt.timedelta_seconds(off))
+    cdef int64_t secs, off_secs
+    if 0 <= adj < 86400:
+        secs, off_secs = adj, 0
     elif adj < 0:
-        t_us, off_us = 0, -adj
+        secs, off_secs = 0, -adj
     else:
-        t_us = day - 1
-        off_us = t_us - adj
-    tz = _utc if off_us == 0 else _timezone(_timedelta(microseconds=off_us))
-    return _dt.time(<int>(t_us // 3600000000), <int>(t_us // 60000000 % 60),
-                    <int>(t_us // 1000000 % 60), <int>(t_us % 1000000), tz)
+        secs = 86399
+        off_secs = secs - adj
+    tz = _utc if off_secs == 0 else _timezone(_timedelta(seconds=off_secs))
+    return _dt.time(<int>(secs // 3600), <int>(secs // 60 % 60), <int>(secs % 60),
+                    cdt.time_microsecond(k), tz)
 
 
 cpdef bytes dumps_key(object key):
@@ -1276,6 +1337,40 @@ cdef object _dec_array(_Decoder d, Py_ssize_t n, int depth):
     return lst
 
 
+# Short ASCII map keys repeat across values ("id", "name"...): reuse one str per key instead
+# of allocating it again. Direct-mapped by a hash of the bytes; a hit is verified by memcmp.
+cdef PyObject *_key_cache[1024]
+
+
+cdef object _dec_key(_Decoder d, int depth):
+    cdef uint8_t b
+    cdef Py_ssize_t n, i
+    cdef uint32_t h = 2166136261u
+    cdef const unsigned char *p
+    cdef PyObject *c
+    if d.pos >= d.end:
+        return _dec(d, depth)
+    b = d.buf[d.pos]
+    n = b & 0x1f
+    if b < 0xa0 or b > 0xbf or n > 24 or d.end - d.pos - 1 < n:
+        return _dec(d, depth)
+    p = d.buf + d.pos + 1
+    for i in range(n):
+        h = (h ^ p[i]) * 16777619u
+    h = (h ^ (h >> 15)) & 1023
+    c = _key_cache[h]
+    if c != NULL and PyUnicode_GET_LENGTH(c) == n and memcmp(PyUnicode_DATA(c), p, n) == 0:
+        d.pos += 1 + n
+        return <object>c
+    d.pos += 1
+    k = _rd_str(d, n)
+    if PyUnicode_IS_COMPACT_ASCII(<PyObject *>k):
+        Py_INCREF(k)
+        Py_XDECREF(c)
+        _key_cache[h] = <PyObject *>k
+    return k
+
+
 cdef object _dec_map(_Decoder d, Py_ssize_t n, int depth):
     cdef Py_ssize_t i
     if depth >= DEPTH_LIMIT:
@@ -1283,7 +1378,7 @@ cdef object _dec_map(_Decoder d, Py_ssize_t n, int depth):
     _need(d, 2 * n)
     dct = PyDict_New()
     for i in range(n):
-        k = _dec(d, depth + 1)
+        k = _dec_key(d, depth + 1)
         v = _dec(d, depth + 1)
         PyDict_SetItem(dct, k, v)
     return dct
@@ -1406,7 +1501,8 @@ cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
     cdef Py_ssize_t i, m
     cdef uint64_t bits
     cdef double re, im
-    if depth >= DEPTH_LIMIT:
+    # Raw big ints and surrogate strs are leaves to the encoder: no level of their own.
+    if depth >= DEPTH_LIMIT and code != EXT_BIGINT and code != EXT_SURROGATE_STR:
         _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
     d.end = d.pos + n
     if code == EXT_TUPLE:
@@ -1484,7 +1580,7 @@ cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
         out = _Fraction(num, den)
     elif code == EXT_ENUM:
         m = _fields(d, 2, 3, "enum member")
-        info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_ENUM)
+        info = _dec_class(d, depth, K_ENUM)
         if m == 2:
             member = info.cls._member_map_.get(_dec_of(d, depth + 1, str, "an enum member name"))
             if member is None:
@@ -1498,7 +1594,7 @@ cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
         m = _rd_array_header(d)
         if m < 1:
             _fail(d, "namedtuple without a class name")
-        info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_NAMEDTUPLE)
+        info = _dec_class(d, depth, K_NAMEDTUPLE)
         if m - 1 != PyTuple_GET_SIZE(info.fields):
             _fail(d, f"namedtuple {info.name} has {len(info.fields)} fields, the stored value {m - 1}")
         items = PyTuple_New(m - 1)
@@ -1547,13 +1643,13 @@ cdef object _dec_dataclass(_Decoder d, int depth):
     cdef Py_ssize_t i, m = _rd_array_header(d)
     if m < 1:
         _fail(d, "dataclass without a class name")
-    cdef _ClassInfo info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_DATACLASS)
+    cdef _ClassInfo info = _dec_class(d, depth, K_DATACLASS)
     if m - 1 != PyTuple_GET_SIZE(info.fields):
         _fail(d, f"dataclass {info.name} has {len(info.fields)} fields, the stored value {m - 1} "
                  f"(the class changed since the value was written)")
-    obj = PyObject_CallOneArg(info.new, info.cls)
+    obj = pb_tp_new(info.cls, _no_args)
     if info.use_dict:
-        state = obj.__dict__
+        state = PyObject_GenericGetDict(obj, NULL)
         for i in range(m - 1):
             PyDict_SetItem(state, <object>PyTuple_GET_ITEM(info.fields, i), _dec(d, depth + 1))
     else:
@@ -1564,10 +1660,9 @@ cdef object _dec_dataclass(_Decoder d, int depth):
 
 cdef object _dec_object(_Decoder d, int depth):
     _fields(d, 2, 2, "object")
-    cdef _ClassInfo info = _resolve(d, _dec_of(d, depth + 1, str, "a class name"), K_OBJECT)
+    cdef _ClassInfo info = _dec_class(d, depth, K_OBJECT)
     state = _dec(d, depth + 1)
-    cls = info.cls
-    obj = cls.__new__(cls)
+    obj = pb_tp_new(info.cls, _no_args)
     if info.has_setstate:
         if state:
             obj.__setstate__(state)
@@ -1593,11 +1688,22 @@ cdef object _dec_object(_Decoder d, int depth):
     return obj
 
 
+cdef object _dec_dtype(_Decoder d, object np, int depth):
+    spec = _dec(d, depth + 1)
+    if type(spec) is not str and type(spec) is not list:
+        _fail(d, "a numpy dtype must be a str or a list")
+    dtype = np.dtype(spec)
+    # Only the spelling the encoder writes: no aliases, no object fields.
+    if dtype.hasobject or _dtype_spec(dtype) != spec:
+        _fail(d, f"invalid numpy dtype {spec!r:.60}")
+    return dtype
+
+
 cdef object _dec_numpy(_Decoder d, int code, int depth):
     import numpy as np
     if code == EXT_NPSCALAR:
         _fields(d, 2, 2, "numpy scalar")
-        dtype = np.dtype(_dec(d, depth + 1))
+        dtype = _dec_dtype(d, np, depth)
         raw = _dec_of(d, depth + 1, bytes, "numpy scalar data")
         if dtype.hasobject or len(raw) != dtype.itemsize:
             _fail(d, "numpy scalar data does not match its dtype")
@@ -1605,7 +1711,7 @@ cdef object _dec_numpy(_Decoder d, int code, int depth):
             return np.zeros((), dtype)[()]
         return np.frombuffer(raw, dtype)[0]
     _fields(d, 4, 4, "numpy array")
-    dtype = np.dtype(_dec(d, depth + 1))
+    dtype = _dec_dtype(d, np, depth)
     shape = _dec_of(d, depth + 1, list, "a numpy shape")
     fortran = _dec(d, depth + 1)
     raw = _dec_of(d, depth + 1, bytes, "numpy array data")

@@ -175,6 +175,17 @@ class Query:
                 keep.discard(rowid)
         return keep.finish()
 
+    # The vector layer (protobase.vector, which sits above this one) installs the
+    # implementation at import; the query layer itself knows nothing about vectors.
+    _nearest = None
+
+    def nearest(self, field, vector, k=10, ef=None):
+        """The k matching entries whose vector at `field` is nearest to `vector`, in
+        ascending distance: ``list(hits)`` values, ``hits.scored()`` (key, value, distance)."""
+        if Query._nearest is None:
+            from .. import vector  # noqa: F401  (installs Query._nearest)
+        return Query._nearest(self, field, vector, k=k, ef=ef)
+
     def explain(self):
         """The plan as text: node types with estimated rows and, once run, actual rows."""
         plan = self._plan

@@ -1,0 +1,33 @@
+"""The value codec: Python values <-> MessagePack bytes with extension types (docs/format.md)."""
+from typing import Any, Callable, Final, Optional, Tuple, Union
+
+__all__ = ["dumps", "loads", "dumps_key", "register_class", "MAX_DEPTH"]
+
+__source_digest__: str
+
+MAX_DEPTH: Final[int]
+"""Nesting levels accepted by dumps and loads (1000); deeper is SerializationError / DecodeError."""
+
+RefHook = Callable[[Any], Optional[int]]
+Default = Callable[[Any], Optional[Tuple[int, bytes]]]
+RefResolver = Callable[[int], Any]
+ExtHook = Callable[[int, bytes], Any]
+Buffer = Union[bytes, bytearray, memoryview]
+
+def dumps(obj: Any, *, ref_hook: Optional[RefHook] = ..., default: Optional[Default] = ...) -> bytes:
+    """Encode `obj`. `ref_hook(x)` -> int N stores a reference to collection N; `default(x)` ->
+    (code in 64..127, bytes) stores a user extension. Raises SerializationError (a TypeError)
+    with `type_name` and `path` for values that cannot be stored."""
+
+def loads(data: Buffer, *, ref_resolver: Optional[RefResolver] = ...,
+          ext_hook: Optional[ExtHook] = ..., strict: bool = ...) -> Any:
+    """Decode one value; DecodeError (a ValueError) on damaged, truncated or trailing bytes.
+    `strict=True` refuses classes not registered with register_class."""
+
+def dumps_key(key: Any) -> bytes:
+    """Canonical bytes of a key: equal keys (as in a dict) give identical bytes. Non-key types
+    raise SerializationError (a TypeError)."""
+
+def register_class(cls: type, name: str) -> None:
+    """Store `cls` under the stable `name` and resolve `name` to `cls` when decoding.
+    ValueError if `name` is already registered for another class."""
