@@ -69,11 +69,10 @@ class AtomBytesCache:
         with self._lock:
             d = self._d
             if cost > self.max_bytes:
-                # Keep only the newest atoms that fit; drop any stale entry at the others.
-                for p in ptrs:
-                    old = d.pop(p, None)
-                    if old is not None:
-                        self.bytes -= len(old) + ENTRY_OVERHEAD
+                # The batch alone overflows the budget: the cache keeps only the newest atoms
+                # that fit; everything cached before is older than the ones dropped.
+                d.clear()
+                self.bytes = 0
                 budget = self.max_bytes
                 keep = len(ptrs)
                 while keep and budget - (len(datas[keep - 1]) + ENTRY_OVERHEAD) >= 0:
