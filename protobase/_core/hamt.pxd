@@ -7,15 +7,18 @@ cimport cython
 
 @cython.final
 cdef class Node:
+    # A variable-size object: the slot array follows the struct in the same allocation, so
+    # a node's header and its slots are one block (one memory miss per level, not two).
+    # `cap` sits where PyVarObject keeps ob_size, which the allocator sets to the capacity.
+    cdef Py_ssize_t cap            # allocated slots (ob_size)
     cdef uint32_t datamap          # bit b set: an inline entry for 5-bit chunk b
     cdef uint32_t nodemap          # bit b set: a child node for chunk b
-    cdef Py_ssize_t n              # used slots: 2 * entries + children
-    cdef Py_ssize_t cap            # allocated slots
-    cdef PyObject **slots          # [k0, v0, k1, v1, ..., child0, child1, ...]
-    cdef object owner              # token of the mutation allowed to edit in place, or None
-    cdef int64_t ptr               # atom pointer once persisted, else -1
-    cdef uint64_t chash            # collision nodes: the hash every key shares
     cdef bint collision
+    cdef Py_ssize_t n              # used slots: 2 * entries + children
+    cdef PyObject **slots          # the trailing array: [k0, v0, k1, v1, ..., child0, ...]
+    cdef uint64_t chash            # collision nodes: the hash every key shares
+    cdef int64_t ptr               # atom pointer once persisted, else -1
+    cdef object owner              # token of the mutation allowed to edit in place, or None
 
 
 @cython.final

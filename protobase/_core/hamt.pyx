@@ -45,6 +45,12 @@ The index of chunk b is popcount(map & ((1 << b) - 1)), so a node holds exactly 
 it uses. Keys whose whole 64-bit hashes are equal share a collision node (a flat list of
 pairs, compared with ==). A set stores None in every value slot.
 
+A node is one variable-size object: the slot array follows the header in the same block
+(Node gets a tp_itemsize and its own tp_alloc), so descending a level costs one memory miss
+(header and slots are adjacent, and the lookup prefetches a node's first lines as soon as it
+has the pointer), not a miss for the object and another for a separate array. Cycles through
+values are visible to the garbage collector through a hand-written tp_traverse/tp_clear.
+
 Invariants (checked by `_check()`)
 ---------------------------------
 - datamap & nodemap == 0; n == 2*popcount(datamap) + popcount(nodemap).
@@ -65,8 +71,11 @@ Transients
 A mutation carries a token (a fresh object). Editing a node it owns happens in place;
 editing any other node first copies it (path copying) and the copy is owned by the token,
 so a batch of k edits copies each shared node at most once: building 100k keys costs about
-what 100k dict inserts cost. `finish()` returns a snapshot sharing every node, and the
-mutation takes a fresh token, so later edits copy again and never touch that snapshot.
+what 100k dict inserts cost. Owned nodes keep spare capacity; when one is full it moves its
+references into a node twice its size (no reference counting traffic) and the parent's slot
+is repointed. `finish()` returns a snapshot sharing every node, and the mutation takes a
+fresh token, so later edits copy again and never touch that snapshot. Iterating a mutation
+rotates its token the same way, so the iterator walks a stable snapshot.
 Persistent operations (`Map.set`) are the same code with token None: every touched node is
 copied.
 
@@ -89,11 +98,10 @@ CorruptionError(offset=ptr).
 Complexity
 ----------
 get/set/delete O(log32 n) (hashes are 64-bit: at most 13 levels, then a collision node);
-len O(1); iteration O(n); one persistent set copies O(log32 n) nodes of <= 32 slots.
+len O(1); iteration O(n); one persistent set copies O(log32 n) nodes of <= 64 slots.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from libc.string cimport memmove
-from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from libc.string cimport memcpy, memmove
 from cpython.ref cimport PyObject, Py_INCREF, Py_XINCREF, Py_XDECREF
 from cpython.object cimport PyObject_RichCompareBool, Py_EQ, PyObject_Hash
 
@@ -203,6 +211,29 @@ cdef extern from *:
         return (PyObject *)Py_TYPE(o) == t;
     }
     static inline int pb_is_nan_double(double d) { return d != d; }
+
+    /* Node allocation: Cython's tp_new asks tp_alloc for 0 items, so the capacity of the
+       next node travels in this variable (set right before, read once, under the GIL). */
+    static Py_ssize_t pb_next_node_cap = 0;
+    static PyObject *pb_node_tp_alloc(PyTypeObject *t, Py_ssize_t unused) {
+        (void)unused;
+        return PyType_GenericAlloc(t, pb_next_node_cap);
+    }
+    static inline void pb_set_next_node_cap(Py_ssize_t cap) { pb_next_node_cap = cap; }
+    /* Ask for a node's first lines at once: its header and the slot we are about to read
+       are then fetched in parallel instead of one miss after the other. */
+    static inline void pb_prefetch_node(PyObject *o) {
+    #if defined(__GNUC__) || defined(__clang__)
+        const char *p = (const char *)o;
+        int line;
+        for (line = 0; line < 8; line++) __builtin_prefetch(p + 64 * line, 0, 3);
+    #else
+        (void)o;
+    #endif
+    }
+    static inline PyObject **pb_trailing_slots(PyObject *o) {
+        return (PyObject **)((char *)o + Py_TYPE(o)->tp_basicsize);
+    }
     """
     uint64_t pb_mum(uint64_t a, uint64_t b)
     uint64_t pb_hash_bytes(const unsigned char *p, size_t n, uint64_t seed)
@@ -211,6 +242,10 @@ cdef extern from *:
     uint32_t pb_popcount(uint32_t x)
     int pb_same_type(PyObject *o, PyObject *t)
     int pb_is_nan_double(double d)
+    void pb_set_next_node_cap(Py_ssize_t cap)
+    void pb_prefetch_node(PyObject *o)
+    PyObject **pb_trailing_slots(PyObject *o)
+    PyObject *pb_node_tp_alloc(_PBTypeSlots *t, Py_ssize_t unused)
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
@@ -222,9 +257,13 @@ cdef extern from "Python.h":
     ctypedef int (*visitproc)(PyObject *, void *) noexcept
     ctypedef int (*traverseproc)(PyObject *, visitproc, void *) noexcept
     ctypedef int (*inquiry)(PyObject *) noexcept
+    ctypedef PyObject *(*allocfunc)(_PBTypeSlots *, Py_ssize_t)
     ctypedef struct _PBTypeSlots "PyTypeObject":
+        Py_ssize_t tp_basicsize
+        Py_ssize_t tp_itemsize
         traverseproc tp_traverse
         inquiry tp_clear
+        allocfunc tp_alloc
 
 
 # Seeds keep values of different kinds apart even when their fields coincide.
@@ -263,6 +302,7 @@ cdef enum:
     K_SET_HEADER = 17
     MAX_SHIFT = 60       # the last hash chunk (bits 60..63)
     MAX_DEPTH = 16       # levels 0..12 plus a collision node, with room to spare
+    MAX_SLOTS = 66       # a bitmap node's 64 slots plus the 2 an edit may open at once
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,31 +456,30 @@ cdef bint key_eq(object a, object b) except -1:
 cdef class Node:
     """A trie node (internal). See the module docstring for the slot layout."""
 
-    def __cinit__(self):
-        self.ptr = -1
-
     def __dealloc__(self):
         cdef Py_ssize_t i
+        cdef Py_ssize_t n = self.n
+        self.n = 0
         if self.slots != NULL:
-            for i in range(self.n):
+            for i in range(n):
                 Py_XDECREF(self.slots[i])
-            PyMem_Free(self.slots)
-            self.slots = NULL
 
 
 # Node keeps its references in a C array, which Cython's generated GC support cannot see;
 # these two functions show them to the cycle collector (values may point back at the map).
 cdef int _node_traverse(PyObject *o, visitproc visit, void *arg) noexcept:
-    cdef Node node = <Node>o
+    # Borrowed access only: the collector must not see reference counts move.
     cdef Py_ssize_t i
     cdef int r
-    if node.owner is not None:
-        r = visit(<PyObject *>node.owner, arg)
+    cdef PyObject **slots = (<Node>o).slots
+    cdef PyObject *owner = <PyObject *>(<Node>o).owner
+    if owner != NULL:
+        r = visit(owner, arg)
         if r:
             return r
-    for i in range(node.n):
-        if node.slots[i] != NULL:
-            r = visit(node.slots[i], arg)
+    for i in range((<Node>o).n):
+        if slots[i] != NULL:
+            r = visit(slots[i], arg)
             if r:
                 return r
     return 0
@@ -460,23 +499,22 @@ cdef int _node_clear(PyObject *o) noexcept:
     return 0
 
 
+# Made variable-size before any node exists; slots live after tp_basicsize.
+(<_PBTypeSlots *><PyObject *>Node).tp_itemsize = sizeof(PyObject *)
+(<_PBTypeSlots *><PyObject *>Node).tp_alloc = pb_node_tp_alloc
 (<_PBTypeSlots *><PyObject *>Node).tp_traverse = _node_traverse
 (<_PBTypeSlots *><PyObject *>Node).tp_clear = _node_clear
 
 
 cdef Node _alloc(Py_ssize_t n, Py_ssize_t cap, object owner):
+    """A node with room for cap slots, the first n of them NULL (the allocator zeroes)."""
+    pb_set_next_node_cap(cap)
     cdef Node node = Node.__new__(Node)
-    if cap < 1:
-        cap = 1
-    node.slots = <PyObject **>PyMem_Malloc(cap * sizeof(PyObject *))
-    if node.slots == NULL:
-        raise MemoryError()
-    cdef Py_ssize_t i
-    for i in range(n):
-        node.slots[i] = NULL
+    node.slots = pb_trailing_slots(<PyObject *>node)
     node.n = n
     node.cap = cap
     node.owner = owner
+    node.ptr = -1
     return node
 
 
@@ -493,8 +531,8 @@ cdef inline void _replace(Node node, Py_ssize_t i, object obj):
     Py_XDECREF(old)
 
 
-cdef Node _copy(Node src, object owner, Py_ssize_t extra):
-    cdef Node dst = _alloc(src.n, src.n + extra, owner)
+cdef Node _copy(Node src, object owner, Py_ssize_t cap):
+    cdef Node dst = _alloc(src.n, cap, owner)
     cdef Py_ssize_t i
     for i in range(src.n):
         Py_XINCREF(src.slots[i])
@@ -507,23 +545,38 @@ cdef Node _copy(Node src, object owner, Py_ssize_t extra):
 
 
 cdef inline Node _editable(Node node, object token, Py_ssize_t extra):
-    """The node itself when the token owns it, else a copy owned by the token."""
-    if token is not None and node.owner is token:
+    """A node the token may edit with room for `extra` more slots: the node itself when the
+    token owns it and it has room, else a copy owned by the token (the caller puts the
+    result in the parent's slot). Copies made for a mutation get slack for later inserts."""
+    cdef Py_ssize_t need = node.n + extra
+    if token is None:
+        return _copy(node, None, need)
+    if node.owner is not token:
+        return _copy(node, token, need + need // 2)
+    if node.cap >= need:
         return node
-    return _copy(node, token, extra)
+    # Only the token's own tree holds an owned node, and the caller replaces it with the
+    # grown one, so its references move over instead of being counted up and down again.
+    return _grow_owned(node, 2 * need if node.collision or 2 * need < MAX_SLOTS else MAX_SLOTS)
+
+
+cdef Node _grow_owned(Node node, Py_ssize_t cap):
+    cdef Node dst = _alloc(node.n, cap, node.owner)
+    memcpy(dst.slots, node.slots, node.n * sizeof(PyObject *))
+    dst.datamap = node.datamap
+    dst.nodemap = node.nodemap
+    dst.chash = node.chash
+    dst.collision = node.collision
+    node.n = 0               # left as a valid empty node
+    node.datamap = 0
+    node.nodemap = 0
+    return dst
 
 
 cdef int _open_gap(Node node, Py_ssize_t pos, Py_ssize_t k) except -1:
-    """Insert k NULL slots at pos (fails before changing anything)."""
-    cdef Py_ssize_t newcap
-    cdef PyObject **grown
+    """Insert k NULL slots at pos; _editable reserved the room."""
     if node.n + k > node.cap:
-        newcap = node.n + k + (node.n + k) // 2
-        grown = <PyObject **>PyMem_Realloc(node.slots, newcap * sizeof(PyObject *))
-        if grown == NULL:
-            raise MemoryError()
-        node.slots = grown
-        node.cap = newcap
+        raise SystemError("hamt: node capacity not reserved")
     memmove(&node.slots[pos + k], &node.slots[pos], (node.n - pos) * sizeof(PyObject *))
     cdef Py_ssize_t i
     for i in range(pos, pos + k):
@@ -690,11 +743,16 @@ cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
     return node
 
 
-cdef Node _child(Node node, Py_ssize_t slot, int shift, uint64_t prefix, _Loader ld):
+cdef inline Node _child(Node node, Py_ssize_t slot, int shift, uint64_t prefix, _Loader ld):
     """The child node in `slot` (at `shift`, along `prefix`), loading it on first touch."""
     cdef PyObject *o = node.slots[slot]
     if pb_same_type(o, <PyObject *>Node):
         return <Node>o
+    return _resolve(node, slot, shift, prefix, ld)
+
+
+cdef Node _resolve(Node node, Py_ssize_t slot, int shift, uint64_t prefix, _Loader ld):
+    cdef PyObject *o = node.slots[slot]
     if ld is None:
         raise RuntimeError("hamt: unloaded child pointer in a structure without atom I/O")
     child = _load_node(ld, <object>o, shift, prefix)
@@ -714,35 +772,49 @@ cdef Node _load_root(int64_t root_ptr, _Loader ld):
 # ---------------------------------------------------------------------------------------
 # Core operations. `token` is the mutation's owner token (None: persistent, copy all).
 
-cdef object _find(Node node, object key, uint64_t h, _Loader ld):
+cdef object _find(Node root, object key, uint64_t h, _Loader ld):
     """The value stored under key, or _MISSING."""
     cdef int shift = 0
-    cdef uint32_t bit
-    cdef Py_ssize_t i, nd
+    cdef uint32_t bit, datamap, nodemap
+    cdef Py_ssize_t i
     cdef PyObject *k
+    cdef PyObject *cur = <PyObject *>root     # borrowed: each node is held by its parent
+    cdef PyObject *nxt
+    cdef Node resolved
     while True:
-        if node.collision:
-            if h != node.chash:
-                return _MISSING
-            for i in range(0, node.n, 2):
-                k = node.slots[i]
-                if k == <PyObject *>key or key_eq(<object>k, key):
-                    return <object>node.slots[i + 1]
-            return _MISSING
+        if (<Node>cur).collision:
+            return _find_collision(<Node>cur, key, h)
         bit = _bit(h, shift)
-        if node.datamap & bit:
-            i = 2 * pb_popcount(node.datamap & (bit - 1))
-            k = node.slots[i]
+        datamap = (<Node>cur).datamap
+        if datamap & bit:
+            i = 2 * pb_popcount(datamap & (bit - 1))
+            k = (<Node>cur).slots[i]
             if k == <PyObject *>key or key_eq(<object>k, key):
-                return <object>node.slots[i + 1]
+                return <object>(<Node>cur).slots[i + 1]
             return _MISSING
-        if node.nodemap & bit:
-            nd = pb_popcount(node.datamap)
-            i = 2 * nd + pb_popcount(node.nodemap & (bit - 1))
-            shift += 5
-            node = _child(node, i, shift, h & _mask(shift), ld)
-            continue
+        nodemap = (<Node>cur).nodemap
+        if not (nodemap & bit):
+            return _MISSING
+        i = 2 * pb_popcount(datamap) + pb_popcount(nodemap & (bit - 1))
+        shift += 5
+        nxt = (<Node>cur).slots[i]
+        if not pb_same_type(nxt, <PyObject *>Node):
+            resolved = _resolve(<Node>cur, i, shift, h & _mask(shift), ld)
+            nxt = <PyObject *>resolved     # now also held by the slot it was loaded into
+        pb_prefetch_node(nxt)
+        cur = nxt
+
+
+cdef object _find_collision(Node node, object key, uint64_t h):
+    cdef Py_ssize_t i
+    cdef PyObject *k
+    if h != node.chash:
         return _MISSING
+    for i in range(0, node.n, 2):
+        k = node.slots[i]
+        if k == <PyObject *>key or key_eq(<object>k, key):
+            return <object>node.slots[i + 1]
+    return _MISSING
 
 
 cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64_t h2,
@@ -767,7 +839,8 @@ cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64
         node.nodemap = b1
         _put(node, 0, sub)
         return node
-    node = _alloc(4, 4, token)
+    # A mutation is likely to add more keys here: room for two more entries saves a move.
+    node = _alloc(4, 4 if token is None else 8, token)
     node.datamap = b1 | b2
     if b1 > b2:
         k1, v1, k2, v2 = k2, v2, k1, v1
@@ -781,6 +854,8 @@ cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64
 cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, object token,
                  _Loader ld, bint *added):
     """Node with key -> val; the same node when it was edited in place or nothing changed."""
+    cdef uint64_t hk = 0
+    cdef object old_k = None
     cdef uint32_t bit
     cdef Py_ssize_t i, j, nd
     cdef Node n2, child, c2, wrap
@@ -811,15 +886,18 @@ cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, objec
     if node.datamap & bit:
         i = 2 * pb_popcount(node.datamap & (bit - 1))
         k = node.slots[i]
-        if k == <PyObject *>key or key_eq(<object>k, key):
+        if k != <PyObject *>key:
+            # Different hashes prove different keys without calling __eq__.
+            old_k = <object>k
+            hk = stable_hash_c(old_k)
+        if k == <PyObject *>key or (hk == h and key_eq(old_k, key)):
             if node.slots[i + 1] == <PyObject *>val:
                 return node
             n2 = _editable(node, token, 0)
             _replace(n2, i + 1, val)
             return n2
-        old_k = <object>k
         old_v = <object>node.slots[i + 1]
-        sub = _merge(old_k, old_v, stable_hash_c(old_k), key, val, h, shift + 5, token)
+        sub = _merge(old_k, old_v, hk, key, val, h, shift + 5, token)
         n2 = _editable(node, token, 1)
         nd = pb_popcount(n2.datamap)
         j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
@@ -897,7 +975,7 @@ cdef Node _dissoc(Node node, int shift, uint64_t h, object key, object token, _L
         # Pull the last entry of the child up into this node.
         k_up = <object>c2.slots[0]
         v_up = <object>c2.slots[1]
-        n2 = _editable(node, token, 1)
+        n2 = _editable(node, token, 2)
         i = 2 * pb_popcount(n2.datamap & (bit - 1))
         _open_gap(n2, i, 2)
         _put(n2, i, k_up)
@@ -1120,11 +1198,14 @@ cdef inline Node _map_root(Map m):
     return m.root
 
 
-cdef Map _map_new(Map like, Node root, Py_ssize_t count):
+cdef Map _make_map(Node root, Py_ssize_t count, _Loader loader):
+    # Every Map not made by __init__ comes from here (no __cinit__: set versions are hot).
     cdef Map m = Map.__new__(Map)
     m.root = root
+    m.root_ptr = -1
+    m.header_ptr = -1
     m.count = count
-    m.loader = like.loader
+    m.loader = loader
     return m
 
 
@@ -1134,11 +1215,13 @@ cdef inline Node _set_root(HashSet s):
     return s.root
 
 
-cdef HashSet _set_new(HashSet like, Node root, Py_ssize_t count):
+cdef HashSet _make_set(Node root, Py_ssize_t count, _Loader loader):
     cdef HashSet s = HashSet.__new__(HashSet)
     s.root = root
+    s.root_ptr = -1
+    s.header_ptr = -1
     s.count = count
-    s.loader = like.loader
+    s.loader = loader
     return s
 
 
@@ -1163,12 +1246,10 @@ cdef object _pairs(object src):
 cdef class Map:
     """An immutable hash map: updates return new maps sharing structure with the old one."""
 
-    def __cinit__(self, mapping_or_iterable=None):
-        self.root_ptr = -1
-        self.header_ptr = -1
-
     def __init__(self, mapping_or_iterable=None):
         cdef MapMutation m
+        self.root_ptr = -1
+        self.header_ptr = -1
         if mapping_or_iterable is None:
             self.root = _empty()
             return
@@ -1201,7 +1282,7 @@ cdef class Map:
         cdef Node r2 = _assoc(root, 0, h, key, value, None, self.loader, &added)
         if r2 is root:
             return self
-        return _map_new(self, r2, self.count + added)
+        return _make_map(r2, self.count + added, self.loader)
 
     def delete(self, key):
         """A map without key; KeyError when key is absent."""
@@ -1210,7 +1291,7 @@ cdef class Map:
         cdef Node r2 = _dissoc(_map_root(self), 0, h, key, None, self.loader, &removed)
         if not removed:
             raise KeyError(key)
-        return _map_new(self, r2, self.count - 1)
+        return _make_map(r2, self.count - 1, self.loader)
 
     def discard(self, key):
         """A map without key (this map itself when key is absent)."""
@@ -1219,7 +1300,7 @@ cdef class Map:
         cdef Node r2 = _dissoc(_map_root(self), 0, h, key, None, self.loader, &removed)
         if not removed:
             return self
-        return _map_new(self, r2, self.count - 1)
+        return _make_map(r2, self.count - 1, self.loader)
 
     def mutate(self):
         """A MapMutation starting from this map (which never changes)."""
@@ -1272,10 +1353,8 @@ cdef class Map:
     @classmethod
     def _load(cls, ptr, io):
         """The map whose header atom is at ptr; nodes load lazily on first touch."""
-        cdef Map m = Map.__new__(Map)
         ld, count, root_ptr = _read_header(ptr, io, False)
-        m.loader = ld
-        m.count = count
+        cdef Map m = _make_map(None, count, ld)
         m.root_ptr = root_ptr
         m.header_ptr = ptr
         return m
@@ -1378,10 +1457,7 @@ cdef class MapMutation:
 
     def finish(self):
         """An immutable snapshot; this mutation goes on with a fresh owner token."""
-        cdef Map m = Map.__new__(Map)
-        m.root = self.root
-        m.count = self.count
-        m.loader = self.loader
+        cdef Map m = _make_map(self.root, self.count, self.loader)
         self.token = object()
         return m
 
@@ -1460,12 +1536,10 @@ cdef object _set_eq(object self, object other):
 cdef class HashSet:
     """An immutable hash set: updates return new sets sharing structure with the old one."""
 
-    def __cinit__(self, iterable=None):
-        self.root_ptr = -1
-        self.header_ptr = -1
-
     def __init__(self, iterable=None):
         cdef HashSetMutation m
+        self.root_ptr = -1
+        self.header_ptr = -1
         if iterable is None:
             self.root = _empty()
             return
@@ -1488,7 +1562,7 @@ cdef class HashSet:
         cdef Node r2 = _assoc(root, 0, h, key, None, None, self.loader, &added)
         if r2 is root:
             return self
-        return _set_new(self, r2, self.count + added)
+        return _make_set(r2, self.count + added, self.loader)
 
     def discard(self, key):
         """A set without key (this set itself when key is absent)."""
@@ -1497,7 +1571,7 @@ cdef class HashSet:
         cdef Node r2 = _dissoc(_set_root(self), 0, h, key, None, self.loader, &removed)
         if not removed:
             return self
-        return _set_new(self, r2, self.count - 1)
+        return _make_set(r2, self.count - 1, self.loader)
 
     def remove(self, key):
         """A set without key; KeyError when key is absent."""
@@ -1506,7 +1580,7 @@ cdef class HashSet:
         cdef Node r2 = _dissoc(_set_root(self), 0, h, key, None, self.loader, &removed)
         if not removed:
             raise KeyError(key)
-        return _set_new(self, r2, self.count - 1)
+        return _make_set(r2, self.count - 1, self.loader)
 
     def mutate(self):
         """A HashSetMutation starting from this set (which never changes)."""
@@ -1547,10 +1621,8 @@ cdef class HashSet:
     @classmethod
     def _load(cls, ptr, io):
         """The set whose header atom is at ptr; nodes load lazily on first touch."""
-        cdef HashSet s = HashSet.__new__(HashSet)
         ld, count, root_ptr = _read_header(ptr, io, True)
-        s.loader = ld
-        s.count = count
+        cdef HashSet s = _make_set(None, count, ld)
         s.root_ptr = root_ptr
         s.header_ptr = ptr
         return s
@@ -1606,10 +1678,7 @@ cdef class HashSetMutation:
 
     def finish(self):
         """An immutable snapshot; this mutation goes on with a fresh owner token."""
-        cdef HashSet s = HashSet.__new__(HashSet)
-        s.root = self.root
-        s.count = self.count
-        s.loader = self.loader
+        cdef HashSet s = _make_set(self.root, self.count, self.loader)
         self.token = object()
         return s
 
