@@ -31,7 +31,8 @@ __all__ = ["Dict", "List", "Set", "SortedDict"]
 
 _dumps = codec.dumps
 _loads = codec.loads
-ALL = object()  # read-set marker: the whole collection was read (iteration, len, queries)
+ALL = object()      # the whole collection was read (iteration, len, queries) or edited
+_APPEND = object()  # List write marker: one append (appends from concurrent commits commute)
 
 
 def _same(a, b):
@@ -73,7 +74,7 @@ class _Collection:
         self._cid = cid
         self._base = base          # CollState in the snapshot, None for a new collection
         self._mut = None
-        self._writes = {}
+        self._writes = []        # keys/members written (repeats allowed), or List markers
         self._reads = set() if tx._serializable else None
         self._initial = None
         self._ix = None
@@ -84,7 +85,7 @@ class _Collection:
         """Turn a free-standing collection into the handle of a new collection in tx."""
         initial, self._initial = self._initial, None
         self._tx, self._cid, self._base = tx, cid, None
-        self._writes = {}
+        self._writes = []
         self._reads = set() if tx._serializable else None
         self._mut = CollState.new(self.KIND).data.mutate()
         self._load_initial(initial)
@@ -117,10 +118,10 @@ class _Collection:
         return self._mut
 
     def _encode(self, value):
-        return _dumps(value, ref_hook=self._tx._ref_hook)
+        return _dumps(value, ref_hook=self._tx._hook)
 
     def _decode(self, raw):
-        return _loads(raw, ref_resolver=self._tx._resolve)
+        return _loads(raw, ref_resolver=self._tx._resolver)
 
     def _read_all(self):
         if self._reads is not None:
@@ -165,7 +166,7 @@ class _Collection:
 
     def _check_writes(self, head, present=lambda s, k: s.get(k, MISSING)):
         snap, cur = self._base.data, head.data
-        for key in self._writes:
+        for key in dict.fromkeys(self._writes):
             if not _same(present(cur, key), present(snap, key)):
                 self._conflict(key, "write-write conflict")
 
@@ -193,22 +194,30 @@ class _MapBase(_Collection, MutableMapping):
             self[k] = v
 
     def __getitem__(self, key):
-        if self._tx is None:
+        tx = self._tx
+        if tx is None:
             return self._initial[key]
-        raw = self._struct().get(key, MISSING)
+        if tx._closed:
+            self._struct()                      # raises TransactionClosedError
+        m = self._mut
+        raw = (self._base.data if m is None else m).get(key, MISSING)
         if self._reads is not None:
             self._reads.add(key)
         if raw is MISSING:
             raise KeyError(key)
-        return _loads(raw, ref_resolver=self._tx._resolve)
+        return _loads(raw, ref_resolver=tx._resolver)
 
     def get(self, key, default=None):
-        if self._tx is None:
+        tx = self._tx
+        if tx is None:
             return self._initial.get(key, default)
-        raw = self._struct().get(key, MISSING)
+        if tx._closed:
+            self._struct()
+        m = self._mut
+        raw = (self._base.data if m is None else m).get(key, MISSING)
         if self._reads is not None:
             self._reads.add(key)
-        return default if raw is MISSING else _loads(raw, ref_resolver=self._tx._resolve)
+        return default if raw is MISSING else _loads(raw, ref_resolver=tx._resolver)
 
     def __contains__(self, key):
         if self._tx is None:
@@ -218,16 +227,18 @@ class _MapBase(_Collection, MutableMapping):
         return key in self._struct()
 
     def __setitem__(self, key, value):
-        m = self._writable()
-        if m is None:
-            self._initial[key] = value
-            return
-        raw = _dumps(value, ref_hook=self._tx._ref_hook)
+        m = self._mut
+        if m is None or self._tx._closed:      # first write, free-standing, or ended
+            m = self._writable()
+            if m is None:
+                self._initial[key] = value
+                return
+        raw = _dumps(value, ref_hook=self._tx._hook)
         if self._ix is None:
             m[key] = raw
         else:
             self._ix.put(key, raw, value)
-        self._writes[key] = True
+        self._writes.append(key)
 
     def __delitem__(self, key):
         m = self._writable()
@@ -240,7 +251,7 @@ class _MapBase(_Collection, MutableMapping):
             del m[key]
         else:
             self._ix.put(key, MISSING, MISSING)
-        self._writes[key] = True
+        self._writes.append(key)
 
     def __len__(self):
         if self._tx is None:
@@ -268,7 +279,7 @@ class _MapBase(_Collection, MutableMapping):
             yield from self._initial.items()
             return
         self._read_all()
-        resolve = self._tx._resolve
+        resolve = self._tx._resolver
         for k, raw in self._struct().items():
             yield k, _loads(raw, ref_resolver=resolve)
 
@@ -292,13 +303,13 @@ class _MapBase(_Collection, MutableMapping):
         if head.meta.get("rowids"):                # replay through the head's indexes
             ix = _Indexed(head, m, self)
             rowids = self._ix.rowid if self._ix is not None else None
-            for key in self._writes:
+            for key in dict.fromkeys(self._writes):
                 raw = mine.get(key, MISSING)
                 value = MISSING if raw is MISSING else self._decode(raw)
                 rid = rowids.get(key) if rowids is not None else None
                 ix.put(key, raw, value, rid)
             return ix.state()
-        for key in self._writes:
+        for key in dict.fromkeys(self._writes):
             raw = mine.get(key, MISSING)
             if raw is MISSING:
                 m.pop(key, None)
@@ -562,7 +573,7 @@ class _Source:
         if h._ix is None:
             return IdSet()
         rowid = h._ix.rowid
-        return IdSet(r for r in (rowid.get(k) for k in h._writes) if r is not None)
+        return IdSet(r for r in (rowid.get(k) for k in dict.fromkeys(h._writes)) if r is not None)
 
 
 class _ItemsView(ItemsView):
@@ -683,7 +694,7 @@ class Set(_Collection, MutableSet):
             self._initial.add(x)
             return
         m.add(x)
-        self._writes[x] = True
+        self._writes.append(x)
 
     def discard(self, x):
         m = self._writable()
@@ -691,7 +702,7 @@ class Set(_Collection, MutableSet):
             self._initial.discard(x)
             return
         m.discard(x)
-        self._writes[x] = True
+        self._writes.append(x)
 
     def update(self, *iterables):
         for it in iterables:
@@ -709,7 +720,7 @@ class Set(_Collection, MutableSet):
     def _merge(self, head, mine):
         self._check_writes(head, present=lambda s, k: k in s)
         m = head.data.mutate()
-        for x in self._writes:
+        for x in dict.fromkeys(self._writes):
             if x in mine:
                 m.add(x)
             else:
@@ -732,7 +743,7 @@ class List(_Collection, MutableSequence):
         self.extend(initial)
 
     def _note_edit(self):
-        self._writes[ALL] = True   # anything but an append: merges at list level
+        self._writes.append(ALL)   # anything but an append: merges at list level
 
     def __len__(self):
         if self._tx is None:
@@ -745,7 +756,7 @@ class List(_Collection, MutableSequence):
             return self._initial[index]
         s = self._struct()
         self._read_all()
-        resolve = self._tx._resolve
+        resolve = self._tx._resolver
         if isinstance(index, slice):
             return [_loads(raw, ref_resolver=resolve) for raw in _slice(s, index)]
         return _loads(s[_index(index)], ref_resolver=resolve)
@@ -756,7 +767,7 @@ class List(_Collection, MutableSequence):
             return
         s = self._struct()
         self._read_all()
-        resolve = self._tx._resolve
+        resolve = self._tx._resolver
         for raw in s:
             yield _loads(raw, ref_resolver=resolve)
 
@@ -814,9 +825,8 @@ class List(_Collection, MutableSequence):
         if m is None:
             self._initial.append(value)
             return
-        m.append(_dumps(value, ref_hook=self._tx._ref_hook))
-        self._writes.setdefault("appended", 0)
-        self._writes["appended"] += 1
+        m.append(_dumps(value, ref_hook=self._tx._hook))
+        self._writes.append(_APPEND)
 
     def extend(self, values):
         if self._tx is None:
@@ -849,7 +859,7 @@ class List(_Collection, MutableSequence):
         if ALL in self._writes:
             self._conflict(None, "concurrent edits of one List (only appends merge)")
         # Only appends: they commute. Land ours after what the head already has.
-        n = self._writes.get("appended", 0)
+        n = self._writes.count(_APPEND)
         m = head.data.mutate()
         for raw in mine[len(mine) - n:]:
             m.append(raw)

@@ -191,7 +191,7 @@ class Database:
                 parts = split_path(field)
                 rowid = cs.part("rowid")
                 old_rowid = old.part("rowid") if old is not None and old.meta.get("rowids") else None
-                for key in h._writes:
+                for key in dict.fromkeys(h._writes):
                     rid = rowid.get(key)
                     if rid is not None:
                         v = extract(codec.loads(cs.data[key], ref_resolver=_no_ref), parts)

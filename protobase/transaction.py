@@ -26,7 +26,7 @@ class Transaction:
     commit()/abort() yourself."""
 
     __slots__ = ("_db", "_snapshot", "_readonly", "_serializable", "_closed", "_handles",
-                 "_dirty", "_new", "__weakref__")
+                 "_dirty", "_new", "_hook", "_resolver", "__weakref__")
 
     def __init__(self, db, snapshot, readonly=False, isolation="snapshot"):
         if isolation not in ISOLATION_LEVELS:
@@ -39,6 +39,8 @@ class Transaction:
         self._handles = {}    # coll id -> handle (also the working copy)
         self._dirty = []      # handles written in this transaction, in first-write order
         self._new = []        # handles of collections created in this transaction
+        self._hook = self._ref_hook        # bound once: the codec hooks run on every write/read
+        self._resolver = self._resolve
 
     # -- the root ----------------------------------------------------------------------
 
