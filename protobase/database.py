@@ -44,25 +44,28 @@ def _sync_directory(path):
 DURABILITY_MODES = ("full", "normal", "none")
 
 
-def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20):
+def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, file_layer=None):
     """Open (creating if needed) the database at `path`; no path or ":memory:" opens an
     in-memory database with the same semantics and no files.
 
     durability: "full" (fsync before commit returns), "normal" (written before commit
     returns, fsync within a second: survives a process crash), "none" (fsync on close).
     readonly: never write; may run beside a writer process.
-    cache_size: bytes of recently read atoms kept in memory."""
+    cache_size: bytes of recently read atoms kept in memory.
+    file_layer: where bytes live (default: real OS files); protobase.storage.faults.FaultInjector
+    wraps the real file to inject I/O errors and simulated power loss in tests."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
     if path is None or path == ":memory:":
         return Database(None, durability=durability, readonly=readonly)
     from .storage import LogStore
-    store = LogStore.open(path, durability=durability, readonly=readonly, bytes_cache_size=cache_size)
+    store = LogStore.open(path, durability=durability, readonly=readonly, bytes_cache_size=cache_size,
+                          file_layer=file_layer)
     leftover = os.fspath(path) + ".compact"
     if not readonly and os.path.exists(leftover):
         os.remove(leftover)          # an interrupted compaction; the database file is intact
     try:
-        return Database(store, durability=durability, readonly=readonly)
+        return Database(store, durability=durability, readonly=readonly, file_layer=file_layer)
     except BaseException:
         store.close()
         raise
@@ -71,8 +74,9 @@ def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20):
 class Database:
     """A ProtoBase database. Shared by threads; each Transaction belongs to one thread."""
 
-    def __init__(self, store, *, durability="full", readonly=False):
+    def __init__(self, store, *, durability="full", readonly=False, file_layer=None):
         self._store = store
+        self._file_layer = file_layer
         self._io = StoreIO(store) if store is not None else None
         self._durability = durability
         self._readonly = readonly
@@ -357,7 +361,7 @@ class Database:
         if os.path.exists(tmp):
             os.remove(tmp)
         before = os.path.getsize(path)
-        new = LogStore.open(tmp, durability=self._durability)
+        new = LogStore.open(tmp, durability=self._durability, file_layer=self._file_layer)
         try:
             with self._commit_lock:
                 self._wait_pending()
