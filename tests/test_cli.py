@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -31,8 +32,11 @@ def _env():
     return env
 
 
+_NEUTRAL = tempfile.mkdtemp(prefix="pb-cli-")   # `python -m` puts the cwd first on sys.path
+
+
 def run_cli(*args, cwd=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "protobase", *args], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "protobase", *args], cwd=cwd or _NEUTRAL, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -355,13 +355,15 @@ def test_instances_nest_to_the_limit_and_fail_cleanly_beyond_it():
     assert exc.value.path == "value" + ".a" * (codec.MAX_DEPTH // 2)
 
 
-def test_numpy_is_not_imported_at_module_import():
+def test_numpy_is_not_imported_at_module_import(child_env, child_cwd):
     import subprocess
+    import protobase
     code = ("import sys, types; m = types.ModuleType('protobase'); m.__path__ = [%r]; "
             "sys.modules['protobase'] = m; import protobase._core.codec as c; "
             "c.loads(c.dumps([1, {'a': (2.5, None)}])); print('numpy' in sys.modules)"
-            % os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "protobase"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            % os.path.dirname(os.path.abspath(protobase.__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=child_env, cwd=child_cwd)
     assert out.stdout.strip() == "False"
 
 

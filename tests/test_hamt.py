@@ -481,7 +481,7 @@ print([hamt.stable_hash(k) for k in keys])
 """
 
 
-def test_hashes_and_trie_order_are_identical_under_any_pythonhashseed():
+def test_hashes_and_trie_order_are_identical_under_any_pythonhashseed(child_cwd):
     import protobase
     root = os.path.dirname(os.path.abspath(list(protobase.__path__)[0]))   # the package's parent
     outputs = set()
@@ -489,7 +489,7 @@ def test_hashes_and_trie_order_are_identical_under_any_pythonhashseed():
         env = dict(os.environ, PYTHONHASHSEED=seed)
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
-                             check=True).stdout
+                             check=True, cwd=child_cwd).stdout
         outputs.add(out)
     assert len(outputs) == 1
     order = json.loads(outputs.pop().splitlines()[0])

@@ -19,11 +19,6 @@ from protobase.storage import AtomBytesCache, FaultInjector, LogStore, MemoryFS
 from protobase.storage.cache import ENTRY_OVERHEAD
 from protobase.storage.log import FOOTER_SIZE, HEADER_SIZE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _child_env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
 
 
 def commit(store, *atoms, root_index=-1):
@@ -246,7 +241,7 @@ def test_an_empty_file_and_a_torn_header_are_new_empty_databases(tmp_path):
             assert s.head == head and s.read_atom(ptrs[0]) == b"first"
 
 
-def test_a_second_writer_is_refused_at_once_in_this_process_and_another(path):
+def test_a_second_writer_is_refused_at_once_in_this_process_and_another(path, child_env, child_cwd):
     with LogStore.open(path) as s:
         commit(s, b"x")
         with pytest.raises(DatabaseLockedError):
@@ -256,8 +251,7 @@ def test_a_second_writer_is_refused_at_once_in_this_process_and_another(path):
                   "try:\n    LogStore.open(sys.argv[1])\nexcept DatabaseLockedError:\n"
                   "    print('locked')\nelse:\n    print('opened')\n")
         out = subprocess.run([sys.executable, "-c", script, path], capture_output=True,
-                             text=True, timeout=60, cwd=REPO,
-                             env=_child_env())
+                             text=True, timeout=60, cwd=child_cwd, env=child_env)
         assert out.stdout.strip() == "locked", out.stderr
     with LogStore.open(path) as s:   # the lock is released on close
         assert s.head[0] == 1

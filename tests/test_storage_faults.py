@@ -19,7 +19,6 @@ from protobase.errors import (CorruptionError, DatabaseClosedError, NotADatabase
                               StorageError)
 from protobase.storage import FaultInjector, LogStore, SimulatedCrash
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINK = struct.Struct("<qq")    # a root atom: (previous root, payload pointer)
 
 
@@ -302,19 +301,19 @@ while True:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,kills", [("full", 60), ("normal", 50)])
-def test_kill_9_at_random_moments_loses_no_acknowledged_commit(tmp_path, mode, kills):
+def test_kill_9_at_random_moments_loses_no_acknowledged_commit(tmp_path, mode, kills, child_env):
     rng = random.Random(1234)
     path = str(tmp_path / "db.pb")
     script = str(tmp_path / "child.py")
     with open(script, "w") as f:
         f.write(CHILD)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    env = child_env
     acked = -1
     deadline = time.monotonic() + 55   # a budget for loaded CI machines
     done = 0
     while done < kills and time.monotonic() < deadline:
         child = subprocess.Popen([sys.executable, script, path, mode], stdout=subprocess.PIPE,
-                                 env=env, cwd=REPO)
+                                 env=env, cwd=str(tmp_path))
         # Wait until it commits at least once, then kill it at a random moment.
         first = child.stdout.readline()
         time.sleep(rng.uniform(0, 0.03))
