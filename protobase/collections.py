@@ -514,6 +514,11 @@ class _Source:
     """One map collection in one transaction, as the query layer reads it (QuerySource)."""
 
     __slots__ = ("h",)
+    # Committed states are frozen, so the Index objects over one state (and the spans
+    # they cache) serve every query on it: id(state) -> (state, indexes). Holding the
+    # state keeps its id from being reused; the bound keeps old states from piling up.
+    _index_cache = {}
+    _INDEX_CACHE_SIZE = 16
 
     def __init__(self, handle):
         self.h = handle
@@ -527,8 +532,15 @@ class _Source:
         if h._ix is not None:
             return h._ix.snapshot_indexes()
         cs = h._base
-        return {f: Index.from_parts(f, {n: cs.part(f"ix/{f}/{n}") for n in _INDEX_PARTS})
-                for f in cs.meta.get("indexes", ())}
+        hit = self._index_cache.get(id(cs))
+        if hit is not None and hit[0] is cs:
+            return hit[1]
+        found = {f: Index.from_parts(f, {n: cs.part(f"ix/{f}/{n}") for n in _INDEX_PARTS})
+                 for f in cs.meta.get("indexes", ())}
+        if len(self._index_cache) >= self._INDEX_CACHE_SIZE:
+            self._index_cache.clear()
+        self._index_cache[id(cs)] = (cs, found)
+        return found
 
     def _parts(self):
         h = self.h
@@ -545,13 +557,16 @@ class _Source:
         return key, self.h._decode(self.h._struct()[key])
 
     def rows(self, ids):
-        keyof = self._parts()[0]
-        data = self.h._struct()
-        decode = self.h._decode
-        keys = (keyof[rid] for rid in ids)
-        if self.h.KIND == "sorted":        # a SortedDict answers in key order, as its scan does
-            keys = sorted(keys, key=_sort_key)
-        for key in keys:
+        h = self.h
+        data = h._struct()
+        keyof = h._base.part("keyof") if h._ix is None else h._ix.keyof
+        decode = h._decode
+        if h.KIND == "sorted":        # a SortedDict answers in key order, as its scan does
+            for key in sorted((keyof[rid] for rid in ids), key=_sort_key):
+                yield key, decode(data[key])
+            return
+        for rid in ids:
+            key = keyof[rid]
             yield key, decode(data[key])
 
     def count(self):

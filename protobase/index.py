@@ -97,6 +97,22 @@ class IndexSpec:
         return f"IndexSpec({self.field!r})"
 
 
+_PLAIN_CLASS = {type(None): 0, bool: 1, int: 1, float: 1, str: 2, bytes: 3}
+
+
+def _btree_sorted(keys):
+    """Plain keys (None, non-NaN numbers, str, bytes) in btree order: by type class, then
+    Python's own order, which the btree shares within each of these classes."""
+    keys = list(keys)
+    cls = _PLAIN_CLASS
+    first = cls[type(keys[0])] if keys else None
+    if first not in (None, 0) and all(cls[type(k)] == first for k in keys):
+        keys.sort()
+    else:
+        keys.sort(key=lambda k: (cls[type(k)], k))
+    return keys
+
+
 def _same_place(a, b):
     # True when field values a and b file the row under the same posting.
     if a is MISSING or b is MISSING:
@@ -125,11 +141,41 @@ class Index:
 
     @classmethod
     def build(cls, field, entries):
-        """An index over ``entries``, an iterable of ``(rowid, value)``."""
-        m = cls(field).mutate()
-        get, target = m.spec.extract, m._target
+        """An index over ``entries``, an iterable of ``(rowid, value)``.
+
+        Built in bulk: row ids are grouped per field value in a dict of lists (plain
+        hashable values, whose dict equality is the tree's), and each group becomes one
+        IdSet and one tree insertion. Only NaNs and other keys (dates, tuples...) and
+        unorderable values go through the per-row mutation path."""
+        spec = IndexSpec(field)
+        get = spec.extract
+        groups, odd, missing = {}, [], []
+        hashable = _HASHABLE
         for rowid, value in entries:
-            target(get(value)).add(rowid)
+            fv = get(value)
+            if type(fv) in hashable and fv == fv:
+                ids = groups.get(fv)
+                if ids is None:
+                    groups[fv] = [rowid]
+                else:
+                    ids.append(rowid)
+            elif fv is MISSING:
+                missing.append(rowid)
+            else:
+                odd.append((rowid, fv))
+        tree = SortedMap().mutate()
+        single = IdSet.from_range
+        for key in _btree_sorted(groups):  # inserting in key order touches one leaf at a time
+            ids = groups[key]
+            posting = single(ids[0], ids[0] + 1) if len(ids) == 1 else IdSet(ids)
+            prior = tree.get(key)  # the tree may merge keys a dict keeps apart
+            tree[key] = posting if prior is None else prior | posting
+        index = cls(spec, tree.finish(), _EMPTY, IdSet(missing) if missing else _EMPTY)
+        if not odd:
+            return index
+        m = index.mutate()
+        for rowid, fv in odd:
+            m._target(fv).add(rowid)
         return m.finish()
 
     @classmethod

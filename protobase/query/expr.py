@@ -154,6 +154,12 @@ def extract(value, parts):
 
 # ----------------------------------------------------------------------------- predicates
 
+# Compiled matcher factories by expression text (see Predicate._compiled); bounded, as
+# a program that builds predicates of ever new shapes must not grow memory without end.
+_FACTORIES = {}
+_MAX_FACTORIES = 512
+
+
 class Predicate:
     """A boolean condition on one value. Combine with ``&``, ``|``, ``~``."""
 
@@ -184,15 +190,29 @@ class Predicate:
             return self._fn
         except AttributeError:
             pass
-        ns = {"M": MISSING, "EX": extract, "NN": _NATIVE_NUMBERS}
+        ns = {}
         expr = self._emit(ns, itertools.count())
-        exec(f"def match(value):\n    return {expr}\n"
-             f"def keep(rows):\n"
-             f"    for row in rows:\n"
-             f"        value = row[1]\n"
-             f"        if {expr}:\n"
-             f"            yield row\n", ns)
-        self._fn = (ns["match"], ns["keep"])
+        # The text depends only on the tree's shape (paths, operators, which fast path),
+        # so queries that differ only in their operands share one compiled factory and
+        # pay a call instead of an exec.
+        factory = _FACTORIES.get(expr)
+        if factory is None:
+            code = (f"def factory(M, EX, NN, {', '.join(ns)}):\n"
+                    f"    def match(value):\n"
+                    f"        return {expr}\n"
+                    f"    def keep(rows):\n"
+                    f"        for row in rows:\n"
+                    f"            value = row[1]\n"
+                    f"            if {expr}:\n"
+                    f"                yield row\n"
+                    f"    return match, keep\n")
+            scope = {}
+            exec(code, scope)
+            factory = scope["factory"]
+            if len(_FACTORIES) >= _MAX_FACTORIES:
+                _FACTORIES.clear()
+            _FACTORIES[expr] = factory
+        self._fn = factory(MISSING, extract, _NATIVE_NUMBERS, *ns.values())
         return self._fn
 
     def _emit(self, ns, counter):
@@ -267,6 +287,13 @@ class And(Predicate):
 
     def __repr__(self):
         return "(" + " & ".join(map(repr, self.children)) + ")" if self.children else "All()"
+
+    @classmethod
+    def _of_terms(cls, terms):
+        """The And of a tuple of Terms (nothing to flatten or check)."""
+        node = object.__new__(cls)
+        node.children = terms
+        return node
 
 
 class Or(Predicate):
@@ -368,7 +395,19 @@ class Term(Predicate):
             raise QueryError(f"unknown query operator {op!r}")
         self.operand = operand
         self.operand_class = cls
-        self._test = self._compile()
+        self._test = None  # the general test, built when the term is first compiled
+
+    @classmethod
+    def _simple(cls, parts, op, operand, operand_class):
+        """A term whose operand is a plain None/bool/int/float/str/bytes (its class
+        already known): nothing to validate, so ``F.x == v`` costs one allocation."""
+        term = object.__new__(cls)
+        term.parts = parts
+        term.op = op
+        term.operand = operand
+        term.operand_class = operand_class
+        term._test = None
+        return term
 
     @staticmethod
     def _orderable(op, value):
@@ -379,9 +418,18 @@ class Term(Predicate):
                              f"not {type(value).__name__}")
         return cls
 
+    def general_test(self):
+        """``present field value -> bool``: the term's meaning with no fast path (the
+        compiled matchers inline faster equivalents of it for plain operands)."""
+        test = self._test
+        if test is None:
+            test = self._test = self._compile()
+        return test
+
     @property
     def path(self):
-        return ".".join(self.parts)
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else ".".join(parts)
 
     def _compile(self):
         # The term's meaning on a present field value, with no fast paths (see _emit).
@@ -429,7 +477,7 @@ class Term(Predicate):
     def _emit(self, ns, counter):
         i = next(counter)
         x, test, v = f"x{i}", f"T{i}", f"V{i}"
-        ns[test], ns[f"P{i}"], ns[v] = self._test, self.parts, self.operand
+        ns[test], ns[f"P{i}"], ns[v] = self.general_test(), self.parts, self.operand
         if len(self.parts) == 1:  # the common case: a top-level key of a dict entry
             ns[f"K{i}"] = self.parts[0]
             get = f"(value.get(K{i}, M) if type(value) is dict else EX(value, P{i}))"
@@ -464,10 +512,17 @@ class Term(Predicate):
         return f"{name} {self.op} {self.operand!r}"
 
 
+_MAX_KIDS = 1024
+
+
 class Field:
     """A field path under construction: ``F.a.b`` or ``F["a"]["b"]`` or ``F("a.b")``."""
 
-    __slots__ = ("_parts",)
+    # The instance dict holds nothing but child fields: fields are immutable, so
+    # ``F.price`` is made once, stored there, and found by plain attribute lookup
+    # afterwards (no failed lookup, no __getattr__ call). Methods are never shadowed:
+    # only names that found no attribute reach __getattr__.
+    __slots__ = ("_parts", "__dict__")
 
     def __init__(self, parts=()):
         object.__setattr__(self, "_parts", parts)
@@ -478,7 +533,11 @@ class Field:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return Field(self._parts + (name,))
+        kid = Field(self._parts + (name,))
+        kids = object.__getattribute__(self, "__dict__")
+        if len(kids) < _MAX_KIDS:
+            kids[name] = kid
+        return kid
 
     def __getitem__(self, name):
         return Field(self._parts + split_path(name))
@@ -491,22 +550,41 @@ class Field:
             raise QueryError("F alone names no field: write F.name or F['name']")
         return Term(self._parts, op, operand)
 
+    # Plain operands (the common case) skip validation: see Term._simple.
     def __eq__(self, other):
+        c = _FAST_CLASS.get(type(other))
+        if c is not None and self._parts:
+            return Term._simple(self._parts, EQ, other, c)
         return self._term(EQ, other)
 
     def __ne__(self, other):
+        c = _FAST_CLASS.get(type(other))
+        if c is not None and self._parts:
+            return Term._simple(self._parts, NE, other, c)
         return self._term(NE, other)
 
     def __lt__(self, other):
+        c = _FAST_CLASS.get(type(other))
+        if c is not None and self._parts:
+            return Term._simple(self._parts, LT, other, c)
         return self._term(LT, other)
 
     def __le__(self, other):
+        c = _FAST_CLASS.get(type(other))
+        if c is not None and self._parts:
+            return Term._simple(self._parts, LE, other, c)
         return self._term(LE, other)
 
     def __gt__(self, other):
+        c = _FAST_CLASS.get(type(other))
+        if c is not None and self._parts:
+            return Term._simple(self._parts, GT, other, c)
         return self._term(GT, other)
 
     def __ge__(self, other):
+        c = _FAST_CLASS.get(type(other))
+        if c is not None and self._parts:
+            return Term._simple(self._parts, GE, other, c)
         return self._term(GE, other)
 
     __hash__ = None

@@ -16,22 +16,31 @@ on the materialized rows (None when the set is exact). The rules, per predicate:
   is inexact); one unindexable branch makes the whole ``Or`` unindexable (``FullScan``).
 * ``Not``: ``Complement`` (all rows − child) when the child's set is exact.
 
+Before any of that, ``few_rows`` answers the commonest query outright: a conjunction of
+terms whose indexed equalities intersect to at most ``_FEW`` row ids is those rows,
+filtered by the other terms; nothing is estimated and the plan tree is only built if
+``explain()`` asks for it.
+
 Estimates come from the indexes (exact for equality; sampled for long ranges, see
 protobase/index.py); predicates with no index get fixed textbook selectivities (1/10 for
 equality, 1/3 otherwise). ``build_plan`` adds the row nodes: ``Fetch`` (+ ``Filter``) or
 ``FullScan``, then ``OrderBy`` (walking the order field's index when a limit makes that
 cheaper than sorting every match), ``Offset`` and ``Limit``.
 """
-from .expr import (All, And, Or, Not, Term, EQ, NE, IN, EXISTS, CONTAINS, RANGE_OPS,
-                   STARTSWITH)
+import operator
+
+from .expr import (All, And, Or, Not, Term, EQ, NE, LT, LE, GT, GE, IN, EXISTS, CONTAINS,
+                   RANGE_OPS, STARTSWITH, MISSING, extract)
 from .plans import (IndexedSearchPlan, AndMerge, OrMerge, Complement, FullScan, Fetch,
                     Filter, OrderBy, Offset, Limit)
 from .._core import load
 
-__all__ = ["Planner", "build_plan", "normalize", "guess_selectivity"]
+__all__ = ["Planner", "build_plan", "normalize", "guess_selectivity", "few_rows",
+           "FewRowsPlan"]
 
 IdSet = load("idset").IdSet
 _WORDS = 4096  # row ids per unit of set-algebra cost (64 words of 64 bits)
+_FEW = 64  # candidate rows below which filtering beats estimating more index terms
 
 
 def guess_selectivity(pred):
@@ -122,10 +131,26 @@ class Planner:
         return None, term
 
     def _and(self, pred):
-        planned = [(self.id_plan(child), child) for child in pred.children]
+        # Equality terms first: their estimates are exact and cost one tree lookup. When
+        # together they leave at most _FEW rows, filtering those rows is cheaper than even
+        # estimating the other terms (a range estimate probes up to SAMPLE keys), so the
+        # others go straight to the residual.
+        eq, others = [], []
+        for child in pred.children:
+            (eq if type(child) is Term and child.op == EQ and child.operand_class is not None
+             and child.path in self.indexes else others).append(child)
+        planned = [(self._term(child), child) for child in eq]
+        deferred = []
+        if others:
+            if planned and self._merged_estimate(sorted(n.estimate for (n, _), _ in planned)) \
+                    <= _FEW:
+                deferred = others
+            else:
+                planned.extend((self.id_plan(child), child) for child in others)
         usable = sorted((item for item in planned if item[0][0] is not None),
                         key=lambda item: item[0][0].estimate)
         residual = [child for (node, _), child in planned if node is None]
+        residual.extend(deferred)
         if not usable:
             return None, pred
         chosen = []
@@ -146,6 +171,13 @@ class Planner:
             merged = AndMerge(_and([n.predicate for n in chosen]), chosen, estimate,
                               sum(n.cost for n in chosen), all(n.exact for n in chosen))
         return merged, _and(residual)
+
+    def _merged_estimate(self, estimates):
+        # The estimate _and gives the intersection of exact sets of these sizes.
+        estimate = estimates[0]
+        for e in estimates[1:]:
+            estimate = estimate * e / max(self.total, 1)
+        return estimate
 
     def _or(self, pred):
         nodes = []
@@ -175,6 +207,123 @@ class Planner:
         if residual is not None:
             rows = Filter(rows, residual, node.estimate * guess_selectivity(residual))
         return rows, node, residual
+
+
+class FewRowsPlan:
+    """What ``few_rows`` did, turned into plan nodes only when ``explain()`` asks."""
+
+    __slots__ = ("postings", "ids", "rest", "fetched", "kept")
+
+    def __init__(self, postings, ids, rest, fetched, kept):
+        self.postings = postings   # [(term, IdSet)] in the order they were intersected
+        self.ids = ids
+        self.rest = rest           # the terms re-checked on the fetched rows
+        self.fetched = fetched
+        self.kept = kept
+
+    def tree(self):
+        nodes = []
+        for term, ids in self.postings:
+            node = IndexedSearchPlan(term, term.path, lambda s, ids=ids: ids, len(ids), 1)
+            node.actual = len(ids)
+            nodes.append(node)
+        top = nodes[0]
+        if len(nodes) > 1:
+            top = AndMerge(_and([n.predicate for n in nodes]), nodes, len(self.ids), len(nodes))
+            top.actual = len(self.ids)
+        rows = Fetch(top)
+        rows.actual = self.fetched
+        if self.rest:
+            rows = Filter(rows, _and(self.rest), self.kept)
+            rows.actual = self.kept
+        return rows
+
+    def explain(self):
+        return self.tree().explain()
+
+
+def few_rows(source, pred):
+    """The rows matching ``pred`` when its indexed equality terms leave at most ``_FEW``
+    candidates: ``(rows, FewRowsPlan)``, else None (plan it in full).
+
+    The common shape ``a == x AND b == y AND lo < c < hi`` needs no estimates at all:
+    the equality postings are exact sets, so intersecting them (smallest first) and
+    filtering the few rows left by the other terms answers exactly what the full plan
+    (AndMerge -> Fetch -> Filter) would, in the same row order, without building it."""
+    terms = pred.children if type(pred) is And else (pred,)
+    indexes = source.indexes()
+    if not indexes:
+        return None
+    postings, rest = [], []
+    for term in terms:
+        if type(term) is not Term:
+            return None
+        if term.op == EQ and term.operand_class is not None:
+            index = indexes.get(term.path)
+            if index is not None:
+                postings.append((term, index.lookup(term.operand)))
+                continue
+        rest.append(term)
+    if not postings:
+        return None
+    if len(postings) > 1:
+        postings.sort(key=_posting_size)
+    ids = postings[0][1]
+    used = 1
+    for _, other in postings[1:]:
+        if not len(ids):
+            break
+        ids = ids & other
+        used += 1
+    if len(ids) > _FEW:
+        return None
+    rows = list(source.rows(ids)) if len(ids) else []
+    fetched = len(rows)
+    if rest and rows:
+        # A handful of rows: testing each term directly beats compiling a matcher.
+        checks = [_check_of(term) for term in rest]
+        rows = [row for row in rows if _holds(row[1], checks)]
+    return rows, FewRowsPlan(postings[:used], ids, rest, fetched, len(rows))
+
+
+def _posting_size(item):
+    return len(item[1])
+
+
+_OPERATORS = {EQ: operator.eq, NE: operator.ne, LT: operator.lt, LE: operator.le,
+              GT: operator.gt, GE: operator.ge}
+_NUMBERS = frozenset((int, float, bool))
+
+
+def _check_of(term):
+    """``(parts, fast, operand, general)``: ``fast(x, operand)`` is Python's own operator,
+    used when it agrees with the rule (the fast paths of ``Term._emit``): operand and
+    field both plain str, or both non-NaN plain numbers; ``general`` decides otherwise."""
+    fast = _OPERATORS.get(term.op)
+    v = term.operand
+    if fast is not None:
+        if type(v) is str:
+            fast = (fast, str)
+        elif type(v) in _NUMBERS and v == v:
+            fast = (fast, float)
+        else:
+            fast = None
+    return term.parts, fast, v, term.general_test()
+
+
+def _holds(value, checks):
+    for parts, fast, v, general in checks:
+        x = value.get(parts[0], MISSING) if type(value) is dict and len(parts) == 1 \
+            else extract(value, parts)
+        if x is MISSING:
+            return False
+        if fast is not None and (type(x) is str if fast[1] is str
+                                 else type(x) in _NUMBERS and x == x):
+            if not fast[0](x, v):
+                return False
+        elif not general(x):
+            return False
+    return True
 
 
 def normalize(pred):

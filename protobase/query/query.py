@@ -14,7 +14,7 @@ from typing import Iterator, Protocol, Tuple, runtime_checkable
 
 from ..errors import QueryError
 from .expr import All, And, Field, Term, EQ, split_path, _as_predicate
-from .planner import Planner, build_plan, normalize
+from .planner import Planner, build_plan, few_rows, normalize
 from .plans import Count
 
 __all__ = ["Query", "QuerySource", "make_predicate"]
@@ -47,6 +47,12 @@ class QuerySource(Protocol):
 
 def make_predicate(*preds, **equalities):
     """AND of ``preds`` and of ``field == value`` for each keyword; All() when empty."""
+    if not equalities and len(preds) > 1:
+        for p in preds:
+            if type(p) is not Term:
+                break
+        else:  # the usual where(F.a == 1, F.b < 2): nothing to check or flatten
+            return And._of_terms(preds)
     terms = [_as_predicate(p) for p in preds]
     terms.extend(Term(split_path(name), EQ, value) for name, value in equalities.items())
     if not terms:
@@ -118,6 +124,11 @@ class Query:
             lim = limit
         else:
             lim = self._limit
+        if lim is None and self._order is None and not self._offset:
+            few = few_rows(self._source, self._pred)
+            if few is not None:
+                rows, self._plan = few
+                return iter(rows)
         plan = build_plan(self._source, self._pred, self._order, self._descending, lim,
                           self._offset)
         self._plan = plan
