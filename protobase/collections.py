@@ -399,7 +399,7 @@ class _Indexed:
     never hand out the same id and merges keep the ids they chose."""
 
     __slots__ = ("kind", "meta", "data", "rowid", "keyof", "ids", "indexes", "vectors", "owner",
-                 "next_rowid")
+                 "next_rowid", "_decoded")
 
     def __init__(self, cs, data_mut, owner):
         self.kind = cs.kind
@@ -407,6 +407,7 @@ class _Indexed:
         self.data = data_mut
         self.owner = owner
         self.next_rowid = self.meta.get("next_rowid", 0)
+        self._decoded = None       # [(rowid, value)] while several indexes are being built
         fields = self.meta.get("indexes", [])
         self.vectors = dict(self.meta.get("vectors", {}))
         if self.meta.get("rowids"):
@@ -414,23 +415,25 @@ class _Indexed:
             self.keyof = cs.part("keyof").mutate()
             self.ids = cs.part("ids").mutate()
         else:                                  # the first index: number the existing entries
-            self.rowid, self.keyof, self.ids = hamt.Map().mutate(), hamt.Map().mutate(), IdSet().mutate()
-            for key in data_mut:
-                rid = self._allocate()
+            self.rowid, self.keyof = hamt.Map().mutate(), hamt.Map().mutate()
+            first = self._allocate(len(data_mut))
+            for rid, key in enumerate(data_mut, first):
                 self.rowid[key] = rid
                 self.keyof[rid] = key
-                self.ids.add(rid)
+            self.ids = IdSet.from_range(first, first + len(data_mut)).mutate()
         self.indexes = {f: Index.from_parts(f, {n: cs.part(f"ix/{f}/{n}") for n in _INDEX_PARTS}).mutate()
                         for f in fields}
 
-    def _allocate(self):
+    def _allocate(self, n=1):
+        """The first of n consecutive fresh row ids."""
         owner = self.owner
-        rid = owner._tx._db._allocate_row_id(owner._cid, self.next_rowid)
-        self.next_rowid = rid + 1
+        rid = owner._tx._db._allocate_row_id(owner._cid, self.next_rowid, n)
+        self.next_rowid = rid + n
         return rid
 
     def put(self, key, raw, value, rid=None):
         """Set key to (raw, value), or delete it when raw is MISSING; indexes follow."""
+        self._decoded = None
         if raw is not MISSING:
             for field, spec in self.vectors.items():   # refuse a bad vector before any change
                 _check_vector(value, field, spec)
@@ -464,9 +467,10 @@ class _Indexed:
             self.data[key] = raw
 
     def add_index(self, field):
-        decode = self.owner._decode
-        self.indexes[field] = Index.build(
-            field, ((rid, decode(self.data[key])) for rid, key in self.keyof.items())).mutate()
+        if self._decoded is None:      # decode each row once for all indexes built in a row
+            decode, data = self.owner._decode, self.data
+            self._decoded = [(rid, decode(data[key])) for rid, key in self.keyof.items()]
+        self.indexes[field] = Index.build(field, self._decoded).mutate()
 
     def drop_index(self, field):
         del self.indexes[field]
@@ -532,6 +536,8 @@ class _Source:
         if h._ix is not None:
             return h._ix.snapshot_indexes()
         cs = h._base
+        if cs is None:                 # created in this transaction and never indexed
+            return {}
         hit = self._index_cache.get(id(cs))
         if hit is not None and hit[0] is cs:
             return hit[1]
@@ -581,6 +587,11 @@ class _Source:
             return None
         h = self.h
         return h._tx._db._vector_index(h._cid, spec)
+
+    def snapshot_seq(self):
+        """The commit sequence of the snapshot this source reads (vector search uses it to
+        tell which rows the shared HNSW index may hold newer vectors for)."""
+        return self.h._tx._snapshot.seq
 
     def written_ids(self):
         h = self.h

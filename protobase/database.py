@@ -104,10 +104,10 @@ class Database:
     def _load_head(self):
         if self._store is None:
             return None
-        seq, root_ptr = self._store.head
+        root_ptr = self._store.head[1]
         if root_ptr < 0:
             return None
-        return State.load(root_ptr, seq, self._io)
+        return State.load(root_ptr, self._io)
 
     def _write_state(self, state):
         """Hand a state to storage; returns the durability future. Caller holds the commit lock
@@ -128,8 +128,6 @@ class Database:
     def _on_durable(self, fut, state):
         if fut.cancelled() or fut.exception() is not None:
             return
-        seq, _ = fut.result()
-        state.seq = seq
         with self._publish_lock:
             if self._head is None or state.seq > self._head.seq:
                 self._head = state
@@ -137,9 +135,9 @@ class Database:
     def _refresh(self):
         """Read-only databases: pick up commits another process made since we looked."""
         self._store.refresh()
-        seq, root_ptr = self._store.head
-        if root_ptr >= 0 and seq != self._head.seq:
-            self._head = self._pending = State.load(root_ptr, seq, self._io)
+        _, root_ptr = self._store.head
+        if root_ptr >= 0 and root_ptr != self._head.ptr:
+            self._head = self._pending = State.load(root_ptr, self._io)
 
     # -- vector indexes (protobase.vector): one shared HNSW index per (collection, field) --
 
@@ -183,8 +181,8 @@ class Database:
 
     def _follow_vectors(self, tx, before, after):
         """Commit hook (under the commit lock): bring loaded HNSW indexes up to date with the
-        rows this commit wrote. HNSW only proposes candidates, so an index a little ahead of
-        a reader's snapshot never changes that reader's answer."""
+        rows this commit wrote, each change logged with the commit's sequence so that a
+        reader on an older snapshot re-reads the rows changed after it (vector.search)."""
         for h in tx._dirty + tx._new:
             for (cid, field), ix in self._vectors.items():
                 if cid != h._cid:
@@ -200,18 +198,19 @@ class Database:
                     if rid is not None:
                         v = extract(codec.loads(cs.data[key], ref_resolver=_no_ref), parts)
                         if v is FIELD_MISSING:
-                            ix.remove(rid)
+                            ix.remove(rid, seq=after.seq)
                         else:
-                            ix.upsert(rid, vector.as_vector(v))
+                            ix.upsert(rid, vector.as_vector(v), seq=after.seq)
                     elif old_rowid is not None and old_rowid.get(key) is not None:
-                        ix.remove(old_rowid.get(key))
+                        ix.remove(old_rowid.get(key), seq=after.seq)
 
-    def _allocate_row_id(self, cid, at_least):
-        """A row id for an entry of collection cid, never handed out before (ids stay
-        unique across concurrent transactions; an aborted one leaves a gap)."""
+    def _allocate_row_id(self, cid, at_least, n=1):
+        """The first of n consecutive row ids for entries of collection cid, never handed
+        out before (ids stay unique across concurrent transactions; an aborted one leaves
+        a gap)."""
         with self._id_lock:
             rid = max(self._row_ids.get(cid, 0), at_least)
-            self._row_ids[cid] = rid + 1
+            self._row_ids[cid] = rid + n
             return rid
 
     def _allocate_collection_id(self):
@@ -334,7 +333,7 @@ class Database:
             for cid in list(colls):
                 if cid not in state.colls:
                     del colls[cid]
-        copy = State(colls.finish(), state.next_coll_id)
+        copy = State(colls.finish(), state.next_coll_id, state.seq)
         c = store.begin_commit()
         io.commit = c
         try:
@@ -342,7 +341,7 @@ class Database:
         except BaseException:
             c.abort()
             raise
-        copy.seq = c.finish(root_ptr).result()[0]
+        c.finish(root_ptr).result()
         return copy
 
     def compact(self):
@@ -361,7 +360,12 @@ class Database:
         if os.path.exists(tmp):
             os.remove(tmp)
         before = os.path.getsize(path)
-        new = LogStore.open(tmp, durability=self._durability, file_layer=self._file_layer)
+        try:
+            new = LogStore.open(tmp, durability=self._durability, file_layer=self._file_layer)
+        except BaseException:
+            if os.path.exists(tmp):      # created, then its header failed: leave no debris
+                os.remove(tmp)
+            raise
         try:
             with self._commit_lock:
                 self._wait_pending()
@@ -374,15 +378,22 @@ class Database:
                     changed = [cid for cid, cs in last.colls.items() if first.colls.get(cid) is not cs]
                     copy = self._write_copy(new, last, changed=(copy, changed))
                 new.checkpoint()
+                io = StoreIO(new)
+                head = State.load(new.head[1], io)
                 os.replace(tmp, path)
-                _sync_directory(path)
+                # The path now names the new file: switch to it before anything else can
+                # fail, so no commit is ever written to the old, unlinked one. Old
+                # snapshots keep reading the old file until close.
                 new.path = path
-                # Old snapshots keep reading the old (now unlinked) file until close.
                 self._retired.append(self._store)
-                self._store, self._io = new, StoreIO(new)
-                seq, root_ptr = new.head
-                self._head = self._pending = State.load(root_ptr, seq, self._io)
+                self._store, self._io = new, io
+                self._head = self._pending = head
                 self._last_future = None
+                try:
+                    _sync_directory(path)
+                except OSError as exc:
+                    raise StorageError(exc.errno or 5, f"compacting {path!r}: syncing the "
+                                       f"directory after the swap failed: {exc}") from exc
         except BaseException:
             if self._store is not new:
                 new.close()
@@ -400,11 +411,24 @@ class Database:
         if os.path.exists(path) and os.path.getsize(path) > 0:
             raise FileExistsError(f"{path!r} already exists; backup writes a new database file")
         state = self._head
-        store = LogStore.open(path, durability="full")
+        # Written beside the target and renamed into place once complete and synced: a
+        # failed or interrupted backup never leaves a valid-looking (empty or partial)
+        # database at `path`, and the next attempt is not refused.
+        tmp = path + ".partial"
+        if os.path.exists(tmp):
+            os.remove(tmp)
         try:
-            self._write_copy(store, state)
-        finally:
-            store.close()
+            store = LogStore.open(tmp, durability="full")
+            try:
+                self._write_copy(store, state)
+            finally:
+                store.close()
+            os.replace(tmp, path)
+            _sync_directory(path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def check(self):
         """Verify every checksum in the file and every structure reachable from the newest

@@ -15,6 +15,8 @@ On disk a state is a tree of atoms (DESIGN.md "Storage"):
 
 `StoreIO` is the atom I/O object the kernels persist through (docs/internals.md).
 """
+from functools import partial
+
 from ._core import load as _load_core
 from .errors import CorruptionError
 
@@ -142,13 +144,16 @@ class State:
 
     def persist(self, io):
         colls_ptr = self.colls._persist(io)
-        self.ptr = io.write_atom(io.encode([FORMAT, colls_ptr, self.next_coll_id]))
+        self.ptr = io.write_atom(io.encode([FORMAT, colls_ptr, self.next_coll_id, self.seq]))
         return self.ptr
 
     @classmethod
-    def load(cls, ptr, seq, io):
+    def load(cls, ptr, io):
+        """The state whose header atom is at ptr. Its sequence number is the database's own
+        commit counter, kept in the header, so it keeps rising across compactions (which
+        start a new file whose storage sequence starts again)."""
         try:
-            fmt, colls_ptr, next_id = io.decode(io.read_atom(ptr))
+            fmt, colls_ptr, next_id, seq = io.decode(io.read_atom(ptr))
         except (TypeError, ValueError) as exc:
             raise CorruptionError(f"damaged state header at offset {ptr}", offset=ptr) from exc
         if fmt != FORMAT:
@@ -180,25 +185,30 @@ def copy_collection(cs):
 
 class StoreIO:
     """Atom I/O for the kernels (docs/internals.md): reads from the store, writes into the
-    commit being built, and encodes node contents with the codec plus our ext types."""
+    commit being built, and encodes node contents with the codec plus our ext types.
 
-    __slots__ = ("store", "commit")
+    The kernels call these once per node, so each is bound straight to its C function
+    (no Python frame in between): ``write_atom`` follows ``commit``, ``encode`` and
+    ``decode`` are the codec with our hooks partially applied."""
+
+    __slots__ = ("store", "_commit", "write_atom", "read_atom", "encode", "decode")
 
     def __init__(self, store):
         self.store = store
+        self.read_atom = store.read_atom
+        self.encode = partial(codec.dumps, default=self._default)
+        self.decode = partial(codec.loads, ext_hook=self._ext_hook)
         self.commit = None
 
-    def write_atom(self, data):
-        return self.commit.write_atom(data)
+    @property
+    def commit(self):
+        """The store commit that write_atom appends to (None outside a commit)."""
+        return self._commit
 
-    def read_atom(self, ptr):
-        return self.store.read_atom(ptr)
-
-    def encode(self, obj):
-        return codec.dumps(obj, default=self._default)
-
-    def decode(self, data):
-        return codec.loads(data, ext_hook=self._ext_hook)
+    @commit.setter
+    def commit(self, c):
+        self._commit = c
+        self.write_atom = c.write_atom if c is not None else _no_commit
 
     def _default(self, obj):
         if type(obj) is CollState:
@@ -213,3 +223,7 @@ class StoreIO:
         if code == EXT_IDSET:
             return idset.IdSet.from_bytes(data)
         raise CorruptionError(f"unknown extension type {code} in a stored node")
+
+
+def _no_commit(data):
+    raise RuntimeError("no commit is being built: atoms are written only inside one")

@@ -1,0 +1,417 @@
+"""One hnswlib index for one (collection, vector field), shared by every transaction.
+
+Labels are row ids. Beside the graph the index keeps its own dense copy of the vectors
+(as hnswlib compares them: normalized for cosine), because hnswlib's ``get_items`` costs
+microseconds per id while an exact scan of an admitted id set needs a numpy gather::
+
+    rowid --_pos--> slot --_vecs--> float32[dim]        (hnswlib graph: label = rowid)
+            (-1: no vector)   _ids[slot] = rowid (-1: free slot, reused by later rows)
+
+The index follows the newest committed state, so a reader's snapshot may be older. Each
+change is logged with the commit sequence that made it (``changed_since``), so a search
+knows which rows it must read from its own snapshot instead of trusting the index.
+
+Checkpoint file (written whole, then renamed over the old one)::
+
+    b"PBHNSW1\\n" | u64 header length | header JSON {spec, seq, count, hnsw_bytes, crc32}
+    | rowids int64[count] | vectors float32[count, dim] | hnswlib's saved index
+
+crc32 covers everything after the header. A checkpoint whose magic, header, checksum or
+spec does not match is ignored and the index rebuilt from the rows.
+"""
+import json
+import os
+import struct
+import sys
+import threading
+import zlib
+
+import numpy as np
+
+from ..errors import VectorError
+from . import as_vector, require_hnswlib
+
+__all__ = ["HnswIndex", "normalize", "distances"]
+
+_MAGIC = b"PBHNSW1\n"
+_U64 = struct.Struct("<Q")
+_CHUNK = 4096
+_DEFAULT_EF = 64
+_BLOCK = 2048
+
+
+def normalize(mat):
+    """Rows scaled to unit length exactly as hnswlib's cosine space does (zero stays zero)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", mat, mat, dtype=np.float32)) + np.float32(1e-30)
+    return (mat / norms[:, None]).astype(np.float32, copy=False)
+
+
+def distances(mat, q, metric):
+    """hnswlib's distance from each row of ``mat`` to ``q`` (both already in index space:
+    normalized for cosine): squared L2, or ``1 - dot`` for ip and cosine.
+
+    Works in blocks of _BLOCK rows: a larger matrix-vector product makes OpenBLAS start
+    its threads, which on a busy machine costs far more than the product itself."""
+    out = np.empty(len(mat), dtype=np.float32)
+    for lo in range(0, len(mat), _BLOCK):
+        block = mat[lo:lo + _BLOCK]
+        if metric == "l2":
+            diff = block - q
+            out[lo:lo + _BLOCK] = np.einsum("ij,ij->i", diff, diff)
+        else:
+            out[lo:lo + _BLOCK] = np.float32(1.0) - block @ q
+    return out
+
+
+class HnswIndex:
+    """An hnswlib index whose labels are row ids, with a dense vector copy and a change log."""
+
+    def __init__(self, spec):
+        hnswlib = require_hnswlib()
+        self.spec = dict(spec)
+        self.dim = spec["dim"]
+        self.metric = spec["metric"]
+        self._hnsw = hnswlib.Index(space=self.metric, dim=self.dim)
+        self._lock = threading.RLock()
+        self._pos = np.full(0, -1, dtype=np.int64)
+        self._ids = np.full(0, -1, dtype=np.int64)
+        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
+        self._free = []
+        self._top = 0              # slots [0, _top) have been used
+        self._dead = set()         # labels marked deleted in the graph
+        self._live = 0
+        self._log_seq = []
+        self._log_ids = []
+        self._floor = 0            # changes at or before this sequence are not in the log
+        self.seq = 0
+        self.origin = "empty"      # how open() obtained it: checkpoint | rebuilt | empty
+        self.reason = ""
+        self.caught_up = 0         # rows changed by the catch-up after loading a checkpoint
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, spec, checkpoint_path, rows, seq, progress=False):
+        """The index for ``spec``: the checkpoint at ``checkpoint_path`` caught up with
+        ``rows()`` (every (rowid, vector) of the newest committed state), or rebuilt from
+        ``rows()`` when the checkpoint is missing or damaged. ``seq`` is that state's
+        commit sequence."""
+        ix = cls(spec)
+        loaded = False
+        if checkpoint_path is not None:
+            try:
+                loaded = ix._load(checkpoint_path)
+            except FileNotFoundError:
+                ix.reason = "no checkpoint"
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
+                ix = cls(spec)
+                ix.reason = f"damaged checkpoint ({exc})"
+        if loaded:
+            ix.origin = "checkpoint"
+            ix.caught_up = ix._catch_up(rows())
+        else:
+            ix._build(rows(), progress)
+        ix.seq = ix._floor = seq
+        return ix
+
+    def _build(self, rows, progress):
+        ids, vecs = [], []
+        for rowid, vec in rows:
+            ids.append(rowid)
+            vecs.append(as_vector(vec, self.dim))
+        n = len(ids)
+        self._init_graph(n)
+        if n:
+            self.origin = "rebuilt"
+            mat = np.stack(vecs)
+            if self.metric == "cosine":
+                mat = normalize(mat)
+            labels = np.asarray(ids, dtype=np.int64)
+            bar = _progress_bar(n, progress)
+            for lo in range(0, n, _CHUNK):
+                self._hnsw.add_items(mat[lo:lo + _CHUNK], labels[lo:lo + _CHUNK])
+                if bar is not None:
+                    bar.update(min(_CHUNK, n - lo))
+            if bar is not None:
+                bar.close()
+            self._grow_slots(n, int(labels.max()) + 1)
+            self._vecs[:n] = mat
+            self._ids[:n] = labels
+            self._pos[labels] = np.arange(n, dtype=np.int64)
+            self._top = self._live = n
+
+    def _init_graph(self, n):
+        self._hnsw.init_index(max_elements=max(1024, n + n // 4), M=self.spec["M"],
+                              ef_construction=self.spec["ef_construction"], random_seed=100)
+        self._hnsw.set_ef(_DEFAULT_EF)
+
+    def _load(self, path):
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:len(_MAGIC)] != _MAGIC:
+            raise ValueError("not an HNSW checkpoint")
+        (hlen,) = _U64.unpack_from(data, len(_MAGIC))
+        start = len(_MAGIC) + _U64.size
+        header = json.loads(data[start:start + hlen].decode("utf-8"))
+        body = memoryview(data)[start + hlen:]
+        if zlib.crc32(body) != header["crc32"]:
+            raise ValueError("checksum mismatch")
+        if header["spec"] != self.spec:
+            raise ValueError("settings changed")
+        n, hbytes = int(header["count"]), int(header["hnsw_bytes"])
+        if len(body) != n * 8 + n * 4 * self.dim + hbytes:
+            raise ValueError("wrong length")
+        labels = np.frombuffer(body[:n * 8], dtype="<i8").astype(np.int64)
+        mat = np.frombuffer(body[n * 8:n * 8 + n * 4 * self.dim], dtype="<f4")
+        mat = mat.reshape(n, self.dim).astype(np.float32)
+        if n and (labels.min() < 0 or len(np.unique(labels)) != n):
+            raise ValueError("bad row ids")
+        tmp = f"{path}.load-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(body[n * 8 + n * 4 * self.dim:])
+            self._hnsw.load_index(tmp, max_elements=0)
+        finally:
+            _unlink(tmp)
+        self._hnsw.set_ef(_DEFAULT_EF)
+        graph = np.asarray(self._hnsw.get_ids_list(), dtype=np.int64)
+        if not np.isin(labels, graph).all():
+            raise ValueError("graph and vectors disagree")
+        self._grow_slots(n, max(int(labels.max()) + 1 if n else 0, 1))
+        self._vecs[:n] = mat
+        self._ids[:n] = labels
+        self._pos[labels] = np.arange(n, dtype=np.int64)
+        self._top = self._live = n
+        for label in graph[~np.isin(graph, labels)].tolist():
+            try:
+                self._hnsw.mark_deleted(label)
+            except RuntimeError:
+                pass                # already deleted in the saved graph
+            self._dead.add(label)
+        return True
+
+    def _catch_up(self, rows):
+        seen = set()
+        changed = 0
+        for rowid, vec in rows:
+            seen.add(rowid)
+            v = self._space(as_vector(vec, self.dim))
+            slot = self._slot(rowid)
+            if slot < 0 or not np.array_equal(self._vecs[slot], v):
+                self._put(rowid, v)
+                changed += 1
+        for rowid in self._ids[:self._top][self._ids[:self._top] >= 0].tolist():
+            if rowid not in seen:
+                self._drop(rowid)
+                changed += 1
+        return changed
+
+    # ------------------------------------------------------------------ writing
+
+    def _space(self, v):
+        if self.metric == "cosine":
+            return normalize(v[None, :])[0]
+        return v
+
+    def _slot(self, rowid):
+        return int(self._pos[rowid]) if 0 <= rowid < len(self._pos) else -1
+
+    def _grow_slots(self, slots, rowids):
+        if slots > len(self._ids):
+            cap = max(slots, 2 * len(self._ids), 64)
+            ids = np.full(cap, -1, dtype=np.int64)
+            ids[:len(self._ids)] = self._ids
+            vecs = np.zeros((cap, self.dim), dtype=np.float32)
+            vecs[:len(self._vecs)] = self._vecs
+            self._ids, self._vecs = ids, vecs
+        if rowids > len(self._pos):
+            cap = max(rowids, 2 * len(self._pos), 64)
+            pos = np.full(cap, -1, dtype=np.int64)
+            pos[:len(self._pos)] = self._pos
+            self._pos = pos
+
+    def _log(self, rowid, seq):
+        self._log_seq.append(float("inf") if seq is None else seq)
+        self._log_ids.append(rowid)
+        if seq is not None and seq > self.seq:
+            self.seq = seq
+        if len(self._log_ids) > max(4096, self._live // 4):
+            half = len(self._log_ids) // 2
+            self._floor = max(self._floor, max(self._log_seq[:half]))
+            del self._log_seq[:half], self._log_ids[:half]
+
+    def _put(self, rowid, v):
+        slot = self._slot(rowid)
+        if slot < 0:
+            if rowid not in self._dead:
+                hn = self._hnsw
+                if hn.get_current_count() >= hn.get_max_elements():
+                    hn.resize_index(2 * hn.get_max_elements())
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot = self._top
+                self._top += 1
+            self._grow_slots(slot + 1, rowid + 1)
+            self._pos[rowid] = slot
+            self._ids[slot] = rowid
+            self._live += 1
+        self._dead.discard(rowid)
+        self._vecs[slot] = v
+        self._hnsw.add_items(v[None, :], np.array([rowid], dtype=np.int64), num_threads=1)
+
+    def _drop(self, rowid):
+        slot = self._slot(rowid)
+        if slot < 0:
+            return False
+        self._hnsw.mark_deleted(rowid)
+        self._dead.add(rowid)
+        self._pos[rowid] = -1
+        self._ids[slot] = -1
+        self._free.append(slot)
+        self._live -= 1
+        return True
+
+    def upsert(self, rowid, vector, seq=None):
+        """Add or replace the vector of ``rowid``; ``seq`` is the commit making the change
+        (without it, readers of every snapshot treat the row as possibly changed)."""
+        if type(rowid) is not int or rowid < 0:
+            raise VectorError(f"a row id must be an int >= 0, not {rowid!r}")
+        v = self._space(as_vector(vector, self.dim))
+        with self._lock:
+            self._put(rowid, v)
+            self._log(rowid, seq)
+
+    def remove(self, rowid, seq=None):
+        """Forget ``rowid`` (hnswlib marks it deleted); nothing happens if it is absent."""
+        with self._lock:
+            if self._drop(rowid):
+                self._log(rowid, seq)
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self):
+        return self._live
+
+    def __contains__(self, rowid):
+        return type(rowid) is int and self._slot(rowid) >= 0
+
+    def changed_since(self, seq):
+        """Row ids (int64 array) whose vector changed in a commit after ``seq``, or None
+        when the log does not reach back that far (then every row is suspect)."""
+        with self._lock:
+            if seq is None or seq < self._floor:
+                return None
+            log = np.asarray(self._log_seq, dtype=np.float64)
+            return np.unique(np.asarray(self._log_ids, dtype=np.int64)[log > seq])
+
+    def scan(self, rowids, q):
+        """``(ids, dist)``: the rows of ``rowids`` (int64 array) that have a vector here,
+        with their exact distance to ``q`` (in index space), gathered block by block."""
+        with self._lock:
+            ok = (rowids >= 0) & (rowids < len(self._pos))
+            slots = np.full(len(rowids), -1, dtype=np.int64)
+            slots[ok] = self._pos[rowids[ok]]
+            present = slots >= 0
+            slots = slots[present]
+            dist = np.empty(len(slots), dtype=np.float32)
+            for lo in range(0, len(slots), _BLOCK):
+                dist[lo:lo + _BLOCK] = distances(self._vecs[slots[lo:lo + _BLOCK]], q, self.metric)
+            return rowids[present], dist
+
+    def knn(self, vector, k, ef=None, filter=None):
+        """``(labels, distances)`` of up to ``k`` nearest live rows, ascending distance;
+        ``filter(label) -> bool`` restricts them. Fewer than ``k`` when fewer exist."""
+        return self.search(self._space(as_vector(vector, self.dim)), k, ef, filter)
+
+    def search(self, q, k, ef=None, filter=None):
+        """knn() for a query already checked and in index space (normalized for cosine)."""
+        with self._lock:
+            k = min(k, self._live)
+            if k <= 0:
+                return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+            self._hnsw.set_ef(max(ef or _DEFAULT_EF, k))
+            try:
+                labels, dist = self._hnsw.knn_query(q[None, :], k=k, num_threads=1, filter=filter)
+                return labels[0].astype(np.int64), dist[0]
+            except RuntimeError:
+                return self._exact(q, k, filter)   # the graph reached fewer than k rows
+
+    def _exact(self, q, k, filter):
+        used = np.flatnonzero(self._ids[:self._top] >= 0)
+        labels = self._ids[used]
+        dist = distances(self._vecs[used], q, self.metric)
+        order = np.lexsort((labels, dist))
+        if filter is not None:
+            order = np.array([i for i in order.tolist() if filter(int(labels[i]))], dtype=np.int64)
+        order = order[:k]
+        return labels[order], dist[order]
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def checkpoint(self, checkpoint_path, seq):
+        """Write the index and the sequence it reflects atomically (tmp, fsync, rename)."""
+        directory = os.path.dirname(os.path.abspath(checkpoint_path))
+        tmp = f"{checkpoint_path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        graph = tmp + ".graph"
+        with self._lock:
+            used = np.flatnonzero(self._ids[:self._top] >= 0)
+            labels = self._ids[used].astype("<i8")
+            mat = self._vecs[used].astype("<f4")
+            try:
+                self._hnsw.save_index(graph)
+                with open(graph, "rb") as f:
+                    hdata = f.read()
+            finally:
+                _unlink(graph)
+        body = [labels.tobytes(), mat.tobytes(), hdata]
+        crc = 0
+        for part in body:
+            crc = zlib.crc32(part, crc)
+        header = json.dumps({"spec": self.spec, "seq": seq, "count": len(labels),
+                             "hnsw_bytes": len(hdata), "crc32": crc}).encode("utf-8")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_MAGIC + _U64.pack(len(header)) + header)
+                for part in body:
+                    f.write(part)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, checkpoint_path)
+        finally:
+            _unlink(tmp)
+        _fsync_dir(directory)
+
+    def __repr__(self):
+        return (f"<HnswIndex {self.spec['field']!r} {self.metric} dim={self.dim} "
+                f"rows={self._live} from {self.origin}>")
+
+
+def _progress_bar(total, wanted):
+    if not wanted or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="building vector index", unit="rows")
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

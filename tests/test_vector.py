@@ -1,0 +1,603 @@
+"""Vector search: settings and vector validation, the HNSW index (updates, checkpoints,
+recovery), and nearest() through the public API — recall against exact brute force at
+several selectivities, snapshot isolation, own writes, and numpy-only operation."""
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import protobase as pb
+from protobase import vector
+from protobase.errors import VectorError
+from protobase.vector import HnswIndex, as_vector, make_spec
+from protobase.vector import search
+
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def clustered(seed, n, dim, clusters=32):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    return (centers[rng.integers(0, clusters, n)]
+            + 0.4 * rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def brute(vectors, q, metric, k):
+    """Exact oracle in float64: [(key, distance)] ascending distance, ties by position."""
+    keys = list(vectors)
+    if not keys:
+        return []
+    mat = np.array([vectors[key] for key in keys], dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    if metric == "l2":
+        d = ((mat - q) ** 2).sum(axis=1)
+    elif metric == "ip":
+        d = 1.0 - mat @ q
+    else:
+        norms = np.linalg.norm(mat, axis=1) + 1e-30
+        d = 1.0 - (mat @ q) / (norms * (np.linalg.norm(q) + 1e-30))
+    order = np.lexsort((np.arange(len(keys)), d))[:k]
+    return [(keys[i], float(d[i])) for i in order]
+
+
+def check_exact(hits, oracle):
+    """The hits are the oracle's: the same distances in the same order, and the same keys,
+    except that among rows at exactly the k-th distance (duplicate vectors) an HNSW plan
+    may return any of them (an exact scan breaks such ties by row id)."""
+    got = [(key, dist) for key, _, dist in hits.scored()]
+    assert np.allclose([d for _, d in got], [d for _, d in oracle], atol=1e-4)
+    assert len({key for key, _ in got}) == len(got)
+    bound = oracle[-1][1] - 1e-4 if oracle else 0
+    assert [key for key, d in got if d < bound] == [key for key, d in oracle if d < bound]
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """Force a plan by moving the thresholds (so small collections exercise every path)."""
+    def force(name):
+        values = {"exact": (0.0, 1.0, 10**9), "filtered": (10.0**9, 1.0, 0),
+                  "overfetch": (10.0**9, 1.0, 10**9)}[name]
+        monkeypatch.setattr(search, "EXACT_ROW_COST", values[0])
+        monkeypatch.setattr(search, "CANDIDATE_COST", values[1])
+        monkeypatch.setattr(search, "MAX_OVERFETCH", values[2])
+    return force
+
+
+def fill(db, vectors, metric="cosine", **extra):
+    with db.transaction() as tx:
+        tx["docs"] = pb.Dict()
+        docs = tx["docs"]
+        docs.create_index("tag")
+        docs.create_vector_index("e", dim=len(next(iter(vectors.values()))), metric=metric,
+                                 **extra)
+        for key, v in vectors.items():
+            docs[key] = {"tag": key % 100, "e": [float(x) for x in v]}
+
+
+def index_of(tx, field="e"):
+    return tx["docs"].where()._source.vector_index(field)
+
+
+# ------------------------------------------------------------------------------ settings
+
+def test_make_spec_is_plain_json_and_refuses_bad_settings():
+    spec = make_spec("emb.v", 8, metric="l2", M=12, ef_construction=50)
+    assert json.loads(json.dumps(spec)) == spec == {
+        "field": "emb.v", "dim": 8, "metric": "l2", "M": 12, "ef_construction": 50}
+    for bad in [dict(dim=0), dict(dim=2.0), dict(dim=True), dict(metric="dot"),
+                dict(M=1), dict(ef_construction=0), dict(field="")]:
+        args = dict(field="e", dim=4) | bad
+        with pytest.raises(VectorError):
+            make_spec(args.pop("field"), **args)
+
+
+def test_as_vector_converts_numbers_and_refuses_everything_else():
+    v = as_vector([1, 2.5, np.float64(3)], 3)
+    assert v.dtype == np.float32 and v.tolist() == [1.0, 2.5, 3.0]
+    assert as_vector(np.arange(4, dtype=np.int16)).dtype == np.float32
+    bad = [([1.0, 2.0], 3), ([1.0, float("nan"), 2.0], None), ([1.0, float("inf")], None),
+           ([1.0, "2"], None), ("abc", None), ([[1.0, 2.0], [3.0, 4.0]], None),
+           (np.zeros((2, 2)), None), ([], None), (None, None), ({"a": 1.0}, None),
+           ([1.0, None], None), ([1e300, 1.0], None), (np.array(["1"]), None)]
+    for value, dim in bad:
+        with pytest.raises(VectorError) as info:
+            as_vector(value, dim)
+        assert isinstance(info.value, ValueError) and str(info.value)
+
+
+@settings(derandomize=True, max_examples=200)
+@given(st.lists(st.one_of(st.integers(-10**6, 10**6), st.floats(width=32)), max_size=6),
+       st.integers(0, 6))
+def test_as_vector_accepts_exactly_the_finite_vectors_of_the_asked_dimension(items, dim):
+    good = bool(items) and len(items) == dim and all(np.isfinite(float(x)) for x in items)
+    if good:
+        assert as_vector(items, dim).tolist() == [float(np.float32(x)) for x in items]
+    else:
+        with pytest.raises(VectorError):
+            as_vector(items, dim)
+
+
+# ------------------------------------------------------------------------------ the index
+
+def test_index_follows_upserts_and_removes_like_brute_force():
+    X = clustered(1, 3000, 16)
+    ix = HnswIndex.open(make_spec("e", 16, "l2"), None, lambda: iter(()), 0)
+    assert ix.origin == "empty" and len(ix) == 0
+    live = {}
+    for i in range(3000):                        # one at a time: grows past the first capacity
+        ix.upsert(i, X[i], seq=1)
+        live[i] = X[i]
+    rng = np.random.default_rng(2)
+    for i in rng.choice(3000, 500, replace=False).tolist():
+        ix.remove(i, seq=2)
+        del live[i]
+    for i in rng.choice(list(live), 300, replace=False).tolist():
+        live[i] = X[i] + 5.0
+        ix.upsert(i, live[i], seq=3)
+    ix.remove(10**6)                             # absent: no error
+    assert len(ix) == len(live)
+    hits = 0
+    for qi in range(50):
+        q = X[qi] + 0.01
+        labels, dist = ix.knn(q, 10, ef=100)
+        oracle = brute(live, q, "l2", 10)
+        hits += len(set(labels.tolist()) & {key for key, _ in oracle})
+        assert set(labels.tolist()) <= set(live)
+        for label, d in zip(labels.tolist(), dist.tolist()):
+            assert d == pytest.approx(float(((live[label] - q) ** 2).sum()), rel=1e-4, abs=1e-4)
+    assert hits / 500 >= 0.95
+    only_even = ix.knn(X[0], 10, ef=50, filter=lambda label: label % 2 == 0)[0]
+    assert len(only_even) == 10 and all(label % 2 == 0 for label in only_even.tolist())
+
+
+def test_changed_since_names_rows_changed_after_a_sequence():
+    ix = HnswIndex.open(make_spec("e", 4), None, lambda: iter([(1, [1, 0, 0, 0])]), 5)
+    ix.upsert(2, [0, 1, 0, 0], seq=6)
+    ix.remove(1, seq=7)
+    assert ix.changed_since(4) is None           # older than the state the index was built from
+    assert ix.changed_since(5).tolist() == [1, 2]
+    assert ix.changed_since(6).tolist() == [1]
+    assert ix.changed_since(7).tolist() == []
+    ix.upsert(3, [0, 0, 1, 0])                   # no sequence: suspect for every snapshot
+    assert ix.changed_since(100).tolist() == [3]
+
+
+def test_knn_returns_fewer_rows_rather_than_failing_when_few_match():
+    ix = HnswIndex.open(make_spec("e", 4, "ip"), None,
+                        lambda: ((i, [float(i), 1.0, 0.0, 0.0]) for i in range(50)), 1)
+    labels, dist = ix.knn([1, 0, 0, 0], 10, filter=lambda label: label in (3, 7))
+    assert sorted(labels.tolist()) == [3, 7]
+    assert dict(zip(labels.tolist(), dist.tolist())) == {3: pytest.approx(-2.0),
+                                                        7: pytest.approx(-6.0)}
+
+
+def test_checkpoint_round_trip_catch_up_and_damage(tmp_path):
+    X = clustered(3, 2000, 8)
+    spec = make_spec("e", 8, "cosine", M=8, ef_construction=64)
+    path = str(tmp_path / "e.hnsw")
+    rows = {i: X[i] for i in range(2000)}
+    ix = HnswIndex.open(spec, path, lambda: iter(rows.items()), 3)
+    assert (ix.origin, ix.reason) == ("rebuilt", "no checkpoint")
+    ix.checkpoint(path, 3)
+    assert sorted(os.listdir(tmp_path)) == ["e.hnsw"]          # no temporary left behind
+
+    del rows[5]                                  # the log moved on after the checkpoint
+    rows[6] = X[6] * -1.0
+    rows[5000] = X[7]
+    again = HnswIndex.open(spec, path, lambda: iter(rows.items()), 9)
+    assert again.origin == "checkpoint" and again.caught_up == 3 and len(again) == 2000
+    labels, _ = again.knn(X[6], 5, ef=64)
+    assert 6 not in labels.tolist() and 5 not in labels.tolist()
+    assert again.knn(X[7], 2, ef=64)[0].tolist() in ([7, 5000], [5000, 7])
+
+    data = bytearray(open(path, "rb").read())
+    for damage in (lambda b: b.__setitem__(len(b) // 2, b[len(b) // 2] ^ 0xFF),
+                   lambda b: b.__delitem__(slice(len(b) - 100, None)),
+                   lambda b: b.__setitem__(slice(0, 8), b"garbage!")):
+        broken = bytearray(data)
+        damage(broken)
+        open(path, "wb").write(bytes(broken))
+        fresh = HnswIndex.open(spec, path, lambda: iter(rows.items()), 9)
+        assert fresh.origin == "rebuilt" and fresh.reason.startswith("damaged checkpoint")
+        assert len(fresh) == len(rows)
+        assert fresh.knn(X[6] * -1.0, 1, ef=64)[0].tolist() == [6]
+    open(path, "wb").write(bytes(data))
+    other = HnswIndex.open(make_spec("e", 8, "l2", M=8, ef_construction=64), path,
+                           lambda: iter(rows.items()), 9)
+    assert other.origin == "rebuilt" and "settings" in other.reason
+
+
+# ------------------------------------------------------------------------------ nearest()
+
+@pytest.fixture(scope="module")
+def big():
+    """20k x 32 clustered vectors with a ``band`` field, built once for the recall tests."""
+    n, dim = 20_000, 32
+    X = clustered(11, n, dim, clusters=64)
+    band = np.random.default_rng(12).integers(0, 1000, n)
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["docs"] = pb.Dict()
+        docs = tx["docs"]
+        docs.create_index("band")
+        docs.create_vector_index("e", dim=dim, metric="cosine", M=16, ef_construction=100)
+        for i in range(n):
+            docs[i] = {"band": int(band[i]), "e": X[i].tolist()}
+    return db, X, band
+
+
+@pytest.mark.parametrize("per_mille", [1000, 300, 150, 50, 5, 1])
+def test_recall_at_ten_against_brute_force_at_each_selectivity(big, per_mille):
+    db, X, band = big
+    rng = np.random.default_rng(per_mille)
+    admitted = {i: X[i] for i in np.flatnonzero(band < per_mille).tolist()}
+    found = total = 0
+    with db.transaction(readonly=True) as tx:
+        query = tx["docs"].where(pb.F.band < per_mille)
+        for qi in rng.integers(0, len(X), 40).tolist():
+            q = X[qi] + 0.05 * rng.standard_normal(X.shape[1]).astype(np.float32)
+            hits = query.nearest("e", q, k=10)
+            oracle = dict(brute(admitted, q, "cosine", 10))
+            scored = list(hits.scored())
+            assert len(scored) == 10
+            for key, value, dist in scored:      # every hit admitted, with its exact distance
+                assert value["band"] < per_mille
+                exact = brute({key: X[key]}, q, "cosine", 1)[0][1]
+                assert dist == pytest.approx(exact, abs=1e-5)
+            assert [d for _, _, d in scored] == sorted(d for _, _, d in scored)
+            found += len(set(hits.keys()) & set(oracle))
+            total += 10
+        explain = hits.explain()
+    assert found / total >= 0.95, explain
+    assert ("VectorSearch" if per_mille >= 150 else "ExactVectorScan") in explain
+
+
+@pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch"])
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_every_plan_and_metric_gives_hnswlib_distances(plans, plan, metric):
+    plans(plan)
+    X = clustered(21, 600, 6)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(600)}, metric=metric)
+    with db.transaction(readonly=True) as tx:
+        for qi in range(5):
+            admitted = {i: X[i] for i in range(600) if i % 100 < 40}
+            hits = tx["docs"].where(pb.F.tag < 40).nearest("e", X[qi] + 0.1, k=5, ef=200)
+            check_exact(hits, brute(admitted, X[qi] + 0.1, metric, 5))
+        expected = {"exact": "ExactVectorScan", "filtered": "filter callable",
+                    "overfetch": "over-fetching"}[plan]
+        assert expected in hits.explain()
+    ix = HnswIndex.open(make_spec("e", 6, metric), None, lambda: iter([(0, X[0])]), 0)
+    assert ix.knn(X[1], 1)[1][0] == pytest.approx(brute({0: X[0]}, X[1], metric, 1)[0][1], rel=1e-5)
+
+
+def test_ties_are_broken_by_row_id_and_k_limits():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["docs"] = pb.Dict()
+        docs = tx["docs"]
+        docs.create_vector_index("e", dim=2, metric="l2")
+        for key in ["d", "b", "c", "a"]:            # row ids follow insertion order
+            docs[key] = {"e": [1.0, 1.0]}
+        docs["far"] = {"e": [9.0, 9.0]}
+        docs["none"] = {"other": 1}                 # no vector: never a hit
+    with db.transaction() as tx:
+        docs = tx["docs"]
+        assert docs.nearest("e", [1.0, 1.0], k=4).keys() == ["d", "b", "c", "a"]
+        assert docs.nearest("e", [0.0, 0.0], k=10).keys() == ["d", "b", "c", "a", "far"]
+        assert list(docs.nearest("e", [0.0, 0.0], k=0)) == []
+        assert list(docs.nearest("e", [9.0, 9.0], k=1)) == [{"e": [9.0, 9.0]}]
+        with pytest.raises(pb.QueryError):
+            docs.nearest("e", [0.0, 0.0], k=-1)
+
+
+def test_bad_vectors_are_refused_at_write_and_query():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["docs"] = pb.Dict()
+        docs = tx["docs"]
+        docs.create_vector_index("e", dim=3)
+        docs["ok"] = {"e": [1.0, 2.0, 3.0]}
+        for bad in ([1.0, 2.0], [1.0, "x", 3.0], [1.0, float("nan"), 3.0], "abc"):
+            with pytest.raises(VectorError):
+                docs["bad"] = {"e": bad}
+        assert "bad" not in docs
+        for bad in ([1.0, 2.0], [float("inf")] * 3, [[1.0, 2.0, 3.0]]):
+            with pytest.raises(VectorError):
+                docs.nearest("e", bad)
+        with pytest.raises(VectorError):
+            vector.nearest(docs.where(), "e", [1.0, 2.0, 3.0], metric="dot")
+
+
+@pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch", "thresholds"])
+def test_an_old_snapshot_keeps_its_rows_and_distances_while_a_writer_moves_vectors(plans, plan):
+    if plan != "thresholds":
+        plans(plan)
+    X = clustered(31, 3000, 8)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(3000)}, metric="l2")
+    q = X[0] + 0.01
+    old_rows = {i: X[i] for i in range(3000)}
+    reader = db.transaction(readonly=True)
+    try:
+        everything = reader["docs"].where()
+        filtered = reader["docs"].where(pb.F.tag < 50)
+        before_all = brute(old_rows, q, "l2", 10)
+        check_exact(everything.nearest("e", q, k=10, ef=200), before_all)   # loads the index
+        near = [key for key, _ in before_all]
+        new_rows = dict(old_rows)
+        with db.transaction() as tx:
+            docs = tx["docs"]
+            docs[near[0]] = {"tag": near[0] % 100, "e": [50.0] * 8}         # moved far away
+            new_rows[near[0]] = np.full(8, 50.0, np.float32)
+            del docs[near[1]]
+            del new_rows[near[1]]
+            docs[near[-1]] = {"tag": near[-1] % 100, "e": q.tolist()}   # now the nearest
+            new_rows[near[-1]] = q
+            docs[9999] = {"tag": 2, "e": (q + 0.001).tolist()}
+            new_rows[9999] = q + 0.001
+        for _ in range(2):                       # the answer never changes for the old snapshot
+            check_exact(everything.nearest("e", q, k=10, ef=200), before_all)
+            check_exact(filtered.nearest("e", q, k=10, ef=200),
+                        brute({i: v for i, v in old_rows.items() if i % 100 < 50}, q, "l2", 10))
+        with db.transaction(readonly=True) as tx:
+            check_exact(tx["docs"].nearest("e", q, k=10, ef=200), brute(new_rows, q, "l2", 10))
+            check_exact(tx["docs"].where(pb.F.tag < 50).nearest("e", q, k=10, ef=200),
+                        _tagged(tx, q))
+    finally:
+        reader.abort()
+
+
+def _tagged(tx, q):
+    rows = {key: np.asarray(value["e"], np.float32) for key, value in tx["docs"].items()
+            if value["tag"] < 50}
+    return brute(rows, q, "l2", 10)
+
+
+@pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch", "thresholds"])
+def test_own_uncommitted_writes_are_found_and_own_deletes_hidden(plans, plan):
+    if plan != "thresholds":
+        plans(plan)
+    X = clustered(41, 2500, 8)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(2500)}, metric="cosine")
+    q = X[3] * 1.0
+    with db.transaction() as tx:
+        docs = tx["docs"]
+        docs.nearest("e", q, k=3).keys()          # the shared index is loaded and trusted
+        first = docs.nearest("e", q, k=3).keys()
+        assert first[0] == 3
+        del docs[3]
+        docs[777] = {"tag": 7, "e": (q * 2.0).tolist()}            # same direction: distance 0
+        docs["new"] = {"tag": 8, "e": (q + 0.01).tolist()}
+        mine = {key: np.asarray(value["e"], np.float32) for key, value in docs.items()}
+        check_exact(docs.nearest("e", q, k=10, ef=200), brute(mine, q, "cosine", 10))
+        filtered = {key: v for key, v in mine.items() if docs[key]["tag"] < 10}
+        check_exact(docs.where(pb.F.tag < 10).nearest("e", q, k=10, ef=200),
+                    brute(filtered, q, "cosine", 10))
+        assert "snapshot" in docs.nearest("e", q).explain()
+    with db.transaction(readonly=True) as tx:      # and the commit reached the shared index
+        check_exact(tx["docs"].nearest("e", q, k=10, ef=200), brute(mine, q, "cosine", 10))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch"])
+def test_random_histories_match_brute_force_on_every_snapshot(plans, plan, seed):
+    """Writers put, move and delete vectors and commit; readers opened along the way must
+    keep seeing their snapshot, the writer its own writes, after every single step."""
+    plans(plan)
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((8, 4)).astype(np.float32)
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["docs"] = pb.Dict()
+        tx["docs"].create_index("tag")
+        tx["docs"].create_vector_index("e", dim=4, metric="l2")
+    readers = []                                  # (open transaction, the rows it must see)
+    tx = db.transaction()
+    model = {}
+    for step in range(150):
+        docs = tx["docs"]
+        op = rng.choice(["put", "put", "del", "commit"])
+        key, which = int(rng.integers(12)), int(rng.integers(8))
+        if op == "put":
+            docs[key] = {"tag": key % 3, "e": pool[which].tolist()}
+            model[key] = pool[which]
+        elif op == "del" and key in model:
+            del docs[key]
+            del model[key]
+        elif op == "commit":
+            tx.commit()
+            reader = db.transaction(readonly=True)
+            reader["docs"].nearest("e", pool[0], k=2).keys()
+            readers = readers[-3:] + [(reader, dict(model))]
+            tx = db.transaction()
+        q = pool[which] + 0.001 * key
+        check_exact(tx["docs"].nearest("e", q, k=5), brute(model, q, "l2", 5))
+        check_exact(tx["docs"].where(tag=1).nearest("e", q, k=5),
+                    brute({k: v for k, v in model.items() if k % 3 == 1}, q, "l2", 5))
+        for reader, rows in readers:
+            check_exact(reader["docs"].nearest("e", q, k=3), brute(rows, q, "l2", 3))
+    tx.abort()
+    for reader, _ in readers:
+        reader.abort()
+
+
+def test_a_collection_without_vector_index_is_scanned_exactly():
+    X = clustered(51, 300, 5)
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["plain"] = pb.Dict({f"k{i}": {"v": X[i].tolist(), "odd": i % 2} for i in range(300)})
+    with db.transaction() as tx:
+        plain = tx["plain"]
+        plain["novec"] = {"odd": 1}
+        hits = plain.where(odd=1).nearest("v", X[7], k=6)
+        odd = {f"k{i}": X[i] for i in range(1, 300, 2)}
+        check_exact(hits, brute(odd, X[7], "cosine", 6))
+        assert "ExactVectorScan" in hits.explain() and "no vector index" in hits.explain()
+        l2 = vector.nearest(plain.where(), "v", X[7], k=3, metric="l2")
+        check_exact(l2, brute({f"k{i}": X[i] for i in range(300)}, X[7], "l2", 3))
+        plain["oops"] = {"v": [1.0, 2.0]}
+        with pytest.raises(VectorError, match="oops"):
+            plain.where().nearest("v", X[7]).keys()
+
+
+# ------------------------------------------------------------------------------ files
+
+def _vector_files(path):
+    return glob.glob(f"{path}-vec-*")
+
+
+def test_reopen_uses_the_checkpoint_and_recovers_from_damage(tmp_path):
+    X = clustered(61, 1500, 8)
+    path = str(tmp_path / "db.pb")
+    db = pb.open(path)
+    fill(db, {i: X[i] for i in range(1500)}, metric="l2")
+    with db.transaction(readonly=True) as tx:
+        assert index_of(tx).origin == "rebuilt"
+        check_exact(tx["docs"].nearest("e", X[1], k=10, ef=100),
+                    brute({i: X[i] for i in range(1500)}, X[1], "l2", 10))
+    db.close()
+    [ckpt] = _vector_files(path)
+    saved = open(ckpt, "rb").read()
+
+    db = pb.open(path)
+    with db.transaction(readonly=True) as tx:
+        assert index_of(tx).origin == "checkpoint" and index_of(tx).caught_up == 0
+    rows = {i: X[i] for i in range(1500)}
+    with db.transaction() as tx:                 # changes the saved checkpoint does not know
+        docs = tx["docs"]
+        for i in range(0, 1500, 7):
+            del docs[i]
+            del rows[i]
+        docs[3] = {"tag": 3, "e": (X[1] + 0.001).tolist()}
+        rows[3] = X[1] + 0.001
+    db.close()
+
+    open(ckpt, "wb").write(saved)                # as if the process died before checkpointing
+    db = pb.open(path)
+    with db.transaction(readonly=True) as tx:
+        ix = index_of(tx)
+        assert ix.origin == "checkpoint" and ix.caught_up == len(range(0, 1500, 7)) + 1
+        check_exact(tx["docs"].nearest("e", X[1], k=10, ef=100), brute(rows, X[1], "l2", 10))
+    db.close()
+
+    for damage in (b"", saved[: len(saved) // 3], saved[:100] + b"\x00" + saved[101:]):
+        open(ckpt, "wb").write(damage)
+        db = pb.open(path)
+        with db.transaction(readonly=True) as tx:
+            assert index_of(tx).origin == "rebuilt"
+            check_exact(tx["docs"].nearest("e", X[1], k=10, ef=100), brute(rows, X[1], "l2", 10))
+        db.close()
+    os.unlink(ckpt)
+    db = pb.open(path)
+    with db.transaction(readonly=True) as tx:
+        assert index_of(tx).origin == "rebuilt" and index_of(tx).reason == "no checkpoint"
+        check_exact(tx["docs"].nearest("e", X[2], k=10, ef=100), brute(rows, X[2], "l2", 10))
+    db.close()
+
+
+def _run_without_hnswlib(code, env, cwd):
+    script = "import sys\nsys.modules['hnswlib'] = None\n" + textwrap.dedent(code)
+    out = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_without_hnswlib_indexes_are_refused_and_nearest_is_exact(tmp_path, child_env, child_cwd):
+    X = clustered(71, 400, 4)
+    path = str(tmp_path / "db.pb")
+    db = pb.open(path)
+    fill(db, {i: X[i] for i in range(400)}, metric="ip")
+    db.close()
+    np.save(tmp_path / "x.npy", X)
+    out = _run_without_hnswlib(f"""
+        import json, numpy as np, protobase as pb
+        from protobase import vector
+        X = np.load({str(tmp_path / 'x.npy')!r})
+        try:
+            vector.require_hnswlib()
+        except pb.MissingDependencyError as exc:
+            assert isinstance(exc, ImportError) and "protobase[vector]" in str(exc)
+            print("refused")
+        db = pb.open()
+        with db.transaction() as tx:
+            tx["d"] = pb.Dict({{i: {{"e": X[i].tolist()}} for i in range(400)}})
+        with db.transaction() as tx:
+            try:
+                tx["d"].create_vector_index("e", dim=4)
+            except pb.MissingDependencyError:
+                print("create refused")
+            plain = [k for k, _, _ in tx["d"].nearest("e", X[5], k=5).scored()]
+        old = pb.open({path!r})
+        with old.transaction(readonly=True) as tx:
+            hits = tx["docs"].where(pb.F.tag < 50).nearest("e", X[5], k=5)
+            print(json.dumps([plain, [[k, d] for k, _, d in hits.scored()], hits.explain()]))
+        """, child_env, child_cwd)
+    lines = out.splitlines()
+    assert lines[:2] == ["refused", "create refused"]
+    plain, scored, explain = json.loads(lines[2])
+    assert plain == [key for key, _ in brute({i: X[i] for i in range(400)}, X[5], "cosine", 5)]
+    oracle = brute({i: X[i] for i in range(400) if i % 100 < 50}, X[5], "ip", 5)
+    assert [k for k, _ in scored] == [k for k, _ in oracle]
+    assert np.allclose([d for _, d in scored], [d for _, d in oracle], atol=1e-4)
+    assert "ExactVectorScan" in explain and "hnswlib is not installed" in explain
+    assert _run_without_hnswlib("""
+        import protobase as pb
+        from protobase.vector import HnswIndex, make_spec
+        try:
+            HnswIndex(make_spec("e", 3))
+        except pb.MissingDependencyError:
+            print("index refused")
+        """, child_env, child_cwd) == "index refused\n"
+
+
+@pytest.mark.slow
+def test_recall_at_ten_holds_at_a_larger_size():
+    n, dim = 50_000, 64
+    X = clustered(81, n, dim, clusters=100)
+    band = np.random.default_rng(82).integers(0, 1000, n)
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["docs"] = pb.Dict()
+        docs = tx["docs"]
+        docs.create_index("band")
+        docs.create_vector_index("e", dim=dim, metric="l2", ef_construction=100)
+        for i in range(n):
+            docs[i] = {"band": int(band[i]), "e": X[i].tolist()}
+    rng = np.random.default_rng(83)
+    with db.transaction(readonly=True) as tx:
+        for per_mille in (1000, 300, 100, 50, 10, 5, 1):
+            admitted = {i: X[i] for i in np.flatnonzero(band < per_mille).tolist()}
+            query = tx["docs"].where(pb.F.band < per_mille)
+            found = 0
+            for qi in rng.integers(0, n, 20).tolist():
+                q = X[qi] + 0.05 * rng.standard_normal(dim).astype(np.float32)
+                oracle = {key for key, _ in brute(admitted, q, "l2", 10)}
+                found += len(set(query.nearest("e", q, k=10).keys()) & oracle)
+            assert found / 200 >= 0.95, (per_mille, query.nearest("e", q).explain())
+
+
+def test_a_sorted_dict_with_keys_in_reverse_row_id_order_is_searched_exactly():
+    X = clustered(81, 200, 6)
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["docs"] = sd = pb.SortedDict()
+        sd = tx["docs"]
+        sd.create_vector_index("e", dim=6, metric="l2")
+        for i in range(200):
+            sd[1000 - i] = {"e": X[i].tolist(), "tag": i % 4}
+        sd.create_index("tag")
+    with db.transaction() as tx:
+        rows = {1000 - i: X[i] for i in range(200)}
+        check_exact(tx["docs"].nearest("e", X[3], k=7), brute(rows, X[3], "l2", 7))
+        tagged = {1000 - i: X[i] for i in range(200) if i % 4 == 1}
+        check_exact(tx["docs"].where(tag=1).nearest("e", X[3], k=5), brute(tagged, X[3], "l2", 5))
