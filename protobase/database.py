@@ -16,6 +16,7 @@ published head, so nothing is ever built on data that did not reach the disk.
 import os
 import random
 import threading
+import weakref
 import time
 from functools import wraps
 
@@ -28,6 +29,17 @@ from .storage.store import CheckReport, Problem
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
+
+
+def _file_id(store):
+    """(device, inode) of the file a store's path names now; None without a real file."""
+    if store is None:
+        return None
+    try:
+        st = os.stat(store.path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _no_ref(cid):
@@ -65,7 +77,8 @@ def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, f
     if not readonly and os.path.exists(leftover):
         os.remove(leftover)          # an interrupted compaction; the database file is intact
     try:
-        return Database(store, durability=durability, readonly=readonly, file_layer=file_layer)
+        return Database(store, durability=durability, readonly=readonly, file_layer=file_layer,
+                        cache_size=cache_size)
     except BaseException:
         store.close()
         raise
@@ -74,8 +87,10 @@ def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, f
 class Database:
     """A ProtoBase database. Shared by threads; each Transaction belongs to one thread."""
 
-    def __init__(self, store, *, durability="full", readonly=False, file_layer=None):
+    def __init__(self, store, *, durability="full", readonly=False, file_layer=None,
+                 cache_size=64 << 20):
         self._store = store
+        self._cache_size = cache_size
         self._file_layer = file_layer
         self._io = StoreIO(store) if store is not None else None
         self._durability = durability
@@ -87,7 +102,10 @@ class Database:
         self._last_future = None
         self._row_ids = {}           # coll id -> next row id to hand out
         self._vectors = {}           # (coll id, field) -> vector.HnswIndex, loaded on first use
-        self._retired = []           # stores replaced by compaction, read by old snapshots
+        self._retired = []           # (store replaced by compaction, transactions still reading it)
+        self._live = weakref.WeakSet()   # open transactions, to know when a retired store is free
+        self._compacting = threading.Lock()
+        self._file_id = _file_id(store)
         self._commits = 0
         self._conflicts = 0
         self._head = self._pending = None
@@ -134,6 +152,17 @@ class Database:
 
     def _refresh(self):
         """Read-only databases: pick up commits another process made since we looked."""
+        file_id = _file_id(self._store)
+        if file_id is not None and file_id != self._file_id:
+            # The writer compacted: the path names a new file. Read that one from now on.
+            from .storage import LogStore
+            new = LogStore.open(self._store.path, durability=self._durability, readonly=True,
+                                bytes_cache_size=self._cache_size, file_layer=self._file_layer)
+            self._retire(self._store)
+            self._store, self._io, self._file_id = new, StoreIO(new), file_id
+            root_ptr = new.head[1]
+            self._head = self._pending = State.load(root_ptr, self._io) if root_ptr >= 0 else State.initial()
+            return
         self._store.refresh()
         _, root_ptr = self._store.head
         if root_ptr >= 0 and root_ptr != self._head.ptr:
@@ -233,7 +262,29 @@ class Database:
                 readonly = True
             if self._store is not None:
                 self._refresh()
-        return Transaction(self, self._head, readonly=readonly, isolation=isolation)
+        if self._retired:
+            self._release_retired()
+        tx = Transaction(self, self._head, readonly=readonly, isolation=isolation)
+        self._live.add(tx)
+        return tx
+
+    def _retire(self, store):
+        """A store no longer named by the path: keep it for the transactions that may still
+        read through it, close it once they have all ended."""
+        self._retired.append((store, weakref.WeakSet(t for t in self._live if not t._closed)))
+        self._release_retired()
+
+    def _release_retired(self):
+        keep = []
+        for store, readers in self._retired:
+            if any(not t._closed for t in readers):
+                keep.append((store, readers))
+                continue
+            try:
+                store.close()
+            except StorageError:     # its last sync mark went to a file nobody will read
+                pass
+        self._retired = keep
 
     def _commit(self, tx):
         self._check_open()
@@ -356,51 +407,56 @@ class Database:
             raise ReadOnlyError("the database was opened read-only")
         from .storage import LogStore
         path = self._store.path
-        tmp = path + ".compact"
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        before = os.path.getsize(path)
-        try:
-            new = LogStore.open(tmp, durability=self._durability, file_layer=self._file_layer)
-        except BaseException:
-            if os.path.exists(tmp):      # created, then its header failed: leave no debris
+        # One compaction at a time: they share the .compact file (a second one would
+        # delete the first one's copy under it).
+        with self._compacting:
+            tmp = path + ".compact"
+            if os.path.exists(tmp):
                 os.remove(tmp)
-            raise
-        try:
-            with self._commit_lock:
-                self._wait_pending()
-                first = self._pending
-            copy = self._write_copy(new, first)          # the long part: commits go on
-            with self._commit_lock:
-                self._wait_pending()
-                last = self._pending
-                if last is not first:
-                    changed = [cid for cid, cs in last.colls.items() if first.colls.get(cid) is not cs]
-                    copy = self._write_copy(new, last, changed=(copy, changed))
-                new.checkpoint()
-                io = StoreIO(new)
-                head = State.load(new.head[1], io)
-                os.replace(tmp, path)
-                # The path now names the new file: switch to it before anything else can
-                # fail, so no commit is ever written to the old, unlinked one. Old
-                # snapshots keep reading the old file until close.
-                new.path = path
-                self._retired.append(self._store)
-                self._store, self._io = new, io
-                self._head = self._pending = head
-                self._last_future = None
-                try:
-                    _sync_directory(path)
-                except OSError as exc:
-                    raise StorageError(exc.errno or 5, f"compacting {path!r}: syncing the "
-                                       f"directory after the swap failed: {exc}") from exc
-        except BaseException:
-            if self._store is not new:
-                new.close()
-                if os.path.exists(tmp):
+            before = os.path.getsize(path)
+            try:
+                new = LogStore.open(tmp, durability=self._durability, file_layer=self._file_layer)
+            except BaseException:
+                if os.path.exists(tmp):      # created, then its header failed: leave no debris
                     os.remove(tmp)
-            raise
-        return {"before": before, "after": os.path.getsize(path)}
+                raise
+            try:
+                with self._commit_lock:
+                    self._wait_pending()
+                    first = self._pending
+                copy = self._write_copy(new, first)          # the long part: commits go on
+                with self._commit_lock:
+                    self._wait_pending()
+                    last = self._pending
+                    if last is not first:
+                        changed = [cid for cid, cs in last.colls.items()
+                                   if first.colls.get(cid) is not cs]
+                        copy = self._write_copy(new, last, changed=(copy, changed))
+                    new.checkpoint()
+                    io = StoreIO(new)
+                    head = State.load(new.head[1], io)
+                    os.replace(tmp, path)
+                    # The path now names the new file: switch to it before anything else can
+                    # fail, so no commit is ever written to the old, unlinked one. Old
+                    # snapshots keep reading the old file until close.
+                    new.path = path
+                    self._retire(self._store)
+                    self._store, self._io = new, io
+                    self._file_id = _file_id(new)
+                    self._head = self._pending = head
+                    self._last_future = None
+                    try:
+                        _sync_directory(path)
+                    except OSError as exc:
+                        raise StorageError(exc.errno or 5, f"compacting {path!r}: syncing the "
+                                           f"directory after the swap failed: {exc}") from exc
+            except BaseException:
+                if self._store is not new:
+                    new.close()
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                raise
+            return {"before": before, "after": os.path.getsize(path)}
 
     def backup(self, path):
         """Write a consistent copy of the newest state to a new database file at `path`
@@ -410,6 +466,8 @@ class Database:
         path = os.fspath(path)
         if os.path.exists(path) and os.path.getsize(path) > 0:
             raise FileExistsError(f"{path!r} already exists; backup writes a new database file")
+        if self._readonly and self._store is not None:
+            self._refresh()          # the newest state is what the writer last committed
         state = self._head
         # Written beside the target and renamed into place once complete and synced: a
         # failed or interrupted backup never leaves a valid-looking (empty or partial)
@@ -473,7 +531,7 @@ class Database:
                 path = self._vector_path(cid, {"field": field})
                 if path is not None and not self._readonly:
                     ix.checkpoint(path, self._head.seq)
-            for store in self._retired:
+            for store, _ in self._retired:
                 store.close()
             if self._store is not None:
                 self._store.close()
