@@ -23,7 +23,7 @@ from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
 CORE = HERE / "protobase" / "_core"
-MODULES = ["hamt", "pvec", "btree", "idset", "codec"]
+MODULES = ["hamt", "pvec", "btree", "idset", "codec", "frame"]
 
 
 def _flag(name):

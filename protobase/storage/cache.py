@@ -96,6 +96,15 @@ class AtomBytesCache:
             _, old = d.popitem(last=False)
             self.bytes -= len(old) + ENTRY_OVERHEAD
 
+    def discard(self, ptrs):
+        """Drop the entries of these pointers (those present)."""
+        with self._lock:
+            pop = self._d.pop
+            for p in ptrs:
+                old = pop(p, None)
+                if old is not None:
+                    self.bytes -= len(old) + ENTRY_OVERHEAD
+
     def discard_from(self, lo, hi=None):
         """Drop every entry with lo <= pointer (< hi when given)."""
         with self._lock:

@@ -155,9 +155,10 @@ def _previous_ok(prev, cur):
     return prev.seq == cur.seq - 1
 
 
-def _validate(f, last, salt):
+def _validate(f, last, salt, strict):
     """Given a self-consistent footer ``last``, return the newest commit at or below it
-    that is fully trustworthy, or None when ``last`` is not a real commit end.
+    that is fully trustworthy, or None when ``last`` is not a real commit end (with
+    ``strict``, CorruptionError when the footer at its synced point is damaged).
 
     Commits above ``last.synced`` are re-verified byte for byte (they were never known
     to be on disk); the chain of footers down to ``synced`` must link up exactly."""
@@ -177,7 +178,13 @@ def _validate(f, last, salt):
     if cur.start > HEADER_SIZE:
         base = read_footer(f, cur.start, salt)
         if base is None or not _previous_ok(base, cur):
-            return None
+            if not strict:
+                return None
+            # `last` vouches that everything below `synced` had been fsynced: damage there
+            # is not a torn tail, and stepping back past it would drop durable commits.
+            raise CorruptionError(f"the commit footer ending at offset {cur.start} is damaged "
+                                  f"(below the synced point of the commit ending at {last.end})",
+                                  offset=cur.start - FOOTER_SIZE)
     good = base
     for ft in reversed(chain):
         if not _commit_ok(f, ft, salt):
@@ -190,15 +197,19 @@ def _validate(f, last, salt):
 EMPTY = Footer(0, -1, 0, HEADER_SIZE, 0, 0, HEADER_SIZE)
 
 
-def find_last_commit(f, size, salt):
+def find_last_commit(f, size, salt, strict=False):
     """The newest valid commit's Footer in a file of ``size`` bytes (a pseudo-footer with
     seq 0, root -1 and end HEADER_SIZE when there is none). Reads the last footer (and
-    the commits since the last fsync); scans backwards only past a torn or corrupt tail."""
+    the commits since the last fsync); scans backwards only past a torn or corrupt tail.
+
+    strict: raise CorruptionError rather than step back past a damaged footer that a
+    later valid footer vouches was fsynced (media damage, not a torn write: stepping
+    back would silently drop durable commits). Opening and refreshing are strict."""
     if size <= HEADER_SIZE:
         return EMPTY
     last = read_footer(f, size, salt)
     if last is not None:
-        good = _validate(f, last, salt)
+        good = _validate(f, last, salt, strict)
         if good is not None:
             return good
     # Torn tail: look backwards for the newest footer that validates.
@@ -212,7 +223,7 @@ def find_last_commit(f, size, salt):
             if end <= size:
                 cand = read_footer(f, end, salt)
                 if cand is not None:
-                    good = _validate(f, cand, salt)
+                    good = _validate(f, cand, salt, strict)
                     if good is not None:
                         return good
             pos = window.rfind(FOOTER_MAGIC, 0, pos + len(FOOTER_MAGIC) - 1)

@@ -111,7 +111,8 @@ class LogStore:
                 probe.close()
                 raise
             if readonly:
-                head = find_last_commit(probe, probe.size(), salt) if salt is not None else None
+                head = (find_last_commit(probe, probe.size(), salt, strict=True)
+                        if salt is not None else None)
                 return cls(path, probe, salt, head or EMPTY, durability=durability,
                            readonly=True, cache=cache, lock=None)
             probe.close()
@@ -211,7 +212,7 @@ class LogStore:
             if salt is None:
                 return self._head
             self._salt = salt
-        ft = find_last_commit(self._file, self._file.size(), self._salt)
+        ft = find_last_commit(self._file, self._file.size(), self._salt, strict=True)
         if ft.end < self._end:
             # The writer cut back an unsynced tail (its fsync failed): forget those atoms.
             self._cache.discard_from(ft.end)
@@ -342,7 +343,7 @@ def _prepare_for_writing(f, path):
             f.sync_directory()
             return _Prepared(salt, EMPTY)
         size = f.size()
-        ft = find_last_commit(f, size, salt)
+        ft = find_last_commit(f, size, salt, strict=True)
         if ft.end < size:
             logger.warning("%s: the log ended in a torn or corrupt tail; dropped %d bytes "
                            "after the last valid commit (seq %d)", path, size - ft.end, ft.seq)

@@ -6,8 +6,9 @@ Callers build a commit on their own thread (``begin_commit`` -> ``write_atom``..
     caller threads                       writer thread
     --------------                       -------------
     begin  (takes the commit lock)
-    write_atom -> ptr (cache + buffer)
-    finish -> queue.append, release  --> take the whole queue (a "group")
+    write_atom -> ptr (AtomBatch, C)
+    finish -> frame, cache, queue,   --> take the whole queue (a "group")
+              release
     future.result() ...                  join its bytes + one footer per commit
                                          one pwrite, one fsync (full mode)
                                <-------- resolve every future of the group
@@ -37,112 +38,97 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future
-from itertools import accumulate, chain, repeat
-from operator import add
 
+from .._core import load as _load_core
 from ..errors import (CorruptionError, DatabaseClosedError, StorageError,
                       TransactionClosedError)
-from .log import (ATOM_PREFIX, ATOM_PREFIX_SIZE, FLAG_SYNC_MARK, FOOTER_SIZE, HEADER_SIZE,
+from .log import (FLAG_SYNC_MARK, FOOTER_SIZE, HEADER_SIZE,
                   find_last_commit, make_footer, pack_footer)
 
 __all__ = ["Writer", "Commit", "NORMAL_SYNC_INTERVAL"]
 
+AtomBatch = _load_core("frame").AtomBatch
+
 logger = logging.getLogger("protobase")
 
 NORMAL_SYNC_INTERVAL = 1.0   # seconds between background fsyncs in "normal" mode
-_MAX_ATOM = 0xFFFFFFFF
 _ZERO_FOOTER = bytes(FOOTER_SIZE)
 _BIG = 1 << 16       # above this a commit is written as body + footer, not concatenated
-_pack_prefix = ATOM_PREFIX.pack
 _crc32 = zlib.crc32
 
 
 class Commit:
-    """One commit being built. Holds the store's commit lock from begin to finish/abort."""
+    """One commit being built. Holds the store's commit lock from begin to finish/abort.
 
-    __slots__ = ("_w", "_parts", "_start", "_pos", "_epoch", "seq", "root", "future",
-                 "_salt", "_put")
+    Its atoms live in a ``_core.frame.AtomBatch``: ``write_atom`` is that batch's C-level
+    append (the kernels call it once per node, with no Python frame in between), and
+    finish frames the whole commit in one pass and inserts its atoms in the cache at once.
+    """
+
+    __slots__ = ("_w", "_atoms", "write_atom", "_body", "_start", "_epoch", "seq", "root",
+                 "future")
 
     def __init__(self, writer, start, seq, epoch):
         self._w = writer
-        self._parts = []
-        self._start = self._pos = start
+        self._atoms = AtomBatch(start)
+        # write_atom(data) -> ptr: append one atom; the pointer is usable right away (reads
+        # are served from this commit until it reaches the cache and the file).
+        self.write_atom = self._atoms.append
+        self._body = None
+        self._start = start
         self._epoch = epoch
         self.seq = seq
         self.root = -1
         self.future = None
-        self._salt = writer.salt
-        self._put = writer.cache.put
 
-    def write_atom(self, data):
-        """Append one atom to this commit; returns its pointer (usable right away:
-        the bytes go into the cache now and reach the file with the commit)."""
-        parts = self._parts
-        if parts is None:
-            raise TransactionClosedError("this commit was already finished or aborted")
-        if type(data) is not bytes:
-            data = bytes(data)
-        n = len(data)
-        if n > _MAX_ATOM:
-            raise ValueError(f"an atom holds at most {_MAX_ATOM} bytes, got {n}")
-        ptr = self._pos
-        self._pos = ptr + ATOM_PREFIX_SIZE + n
-        parts.append(_pack_prefix(n, _crc32(data, self._salt)))
-        parts.append(data)
-        self._put(ptr, data)
-        return ptr
+    @property
+    def _pos(self):
+        return self._atoms.pos
 
     def write_atoms(self, datas):
         """Append many atoms at once; returns their pointers (same as calling
-        write_atom on each, with the per-atom work done in C loops)."""
-        parts = self._parts
-        if parts is None:
-            raise TransactionClosedError("this commit was already finished or aborted")
-        datas = [d if type(d) is bytes else bytes(d) for d in datas]
-        if not datas:
-            return []
-        lens = list(map(len, datas))
-        if max(lens) > _MAX_ATOM:
-            raise ValueError(f"an atom holds at most {_MAX_ATOM} bytes")
-        ends = list(accumulate(map(add, lens, repeat(ATOM_PREFIX_SIZE)), initial=self._pos))
-        prefixes = map(_pack_prefix, lens, map(_crc32, datas, repeat(self._salt)))
-        parts.extend(chain.from_iterable(zip(prefixes, datas)))
-        self._pos = ends.pop()
-        self._w.cache.put_many(ends, datas, self._pos - ends[0] - ATOM_PREFIX_SIZE * len(ends))
-        return ends
+        write_atom on each)."""
+        return self._atoms.extend(datas)
 
     def finish(self, root_ptr):
         """Queue the commit with ``root_ptr`` as its root; returns a Future whose result is
         (seq, root_ptr) once the commit is as durable as the store's mode promises."""
-        if self._parts is None:
+        atoms = self._atoms
+        if atoms.closed:
             raise TransactionClosedError("this commit was already finished or aborted")
-        if root_ptr != -1 and not HEADER_SIZE <= root_ptr < self._pos:
+        if root_ptr != -1 and not HEADER_SIZE <= root_ptr < atoms.pos:
             self.abort()
             raise ValueError(f"root pointer {root_ptr} is not an atom written so far")
         self.root = root_ptr
-        fut = self.future = Future()
-        batch = self._w._enqueue(self)
+        w = self._w
+        try:
+            self._body = atoms.frame(w.salt)
+            w.cache.put_many(atoms.ptrs, atoms.datas, atoms.payload)
+        except BaseException:
+            self.abort()
+            raise
+        fut = self.future = Future()     # before close: a closed batch without a
+        atoms.close()                    # future is an aborted one (see lookup_unwritten)
+        batch = w._enqueue(self)
         if batch is not None:
-            self._w._lead(batch)
+            w._lead(batch)
         return fut
 
     def abort(self):
         """Drop this commit: nothing of it reaches the file."""
-        if self._parts is None:
+        if self._atoms.closed:
             return
-        self._parts = None
+        self._atoms.close()
         self._w._release(self, queued=False)
 
     def _find(self, ptr):
-        # Rare path: an atom of this unfinished commit fell out of the cache.
-        pos = self._start
-        parts = self._parts or ()
-        for i in range(1, len(parts), 2):
-            if pos == ptr:
-                return parts[i]
-            pos += ATOM_PREFIX_SIZE + len(parts[i])
-        raise CorruptionError(f"pointer {ptr} is not an atom of the commit being built",
-                              offset=ptr)
+        # Rare path: a read of an atom of this commit before it is queued (the batch
+        # stays readable through finish, so a concurrent finish is safe).
+        data = self._atoms.find(ptr)
+        if data is None:
+            raise CorruptionError(f"pointer {ptr} is not an atom of the commit being built",
+                                  offset=ptr)
+        return data
 
 
 class Writer:
@@ -154,7 +140,9 @@ class Writer:
         self.durability = durability
         self.cache = cache
         self.stats = stats
-        self._cond = threading.Condition(threading.Lock())
+        # Held through the plain lock (a C-level `with`); the condition only waits/notifies.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._commit_lock = threading.Lock()
         self._queue = []
         self._epoch = 0
@@ -175,6 +163,9 @@ class Writer:
         self._caller_writes = durability != "full"
         self._writing = False        # a thread (caller or background) is writing the file
         self._timing = False         # the background thread waits for the next normal fsync
+        # Only "normal" mode has work after a write (arming the fsync timer); in "none"
+        # mode a notify per commit would only cost a useless thread switch.
+        self._wake_after_write = durability == "normal"
         self._readers_waiting = 0
         self._close_error = None
         self._last_sync = time.monotonic()
@@ -200,7 +191,7 @@ class Writer:
         """Queue a finished commit and release the commit lock. Returns the group to
         write when the calling thread should write it itself (see _lead), else None."""
         lead = None
-        with self._cond:
+        with self._mutex:
             ok = c._epoch == self._epoch and not self._closing
             if ok:
                 self._tail = c._pos + FOOTER_SIZE
@@ -229,7 +220,7 @@ class Writer:
                 self._done_writing()
 
     def _done_writing(self):
-        with self._cond:
+        with self._mutex:
             self._release_writing()
 
     def _release_writing(self):
@@ -237,7 +228,7 @@ class Writer:
         # is not already waiting with a timeout for the next fsync.
         self._writing = False
         if (self._queue or self._closing or self._checkpoints or self._readers_waiting
-                or not self._timing):
+                or (self._wake_after_write and not self._timing)):
             self._cond.notify_all()
 
     def _not_written_error(self, c):
@@ -248,8 +239,9 @@ class Writer:
             f"was being built; the database is at its last durable commit, retry")
 
     def _release(self, c, *, queued):
-        if not queued:
-            self.cache.discard_from(c._start, c._pos)
+        if not queued and c.future is not None:
+            # Only finish puts a commit's atoms into the cache: drop exactly those.
+            self.cache.discard(c._atoms.ptrs)
         if self._building is c:
             self._building = None
         self._commit_lock.release()
@@ -257,12 +249,15 @@ class Writer:
     def lookup_unwritten(self, ptr):
         """For a pointer at or past the written end: the atom's bytes when it belongs to
         the commit being built, None once it is in the file; waits while it is queued."""
-        with self._cond:
+        with self._mutex:
             while True:
                 if ptr < self._written_end:
                     return None
                 b = self._building
-                if b is not None and b._parts is not None and ptr >= b._start:
+                # An aborted commit's atoms are gone; a finishing one's stay readable
+                # until it is queued (then ptr < _tail and we wait for the write).
+                if (b is not None and ptr >= b._start
+                        and (b.future is not None or not b._atoms.closed)):
                     return b._find(ptr)
                 if ptr >= self._tail or self._closed:
                     raise CorruptionError(
@@ -283,7 +278,7 @@ class Writer:
         the log (the next open reads one footer)."""
         with self._commit_lock:
             fut = Future()
-            with self._cond:
+            with self._mutex:
                 if self._closing:
                     raise DatabaseClosedError("the store is closed")
                 self._checkpoints.append(fut)
@@ -293,7 +288,7 @@ class Writer:
     def close(self):
         """Write what is queued, fsync, write a sync mark, stop the thread. Raises
         StorageError if that final write or fsync failed."""
-        with self._cond:
+        with self._mutex:
             if self._closing:
                 return
             self._closing = True
@@ -306,33 +301,33 @@ class Writer:
     # ---- writer thread -----------------------------------------------------------
 
     def _run(self):
-        cond = self._cond
+        cond, mutex = self._cond, self._mutex
         normal = self.durability == "normal"
         while True:
-            with cond:
+            with mutex:
                 while True:
                     # _timing: this thread will wake by itself for the next fsync, so
                     # writers need not notify it (a notify per commit would cost a
-                    # thread switch per commit).
-                    if self._writing:
-                        self._timing = False
-                        cond.wait()
-                        continue
-                    if self._queue:
-                        batch, self._queue = self._queue, []
-                        break
-                    batch = None
-                    if self._closing or self._checkpoints:
-                        break
+                    # thread switch per commit). It keeps timing even while a caller
+                    # writes: the queue, close and checkpoints still notify it.
+                    writing = self._writing
+                    if not writing:
+                        if self._queue:
+                            batch, self._queue = self._queue, []
+                            break
+                        batch = None
+                        if self._closing or self._checkpoints:
+                            break
                     if normal and self._written_end > self._synced_end:
                         wait = self._last_sync + NORMAL_SYNC_INTERVAL - time.monotonic()
-                        if wait <= 0:
+                        if wait > 0:
+                            self._timing = True
+                            cond.wait(wait)
+                            continue
+                        if not writing:
                             break
-                        self._timing = True
-                        cond.wait(wait)
-                    else:
-                        self._timing = False
-                        cond.wait()
+                    self._timing = False
+                    cond.wait()
                 self._timing = False
                 self._writing = True
                 checkpoints, closing = self._checkpoints, self._closing
@@ -353,7 +348,7 @@ class Writer:
                     else:
                         fut.set_exception(err)
                 if closing:
-                    with cond:
+                    with mutex:
                         self._closed = True
                     self._close_error = err
                     return
@@ -378,15 +373,15 @@ class Writer:
         if len(batch) == 1:
             # The common case, kept short: one join, two checksums, one footer.
             c = batch[0]
-            body = b"".join(c._parts)
-            c._parts = None
+            body = c._body
+            c._body = None
             footer = make_footer(salt, c.seq, c.root, len(body) + FOOTER_SIZE, synced, 0,
                                  _crc32(body, salt))
             bufs = (body + footer,) if len(body) < _BIG else (body, footer)
         else:
             parts = []
             for c in batch:
-                parts.extend(c._parts)
+                parts.append(c._body)
                 parts.append(_ZERO_FOOTER)
             buf = bytearray().join(parts)
             with memoryview(buf) as mv:
@@ -396,7 +391,7 @@ class Writer:
                     pack_footer(buf, pos + n, salt, c.seq, c.root, n + FOOTER_SIZE, synced,
                                 0, _crc32(mv[pos:pos + n], salt))
                     pos += n + FOOTER_SIZE
-                    c._parts = None
+                    c._body = None
             bufs = (buf,)
         off = batch[0]._start
         full = self.durability == "full"
@@ -413,7 +408,7 @@ class Writer:
         buf_len = at - off
         last = batch[-1]
         st = self.stats
-        with self._cond:
+        with self._mutex:
             self._written_end = self.end = off + buf_len
             self.head = (last.seq, last.root)
             if full:
@@ -458,7 +453,7 @@ class Writer:
             self._fsync()
         except OSError as exc:
             return self._fail([], exc)
-        with self._cond:
+        with self._mutex:
             self._synced_end = self._written_end
             self._synced_head = self.head
         return None
@@ -481,7 +476,7 @@ class Writer:
             self._fsync()
         except OSError as exc:
             return self._fail([], exc)
-        with self._cond:
+        with self._mutex:
             self._written_end = self._synced_end = self.end = start + FOOTER_SIZE
             self._tail = self._written_end
             self._marked = True
@@ -498,7 +493,7 @@ class Writer:
     def _fail(self, batch, exc):
         """A write or fsync failed: fail ``batch`` and everything queued, roll back to the
         last fsynced commit, cut the file back to it."""
-        with self._cond:
+        with self._mutex:
             failed = batch + self._queue
             self._queue = []
             good = self._synced_end
@@ -522,7 +517,7 @@ class Writer:
         self._damaged = True
         self._repair()
         for c in failed:
-            c._parts = None
+            c._body = None
             c.future.set_exception(self._storage_error(exc))
         return self._storage_error(exc)
 
@@ -546,7 +541,7 @@ class Writer:
             except OSError as exc:
                 self._damage_cause = exc
                 return False
-            with self._cond:
+            with self._mutex:
                 self._synced_end = self._tail = self._written_end = self.end = ft.end
                 self.head = self._synced_head = (ft.seq, ft.root)
                 self._next_seq = ft.seq
