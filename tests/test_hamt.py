@@ -639,6 +639,34 @@ def test_persist_and_load_round_trip_equals_the_dict():
     assert HashSet._load(sptr, io) == set(d)
 
 
+def test_a_mutation_of_a_loaded_map_copies_frozen_nodes_and_matches_the_dict():
+    # Loaded nodes are frozen (owner None): the mutation's in-place walk must leave them to the
+    # copying path, and the hashes recomputed on load must place later edits correctly.
+    d = {i: i for i in range(5000)}
+    d.update({5 + j * MERSENNE: -j for j in range(3)})     # a collision node on disk
+    io = AtomIO()
+    loaded = Map._load(Map(d)._persist(io), io)
+    mm = loaded.mutate()
+    expect = dict(d)
+    edits = list(range(0, 6000, 7)) + [5 + 3 * MERSENNE, 5 + MERSENNE, 5, 5 + 2 * MERSENNE]
+    for step, k in enumerate(edits):
+        if step % 3 == 2 and k in expect:
+            del mm[k]
+            del expect[k]
+        else:
+            mm[k] = step
+            expect[k] = step
+        if step % 97 == 0:
+            mm._check()
+    mm._check()
+    assert mm == expect
+    snapshot = mm.finish()
+    snapshot._check()
+    assert snapshot == expect
+    assert loaded == d
+    loaded._check()
+
+
 def test_a_get_on_a_loaded_map_reads_only_one_path():
     d = {i: i for i in range(40_000)}
     io = AtomIO()

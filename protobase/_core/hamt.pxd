@@ -7,8 +7,8 @@ cimport cython
 
 @cython.final
 cdef class Node:
-    # A variable-size object: the slot array follows the struct in the same allocation, so
-    # a node's header and its slots are one block (one memory miss per level, not two).
+    # A variable-size object: the slot array and then the entry hashes follow the struct in
+    # the same allocation, so a node is one block (one memory miss per level, not two).
     # `cap` sits where PyVarObject keeps ob_size, which the allocator sets to the capacity.
     cdef Py_ssize_t cap            # allocated slots (ob_size)
     cdef uint32_t datamap          # bit b set: an inline entry for 5-bit chunk b
@@ -16,6 +16,8 @@ cdef class Node:
     cdef bint collision
     cdef Py_ssize_t n              # used slots: 2 * entries + children
     cdef PyObject **slots          # the trailing array: [k0, v0, k1, v1, ..., child0, ...]
+    cdef uint64_t *hashes          # after the slots: hashes[e] = stable hash of entry e's key
+    cdef Py_ssize_t hcap           # room in hashes (entries)
     cdef uint64_t chash            # collision nodes: the hash every key shares
     cdef int64_t ptr               # atom pointer once persisted, else -1
     cdef object owner              # token of the mutation allowed to edit in place, or None

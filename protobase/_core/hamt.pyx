@@ -30,26 +30,53 @@ find itself again after a round trip through the file, where identity is lost.
 
 Node layout (CHAMP)
 -------------------
-A bitmap node keeps two 32-bit maps and one array of slots. The inline entries come first
-in chunk order, the child nodes after them, also in chunk order:
+A bitmap node keeps two 32-bit maps, one array of slots and one array of entry hashes. The
+inline entries come first in chunk order, the child nodes after them, also in chunk order;
+hashes[i] is the full 64-bit stable hash of entry i's key:
 
     datamap = 0b...0100_0010      nodemap = 0b...1000_0000
                     |     |                      |
     slots:  [ k1, v1, k6, v6 | child7 ]          (chunk 1, chunk 6 inline; chunk 7 a node)
               entry i at 2*i      child j at 2*popcount(datamap) + j
+    hashes: [ h(k1), h(k6) ]                     (one per entry; children have none)
 
     root (shift 0) ──chunk 7──> node (shift 5) ──chunk 19──> node (shift 10) ...
                                    └─> collision node: [k, v, k', v'] (same 64-bit hash)
 
 The index of chunk b is popcount(map & ((1 << b) - 1)), so a node holds exactly the slots
 it uses. Keys whose whole 64-bit hashes are equal share a collision node (a flat list of
-pairs, compared with ==). A set stores None in every value slot.
+pairs, compared with ==; every entry's stored hash is that hash). A set stores None in
+every value slot.
 
-A node is one variable-size object: the slot array follows the header in the same block
-(Node gets a tp_itemsize and its own tp_alloc), so descending a level costs one memory miss
-(header and slots are adjacent, and the lookup prefetches a node's first lines as soon as it
-has the pointer), not a miss for the object and another for a separate array. Cycles through
-values are visible to the garbage collector through a hand-written tp_traverse/tp_clear.
+Why store the hashes: a key stored inline is otherwise only reachable through its object, so
+splitting a slot into a sub-node (the common step while a map grows) had to re-read the old
+key and rehash it, one more memory miss and a hash computation per split; and telling a
+different key apart needed `==` on it. With the hash beside the slot, a split reads nothing
+outside the node, and a lookup or delete compares hashes first and only calls `==` when the
+64-bit hashes agree (for a hit, or a true collision). The hashes are memory only: the file
+format does not hold them, `_load` recomputes them (it hashes every key anyway to validate
+placement), and `_check()` verifies each one against its key.
+
+A node is one variable-size object: the slot array, then the hash array, follow the header
+in the same block (Node gets a tp_itemsize and its own tp_alloc), so descending a level costs
+one memory miss (header and slots are adjacent, and the lookup prefetches a node's first
+lines as soon as it has the pointer), not a miss for the object and another for a separate
+array. The hashes start right after slot `cap`, with room for `hcap` of them:
+
+    [ header: cap, hcap, maps, n, ..., owner | slot 0 .. cap-1 | hash 0 .. hcap-1 ]
+
+A node a mutation owns may fill its free slots with entries, so it gets hcap = (cap+1)/2
+(at least its entries plus half its free slots). A frozen node is never edited, so a
+persistent update or a load sizes it exactly (hcap = its entries): a frozen node of 32
+children carries no hash room at all (344 bytes, within the 512-byte small-object limit of
+CPython's allocator).
+
+The allocator zeroes only the header: nothing reads a slot at or past `n` or a hash past the
+node's entries, and the slots below `n` are either copied in or zeroed for the caller to fill,
+so a copy is one memcpy of the used slots (plus a loop of increfs) and one of the used
+hashes. Cycles through values are visible to the garbage collector through a hand-written
+tp_traverse/tp_clear; tp_dealloc is hand-written too (it only drops the slot references,
+with no exception save/restore around it).
 
 Invariants (checked by `_check()`)
 ---------------------------------
@@ -62,6 +89,9 @@ Invariants (checked by `_check()`)
   up into its parent and a lone collision child replaces its parent on deletion. So the
   shape depends only on the set of keys (and, inside a collision node, their order), never
   on the history of edits: the same keys give the same trie in every process.
+- hashes[i] == stable_hash(key of entry i) for every entry of every node; n <= cap and
+  entries <= hcap, and a node a live mutation owns has hash room for an entry in every two
+  free slots (so in-place inserts never run out of it).
 - Ownership: a node whose `owner` is a live mutation's token is reachable only through
   nodes with that owner and has never been persisted (`ptr == -1`). A persisted node is
   frozen (owner None) and never edited again; it only references persisted children.
@@ -69,15 +99,22 @@ Invariants (checked by `_check()`)
 Transients
 ----------
 A mutation carries a token (a fresh object). Editing a node it owns happens in place;
-editing any other node first copies it (path copying) and the copy is owned by the token,
-so a batch of k edits copies each shared node at most once: building 100k keys costs about
-what 100k dict inserts cost. Owned nodes keep spare capacity; when one is full it moves its
-references into a node twice its size (no reference counting traffic) and the parent's slot
-is repointed. `finish()` returns a snapshot sharing every node, and the mutation takes a
-fresh token, so later edits copy again and never touch that snapshot. Iterating a mutation
-rotates its token the same way, so the iterator walks a stable snapshot.
+editing any other node first copies it (path copying) and the copy is owned by the token, so
+a batch of k edits copies each shared node at most once: building 100k keys costs a small
+multiple (under 3x) of 100k dict inserts. Owned nodes keep spare capacity; when one is full
+it moves its references into a node twice its size (no reference counting traffic) and the
+parent's slot is repointed. A mutation's edit first walks down without recursion while every
+node on the path is its own, editing in place (only a node that had to grow is repointed in
+its parent); the first shared or collision node on the path sends it to the general
+recursive edit, which copies that part of the path. `finish()` returns a snapshot sharing
+every node, and the mutation takes a fresh token, so later edits copy again and never touch
+that snapshot. Iterating a mutation rotates its token the same way, so the iterator walks a
+stable snapshot.
 Persistent operations (`Map.set`) are the same code with token None: every touched node is
-copied.
+copied. `set`/`add` have their own loop for that: walk down remembering the path (at most 13
+bitmap nodes), build the new bottom node, then copy each ancestor with one memcpy of its slots
+and a loop of increfs, pointing its child slot at the new node below; only a path ending in a
+collision node takes the recursive route.
 
 Persistence and lazy loading
 ----------------------------
@@ -101,8 +138,8 @@ get/set/delete O(log32 n) (hashes are 64-bit: at most 13 levels, then a collisio
 len O(1); iteration O(n); one persistent set copies O(log32 n) nodes of <= 64 slots.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memmove
-from cpython.ref cimport PyObject, Py_INCREF, Py_XINCREF, Py_XDECREF
+from libc.string cimport memcpy, memmove, memset
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.object cimport PyObject_RichCompareBool, Py_EQ, PyObject_Hash
 
 import datetime as _dt
@@ -212,14 +249,32 @@ cdef extern from *:
     }
     static inline int pb_is_nan_double(double d) { return d != d; }
 
-    /* Node allocation: Cython's tp_new asks tp_alloc for 0 items, so the capacity of the
-       next node travels in this variable (set right before, read once, under the GIL). */
+    /* Node allocation: Cython's tp_new asks tp_alloc for 0 items, so the capacities of the
+       next node (slots, then 64-bit hashes) travel in these variables (set right before,
+       read once, under the GIL). Only the header is zeroed: see the module docstring. */
     static Py_ssize_t pb_next_node_cap = 0;
+    static Py_ssize_t pb_next_node_hcap = 0;
     static PyObject *pb_node_tp_alloc(PyTypeObject *t, Py_ssize_t unused) {
+        Py_ssize_t items = pb_next_node_cap
+            + pb_next_node_hcap * (Py_ssize_t)(sizeof(uint64_t) / sizeof(PyObject *));
+        PyVarObject *o;
         (void)unused;
-        return PyType_GenericAlloc(t, pb_next_node_cap);
+        o = PyObject_GC_NewVar(PyVarObject, t, items);
+        if (o == NULL) return NULL;
+        memset((char *)o + sizeof(PyVarObject), 0,
+               (size_t)(t->tp_basicsize - sizeof(PyVarObject)));
+        PyObject_GC_Track((PyObject *)o);
+        return (PyObject *)o;
     }
-    static inline void pb_set_next_node_cap(Py_ssize_t cap) { pb_next_node_cap = cap; }
+    static inline void pb_set_next_node_cap(Py_ssize_t cap, Py_ssize_t hcap) {
+        pb_next_node_cap = cap;
+        pb_next_node_hcap = hcap;
+    }
+    /* A copy's new references: the slots were memcpy'd, so only the counts move. */
+    static inline void pb_incref_slots(PyObject **slots, Py_ssize_t n) {
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) Py_INCREF(slots[i]);
+    }
     /* Ask for a node's first lines at once: its header and the slot we are about to read
        are then fetched in parallel instead of one miss after the other. */
     static inline void pb_prefetch_node(PyObject *o) {
@@ -242,7 +297,8 @@ cdef extern from *:
     uint32_t pb_popcount(uint32_t x)
     int pb_same_type(PyObject *o, PyObject *t)
     int pb_is_nan_double(double d)
-    void pb_set_next_node_cap(Py_ssize_t cap)
+    void pb_set_next_node_cap(Py_ssize_t cap, Py_ssize_t hcap)
+    void pb_incref_slots(PyObject **slots, Py_ssize_t n)
     void pb_prefetch_node(PyObject *o)
     PyObject **pb_trailing_slots(PyObject *o)
     PyObject *pb_node_tp_alloc(_PBTypeSlots *t, Py_ssize_t unused)
@@ -258,12 +314,18 @@ cdef extern from "Python.h":
     ctypedef int (*traverseproc)(PyObject *, visitproc, void *) noexcept
     ctypedef int (*inquiry)(PyObject *) noexcept
     ctypedef PyObject *(*allocfunc)(_PBTypeSlots *, Py_ssize_t)
+    ctypedef void (*destructor)(PyObject *) noexcept
+    ctypedef void (*freefunc)(void *) noexcept
+    void PyObject_GC_UnTrack(void *o)
+    _PBTypeSlots *pb_type "Py_TYPE"(PyObject *o)
     ctypedef struct _PBTypeSlots "PyTypeObject":
         Py_ssize_t tp_basicsize
         Py_ssize_t tp_itemsize
         traverseproc tp_traverse
         inquiry tp_clear
         allocfunc tp_alloc
+        destructor tp_dealloc
+        freefunc tp_free
 
 
 # Seeds keep values of different kinds apart even when their fields coincide.
@@ -456,14 +518,6 @@ cdef bint key_eq(object a, object b) except -1:
 cdef class Node:
     """A trie node (internal). See the module docstring for the slot layout."""
 
-    def __dealloc__(self):
-        cdef Py_ssize_t i
-        cdef Py_ssize_t n = self.n
-        self.n = 0
-        if self.slots != NULL:
-            for i in range(n):
-                Py_XDECREF(self.slots[i])
-
 
 # Node keeps its references in a C array, which Cython's generated GC support cannot see;
 # these two functions show them to the cycle collector (values may point back at the map).
@@ -499,23 +553,56 @@ cdef int _node_clear(PyObject *o) noexcept:
     return 0
 
 
+cdef void _node_dealloc(PyObject *o) noexcept:
+    # Cython's generated dealloc would save and restore the pending exception around every
+    # node; dropping references is all a node does on the way out (as a list), so go direct.
+    cdef Py_ssize_t i, n = (<Node>o).n
+    cdef PyObject **slots = (<Node>o).slots
+    cdef PyObject *owner = <PyObject *>(<Node>o).owner
+    PyObject_GC_UnTrack(o)
+    (<Node>o).n = 0
+    for i in range(n):
+        Py_XDECREF(slots[i])
+    Py_XDECREF(owner)
+    pb_type(o).tp_free(o)
+
+
 # Made variable-size before any node exists; slots live after tp_basicsize.
 (<_PBTypeSlots *><PyObject *>Node).tp_itemsize = sizeof(PyObject *)
 (<_PBTypeSlots *><PyObject *>Node).tp_alloc = pb_node_tp_alloc
 (<_PBTypeSlots *><PyObject *>Node).tp_traverse = _node_traverse
 (<_PBTypeSlots *><PyObject *>Node).tp_clear = _node_clear
+(<_PBTypeSlots *><PyObject *>Node).tp_dealloc = _node_dealloc
 
 
-cdef Node _alloc(Py_ssize_t n, Py_ssize_t cap, object owner):
-    """A node with room for cap slots, the first n of them NULL (the allocator zeroes)."""
-    pb_set_next_node_cap(cap)
+cdef inline Node _alloc_raw(Py_ssize_t cap, Py_ssize_t hcap, object owner):
+    """An empty node (n == 0) with room for cap slots and hcap entry hashes."""
+    pb_set_next_node_cap(cap, hcap)
     cdef Node node = Node.__new__(Node)
     node.slots = pb_trailing_slots(<PyObject *>node)
-    node.n = n
+    node.hashes = <uint64_t *>(node.slots + cap)
     node.cap = cap
+    node.hcap = hcap
     node.owner = owner
     node.ptr = -1
     return node
+
+
+cdef inline Py_ssize_t _owned_hcap(Py_ssize_t cap):
+    # A node a mutation edits in place may fill all its slots with entries.
+    return (cap + 1) >> 1
+
+
+cdef Node _alloc(Py_ssize_t n, Py_ssize_t cap, Py_ssize_t hcap, object owner):
+    """A node with room for cap slots and hcap hashes, the first n slots NULL (for _put)."""
+    cdef Node node = _alloc_raw(cap, hcap, owner)
+    memset(node.slots, 0, n * sizeof(PyObject *))
+    node.n = n
+    return node
+
+
+cdef inline Py_ssize_t _entries(Node node):
+    return node.n >> 1 if node.collision else pb_popcount(node.datamap)
 
 
 cdef inline void _put(Node node, Py_ssize_t i, object obj):
@@ -531,12 +618,12 @@ cdef inline void _replace(Node node, Py_ssize_t i, object obj):
     Py_XDECREF(old)
 
 
-cdef Node _copy(Node src, object owner, Py_ssize_t cap):
-    cdef Node dst = _alloc(src.n, cap, owner)
-    cdef Py_ssize_t i
-    for i in range(src.n):
-        Py_XINCREF(src.slots[i])
-        dst.slots[i] = src.slots[i]
+cdef Node _copy(Node src, object owner, Py_ssize_t cap, Py_ssize_t hcap):
+    cdef Node dst = _alloc_raw(cap, hcap, owner)
+    memcpy(dst.slots, src.slots, src.n * sizeof(PyObject *))
+    pb_incref_slots(dst.slots, src.n)
+    memcpy(dst.hashes, src.hashes, _entries(src) * sizeof(uint64_t))
+    dst.n = src.n
     dst.datamap = src.datamap
     dst.nodemap = src.nodemap
     dst.chash = src.chash
@@ -550,9 +637,11 @@ cdef inline Node _editable(Node node, object token, Py_ssize_t extra):
     result in the parent's slot). Copies made for a mutation get slack for later inserts."""
     cdef Py_ssize_t need = node.n + extra
     if token is None:
-        return _copy(node, None, need)
+        # Frozen copies are exact: an edit that opens 2 slots may add one entry.
+        return _copy(node, None, need, _entries(node) + (extra >> 1))
     if node.owner is not token:
-        return _copy(node, token, need + need // 2)
+        need += need // 2
+        return _copy(node, token, need, _owned_hcap(need))
     if node.cap >= need:
         return node
     # Only the token's own tree holds an owned node, and the caller replaces it with the
@@ -561,8 +650,10 @@ cdef inline Node _editable(Node node, object token, Py_ssize_t extra):
 
 
 cdef Node _grow_owned(Node node, Py_ssize_t cap):
-    cdef Node dst = _alloc(node.n, cap, node.owner)
+    cdef Node dst = _alloc_raw(cap, _owned_hcap(cap), node.owner)
     memcpy(dst.slots, node.slots, node.n * sizeof(PyObject *))
+    memcpy(dst.hashes, node.hashes, _entries(node) * sizeof(uint64_t))
+    dst.n = node.n
     dst.datamap = node.datamap
     dst.nodemap = node.nodemap
     dst.chash = node.chash
@@ -596,6 +687,25 @@ cdef void _close_gap(Node node, Py_ssize_t pos, Py_ssize_t k):
     node.n -= k
     for i in range(k):
         Py_XDECREF(dropped[i])
+
+
+cdef int _insert_entry(Node node, Py_ssize_t e, Py_ssize_t nd, object key, object val,
+                       uint64_t h) except -1:
+    """Make key/val/h entry e of a node that holds nd entries (the caller updates datamap)."""
+    if nd + 1 > node.hcap:
+        raise SystemError("hamt: hash capacity not reserved")
+    _open_gap(node, 2 * e, 2)
+    memmove(&node.hashes[e + 1], &node.hashes[e], (nd - e) * sizeof(uint64_t))
+    node.hashes[e] = h
+    _put(node, 2 * e, key)
+    _put(node, 2 * e + 1, val)
+    return 0
+
+
+cdef inline void _remove_entry(Node node, Py_ssize_t e, Py_ssize_t nd):
+    """Drop entry e of a node that holds nd entries (the caller updates datamap)."""
+    memmove(&node.hashes[e], &node.hashes[e + 1], (nd - e - 1) * sizeof(uint64_t))
+    _close_gap(node, 2 * e, 2)
 
 
 cdef inline uint32_t _bit(uint64_t h, int shift):
@@ -691,12 +801,13 @@ cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
             for j in range(i):
                 if key_eq(keys[i], keys[j]):
                     raise _corrupt(ptr, "duplicate key in collision node")
-        node = _alloc(2 * nd, 2 * nd, None)
+        node = _alloc(2 * nd, 2 * nd, nd, None)
         node.collision = True
         node.chash = chash
         for i in range(nd):
             _put(node, 2 * i, keys[i])
             _put(node, 2 * i + 1, None if values is None else values[i])
+            node.hashes[i] = chash
         node.ptr = ptr
         return node
     if kind != node_kind or type(kind) is not int:
@@ -726,7 +837,7 @@ cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
         c = children[i]
         if type(c) is not int or c < 0:
             raise _corrupt(ptr, "child pointer is not a non-negative int")
-    node = _alloc(2 * nd + nc, 2 * nd + nc, None)
+    node = _alloc(2 * nd + nc, 2 * nd + nc, nd, None)
     node.datamap = datamap
     node.nodemap = nodemap
     for i in range(nd):
@@ -735,6 +846,7 @@ cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
         bit = (<uint32_t>1) << _nth_bit_index(datamap, i)
         if (h & _mask(shift)) != prefix or _bit(h, shift) != bit:
             raise _corrupt(ptr, "key is not where its hash places it")
+        node.hashes[i] = h
         _put(node, 2 * i, k)
         _put(node, 2 * i + 1, None if values is None else values[i])
     for i in range(nc):
@@ -787,10 +899,11 @@ cdef object _find(Node root, object key, uint64_t h, _Loader ld):
         bit = _bit(h, shift)
         datamap = (<Node>cur).datamap
         if datamap & bit:
-            i = 2 * pb_popcount(datamap & (bit - 1))
-            k = (<Node>cur).slots[i]
-            if k == <PyObject *>key or key_eq(<object>k, key):
-                return <object>(<Node>cur).slots[i + 1]
+            i = pb_popcount(datamap & (bit - 1))
+            k = (<Node>cur).slots[2 * i]
+            # A stored hash that differs proves a miss without touching the stored key.
+            if k == <PyObject *>key or ((<Node>cur).hashes[i] == h and key_eq(<object>k, key)):
+                return <object>(<Node>cur).slots[2 * i + 1]
             return _MISSING
         nodemap = (<Node>cur).nodemap
         if not (nodemap & bit):
@@ -823,9 +936,11 @@ cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64
     cdef Node node
     cdef uint32_t b1, b2
     if h1 == h2:
-        node = _alloc(4, 4, token)
+        node = _alloc(4, 4, 2, token)
         node.collision = True
         node.chash = h1
+        node.hashes[0] = h1
+        node.hashes[1] = h1
         _put(node, 0, k1)
         _put(node, 1, v1)
         _put(node, 2, k2)
@@ -835,15 +950,18 @@ cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64
     b2 = _bit(h2, shift)
     if b1 == b2:
         sub = _merge(k1, v1, h1, k2, v2, h2, shift + 5, token)
-        node = _alloc(1, 1, token)
+        node = _alloc(1, 1, 0, token)
         node.nodemap = b1
         _put(node, 0, sub)
         return node
     # A mutation is likely to add more keys here: room for two more entries saves a move.
-    node = _alloc(4, 4 if token is None else 8, token)
+    node = _alloc(4, 4, 2, None) if token is None else _alloc(4, 8, 4, token)
     node.datamap = b1 | b2
     if b1 > b2:
         k1, v1, k2, v2 = k2, v2, k1, v1
+        h1, h2 = h2, h1
+    node.hashes[0] = h1
+    node.hashes[1] = h2
     _put(node, 0, k1)
     _put(node, 1, v1)
     _put(node, 2, k2)
@@ -854,10 +972,9 @@ cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64
 cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, object token,
                  _Loader ld, bint *added):
     """Node with key -> val; the same node when it was edited in place or nothing changed."""
-    cdef uint64_t hk = 0
-    cdef object old_k = None
+    cdef uint64_t hk
     cdef uint32_t bit
-    cdef Py_ssize_t i, j, nd
+    cdef Py_ssize_t i, j, e, nd
     cdef Node n2, child, c2, wrap
     cdef PyObject *k
     if node.collision:
@@ -871,39 +988,34 @@ cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, objec
                     _replace(n2, i + 1, val)
                     return n2
             n2 = _editable(node, token, 2)
-            i = n2.n
-            _open_gap(n2, i, 2)
-            _put(n2, i, key)
-            _put(n2, i + 1, val)
+            _insert_entry(n2, n2.n >> 1, n2.n >> 1, key, val, h)
             added[0] = True
             return n2
         # A different hash reached this collision node: put a bitmap level above it.
-        wrap = _alloc(1, 3, token)
+        wrap = _alloc(1, 3, 1, token)
         wrap.nodemap = _bit(node.chash, shift)
         _put(wrap, 0, node)
         return _assoc(wrap, shift, h, key, val, token, ld, added)
     bit = _bit(h, shift)
     if node.datamap & bit:
-        i = 2 * pb_popcount(node.datamap & (bit - 1))
-        k = node.slots[i]
-        if k != <PyObject *>key:
-            # Different hashes prove different keys without calling __eq__.
-            old_k = <object>k
-            hk = stable_hash_c(old_k)
-        if k == <PyObject *>key or (hk == h and key_eq(old_k, key)):
-            if node.slots[i + 1] == <PyObject *>val:
+        e = pb_popcount(node.datamap & (bit - 1))
+        k = node.slots[2 * e]
+        hk = node.hashes[e]
+        # Different hashes prove different keys without touching the stored key.
+        if hk == h and (k == <PyObject *>key or key_eq(<object>k, key)):
+            if node.slots[2 * e + 1] == <PyObject *>val:
                 return node
             n2 = _editable(node, token, 0)
-            _replace(n2, i + 1, val)
+            _replace(n2, 2 * e + 1, val)
             return n2
-        old_v = <object>node.slots[i + 1]
-        sub = _merge(old_k, old_v, hk, key, val, h, shift + 5, token)
+        sub = _merge(<object>k, <object>node.slots[2 * e + 1], hk, key, val, h, shift + 5,
+                     token)
         n2 = _editable(node, token, 1)
         nd = pb_popcount(n2.datamap)
         j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
         _open_gap(n2, j, 1)
         _put(n2, j, sub)
-        _close_gap(n2, i, 2)
+        _remove_entry(n2, e, nd)
         n2.datamap ^= bit
         n2.nodemap |= bit
         added[0] = True
@@ -919,13 +1031,156 @@ cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, objec
         _replace(n2, j, c2)
         return n2
     n2 = _editable(node, token, 2)
-    i = 2 * pb_popcount(n2.datamap & (bit - 1))
-    _open_gap(n2, i, 2)
-    _put(n2, i, key)
-    _put(n2, i + 1, val)
+    _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), key, val, h)
     n2.datamap |= bit
     added[0] = True
     return n2
+
+
+cdef Node _assoc_owned(Node root, uint64_t h, object key, object val, object token,
+                       _Loader ld, bint *added):
+    """_assoc for a mutation, without recursion, while every node on the path is the
+    token's own: the edit happens in place and only a node that had to grow is repointed in
+    its parent. Returns the (possibly new) root, or None before changing anything when the
+    path reaches a shared or collision node, for the general _assoc to copy the path."""
+    cdef Node node = root
+    cdef Node parent = None
+    cdef Node n2
+    cdef Py_ssize_t pslot = 0, e, j, nd
+    cdef int shift = 0
+    cdef uint32_t bit
+    cdef uint64_t hk
+    cdef PyObject *k
+    while True:
+        if node.owner is not token or node.collision:
+            return None
+        bit = _bit(h, shift)
+        if node.datamap & bit:
+            e = pb_popcount(node.datamap & (bit - 1))
+            k = node.slots[2 * e]
+            hk = node.hashes[e]
+            if hk == h and (k == <PyObject *>key or key_eq(<object>k, key)):
+                if node.slots[2 * e + 1] != <PyObject *>val:
+                    _replace(node, 2 * e + 1, val)
+                return root
+            sub = _merge(<object>k, <object>node.slots[2 * e + 1], hk, key, val, h, shift + 5,
+                         token)
+            n2 = _editable(node, token, 1)
+            nd = pb_popcount(n2.datamap)
+            j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
+            _open_gap(n2, j, 1)
+            _put(n2, j, sub)
+            _remove_entry(n2, e, nd)
+            n2.datamap ^= bit
+            n2.nodemap |= bit
+            break
+        if node.nodemap & bit:
+            j = 2 * pb_popcount(node.datamap) + pb_popcount(node.nodemap & (bit - 1))
+            parent = node
+            pslot = j
+            shift += 5
+            node = _child(parent, j, shift, h & _mask(shift), ld)
+            pb_prefetch_node(<PyObject *>node)
+            continue
+        n2 = _editable(node, token, 2)
+        _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), key,
+                      val, h)
+        n2.datamap |= bit
+        break
+    added[0] = True
+    if n2 is node:
+        return root
+    if parent is None:
+        return n2
+    _replace(parent, pslot, n2)
+    return root
+
+
+cdef inline Node _mut_assoc(Node root, uint64_t h, object key, object val, object token,
+                            _Loader ld, bint *added):
+    """A mutation's edit: in place on its own path, else the general path-copying _assoc."""
+    cdef Node r2 = _assoc_owned(root, h, key, val, token, ld, added)
+    if r2 is None:
+        r2 = _assoc(root, 0, h, key, val, token, ld, added)
+    return r2
+
+
+cdef Node _assoc_frozen(Node root, uint64_t h, object key, object val, _Loader ld,
+                        bint *added):
+    """_assoc with token None (a persistent update), without recursion: walk down keeping
+    the path, build the new bottom node, then copy each ancestor with its child slot moved to
+    the new node below it. Returns root itself when nothing changes, or None before changing
+    anything when the path ends in a collision node (the recursive _assoc handles those)."""
+    # Borrowed: each node on the path is held by its parent, and the root by the caller.
+    cdef PyObject *path[MAX_DEPTH]
+    cdef Py_ssize_t slot[MAX_DEPTH]
+    cdef Py_ssize_t ents[MAX_DEPTH]
+    cdef int depth = 0, shift = 0
+    cdef Node node = root
+    cdef Node n2, up
+    cdef Py_ssize_t e, j, nd
+    cdef uint32_t bit
+    cdef uint64_t hk
+    cdef PyObject *k
+    while True:
+        if node.collision:
+            return None
+        bit = _bit(h, shift)
+        if node.datamap & bit:
+            e = pb_popcount(node.datamap & (bit - 1))
+            k = node.slots[2 * e]
+            hk = node.hashes[e]
+            if hk == h and (k == <PyObject *>key or key_eq(<object>k, key)):
+                if node.slots[2 * e + 1] == <PyObject *>val:
+                    return root
+                n2 = _copy(node, None, node.n, _entries(node))
+                _replace(n2, 2 * e + 1, val)
+                break
+            sub = _merge(<object>k, <object>node.slots[2 * e + 1], hk, key, val, h, shift + 5,
+                         None)
+            n2 = _copy(node, None, node.n + 1, _entries(node))
+            nd = pb_popcount(n2.datamap)
+            j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
+            _open_gap(n2, j, 1)
+            _put(n2, j, sub)
+            _remove_entry(n2, e, nd)
+            n2.datamap ^= bit
+            n2.nodemap |= bit
+            added[0] = True
+            break
+        if node.nodemap & bit:
+            nd = pb_popcount(node.datamap)
+            j = 2 * nd + pb_popcount(node.nodemap & (bit - 1))
+            path[depth] = <PyObject *>node
+            slot[depth] = j
+            ents[depth] = nd
+            depth += 1
+            shift += 5
+            node = _child(node, j, shift, h & _mask(shift), ld)
+            pb_prefetch_node(<PyObject *>node)
+            continue
+        n2 = _copy(node, None, node.n + 2, _entries(node) + 1)
+        _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), key,
+                      val, h)
+        n2.datamap |= bit
+        added[0] = True
+        break
+    while depth > 0:
+        depth -= 1
+        node = <Node>path[depth]
+        up = _copy(node, None, node.n, ents[depth])
+        _replace(up, slot[depth], n2)
+        n2 = up
+    return n2
+
+
+cdef inline Node _persistent_assoc(Node root, uint64_t h, object key, object val, _Loader ld,
+                                   bint *added):
+    """A persistent update: the path copied without recursion, or by _assoc near collisions."""
+    cdef Node r2 = _assoc_frozen(root, h, key, val, ld, added)
+    if r2 is None:
+        r2 = _assoc(root, 0, h, key, val, None, ld, added)
+    return r2
 
 
 cdef inline bint _is_single_entry(Node node):
@@ -938,7 +1193,7 @@ cdef Node _dissoc(Node node, int shift, uint64_t h, object key, object token, _L
                   bint *removed):
     """Node without key; the same node when it was edited in place or key was absent."""
     cdef uint32_t bit
-    cdef Py_ssize_t i, j, nd
+    cdef Py_ssize_t i, j, e, nd
     cdef Node n2, child, c2, grandchild
     cdef PyObject *k
     if node.collision:
@@ -948,18 +1203,18 @@ cdef Node _dissoc(Node node, int shift, uint64_t h, object key, object token, _L
             k = node.slots[i]
             if k == <PyObject *>key or key_eq(<object>k, key):
                 n2 = _editable(node, token, 0)
-                _close_gap(n2, i, 2)
+                _remove_entry(n2, i >> 1, n2.n >> 1)
                 removed[0] = True
                 return n2
         return node
     bit = _bit(h, shift)
     if node.datamap & bit:
-        i = 2 * pb_popcount(node.datamap & (bit - 1))
-        k = node.slots[i]
-        if not (k == <PyObject *>key or key_eq(<object>k, key)):
+        e = pb_popcount(node.datamap & (bit - 1))
+        k = node.slots[2 * e]
+        if not (k == <PyObject *>key or (node.hashes[e] == h and key_eq(<object>k, key))):
             return node
         n2 = _editable(node, token, 0)
-        _close_gap(n2, i, 2)
+        _remove_entry(n2, e, pb_popcount(n2.datamap))
         n2.datamap ^= bit
         removed[0] = True
         return n2
@@ -976,10 +1231,8 @@ cdef Node _dissoc(Node node, int shift, uint64_t h, object key, object token, _L
         k_up = <object>c2.slots[0]
         v_up = <object>c2.slots[1]
         n2 = _editable(node, token, 2)
-        i = 2 * pb_popcount(n2.datamap & (bit - 1))
-        _open_gap(n2, i, 2)
-        _put(n2, i, k_up)
-        _put(n2, i + 1, v_up)
+        _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), k_up,
+                      v_up, c2.hashes[0])
         _close_gap(n2, j + 2, 1)
         n2.datamap |= bit
         n2.nodemap ^= bit
@@ -1120,13 +1373,15 @@ cdef Py_ssize_t _check_node(Node node, int shift, uint64_t prefix, bint is_root,
     cdef Py_ssize_t i, nd, nc, total
     cdef uint64_t h
     cdef Node child
-    if not (node.slots != NULL and node.n <= node.cap):
+    if not (node.slots != NULL and node.n <= node.cap and _entries(node) <= node.hcap):
         raise AssertionError("slot array broken")
     for i in range(node.n):
         if not (node.slots[i] != NULL):
             raise AssertionError("empty slot")
     owned = token is not None and node.owner is token
     if owned:
+        if not (node.hcap >= _entries(node) + (node.cap - node.n) // 2):
+            raise AssertionError("an owned node lacks hash room for its free slots")
         if not (node.ptr < 0):
             raise AssertionError("a node owned by a live mutation was persisted")
         if not parent_owned:
@@ -1144,6 +1399,8 @@ cdef Py_ssize_t _check_node(Node node, int shift, uint64_t prefix, bint is_root,
         for i in range(0, node.n, 2):
             if not (stable_hash_c(<object>node.slots[i]) == node.chash):
                 raise AssertionError("collision key hash")
+            if not (node.hashes[i >> 1] == node.chash):
+                raise AssertionError("stored hash differs from the key's hash")
             for j in range(0, i, 2):
                 if key_eq(<object>node.slots[i], <object>node.slots[j]):
                     raise AssertionError("duplicate key")
@@ -1161,6 +1418,8 @@ cdef Py_ssize_t _check_node(Node node, int shift, uint64_t prefix, bint is_root,
             raise AssertionError("non-canonical node")
     for i in range(nd):
         h = stable_hash_c(<object>node.slots[2 * i])
+        if not (node.hashes[i] == h):
+            raise AssertionError("stored hash differs from the key's hash")
         if not ((h & _mask(shift)) == prefix):
             raise AssertionError("key under the wrong prefix")
         if not (_bit(h, shift) == (<uint32_t>1) << _nth_bit_index(node.datamap, i)):
@@ -1189,7 +1448,7 @@ cdef int _check(Node root, Py_ssize_t count, object token, _Loader ld) except -1
 # Public classes
 
 cdef inline Node _empty():
-    return _alloc(0, 0, None)
+    return _alloc(0, 0, 0, None)
 
 
 cdef inline Node _map_root(Map m):
@@ -1279,7 +1538,7 @@ cdef class Map:
         cdef bint added = False
         cdef uint64_t h = stable_hash_c(key)
         cdef Node root = _map_root(self)
-        cdef Node r2 = _assoc(root, 0, h, key, value, None, self.loader, &added)
+        cdef Node r2 = _persistent_assoc(root, h, key, value, self.loader, &added)
         if r2 is root:
             return self
         return _make_map(r2, self.count + added, self.loader)
@@ -1382,6 +1641,15 @@ cdef object _map_eq(object self, object other):
     return True
 
 
+cdef inline int _mutation_set(MapMutation m, object key, object value) except -1:
+    # The one path of `m[k] = v` and `m.set(k, v)`: the key is validated and hashed once.
+    cdef bint added = False
+    cdef uint64_t h = stable_hash_c(key)
+    m.root = _mut_assoc(m.root, h, key, value, m.token, m.loader, &added)
+    m.count += added
+    return 0
+
+
 cdef class MapMutation:
     """A map edited in place; finish() returns an immutable snapshot of it."""
 
@@ -1406,13 +1674,10 @@ cdef class MapMutation:
         return _find(self.root, key, stable_hash_c(key), self.loader) is not _MISSING
 
     def __setitem__(self, key, value):
-        cdef bint added = False
-        cdef uint64_t h = stable_hash_c(key)
-        self.root = _assoc(self.root, 0, h, key, value, self.token, self.loader, &added)
-        self.count += added
+        _mutation_set(self, key, value)
 
     def set(self, key, value):
-        self[key] = value
+        _mutation_set(self, key, value)
 
     def __delitem__(self, key):
         cdef bint removed = False
@@ -1446,11 +1711,11 @@ cdef class MapMutation:
             for k, v in _pairs(other):
                 added = False
                 h = stable_hash_c(k)
-                root = _assoc(root, 0, h, k, v, token, self.loader, &added)
+                root = _mut_assoc(root, h, k, v, token, self.loader, &added)
                 self.count += added
             for k, v in kwargs.items():
                 added = False
-                root = _assoc(root, 0, stable_hash_c(k), k, v, token, self.loader, &added)
+                root = _mut_assoc(root, stable_hash_c(k), k, v, token, self.loader, &added)
                 self.count += added
         finally:
             self.root = root
@@ -1559,7 +1824,7 @@ cdef class HashSet:
         cdef bint added = False
         cdef uint64_t h = stable_hash_c(key)
         cdef Node root = _set_root(self)
-        cdef Node r2 = _assoc(root, 0, h, key, None, None, self.loader, &added)
+        cdef Node r2 = _persistent_assoc(root, h, key, None, self.loader, &added)
         if r2 is root:
             return self
         return _make_set(r2, self.count + added, self.loader)
@@ -1644,7 +1909,7 @@ cdef class HashSetMutation:
     def add(self, key):
         cdef bint added = False
         cdef uint64_t h = stable_hash_c(key)
-        self.root = _assoc(self.root, 0, h, key, None, self.token, self.loader, &added)
+        self.root = _mut_assoc(self.root, h, key, None, self.token, self.loader, &added)
         self.count += added
 
     def discard(self, key):
@@ -1671,7 +1936,7 @@ cdef class HashSetMutation:
         try:
             for k in iterable:
                 added = False
-                root = _assoc(root, 0, stable_hash_c(k), k, None, token, self.loader, &added)
+                root = _mut_assoc(root, stable_hash_c(k), k, None, token, self.loader, &added)
                 self.count += added
         finally:
             self.root = root
