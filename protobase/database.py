@@ -16,8 +16,8 @@ published head, so nothing is ever built on data that did not reach the disk.
 import os
 import random
 import threading
-import weakref
 import time
+import weakref
 from functools import wraps
 
 from . import vector
@@ -104,6 +104,7 @@ class Database:
         self._vectors = {}           # (coll id, field) -> vector.HnswIndex, loaded on first use
         self._retired = []           # (store replaced by compaction, transactions still reading it)
         self._live = weakref.WeakSet()   # open transactions, to know when a retired store is free
+        self._live_lock = threading.Lock()
         self._compacting = threading.Lock()
         self._file_id = _file_id(store)
         self._commits = 0
@@ -158,10 +159,11 @@ class Database:
             from .storage import LogStore
             new = LogStore.open(self._store.path, durability=self._durability, readonly=True,
                                 bytes_cache_size=self._cache_size, file_layer=self._file_layer)
-            self._retire(self._store)
-            self._store, self._io, self._file_id = new, StoreIO(new), file_id
+            old, io = self._store, StoreIO(new)
             root_ptr = new.head[1]
-            self._head = self._pending = State.load(root_ptr, self._io) if root_ptr >= 0 else State.initial()
+            self._head = self._pending = State.load(root_ptr, io) if root_ptr >= 0 else State.initial()
+            self._store, self._io, self._file_id = new, io, file_id
+            self._retire(old)      # after the switch: a transaction on the old head is in _live
             return
         self._store.refresh()
         _, root_ptr = self._store.head
@@ -262,19 +264,22 @@ class Database:
                 readonly = True
             if self._store is not None:
                 self._refresh()
-        if self._retired:
-            self._release_retired()
-        tx = Transaction(self, self._head, readonly=readonly, isolation=isolation)
-        self._live.add(tx)
+        with self._live_lock:     # a compaction retires the old file only after the switch
+            tx = Transaction(self, self._head, readonly=readonly, isolation=isolation)
+            if self._retired:
+                self._release_retired()
+            self._live.add(tx)
         return tx
 
     def _retire(self, store):
         """A store no longer named by the path: keep it for the transactions that may still
         read through it, close it once they have all ended."""
-        self._retired.append((store, weakref.WeakSet(t for t in self._live if not t._closed)))
-        self._release_retired()
+        with self._live_lock:
+            self._retired.append((store, weakref.WeakSet(t for t in self._live if not t._closed)))
+            self._release_retired()
 
     def _release_retired(self):
+        """Close retired stores no open transaction reads any more (caller holds _live_lock)."""
         keep = []
         for store, readers in self._retired:
             if any(not t._closed for t in readers):
@@ -440,11 +445,12 @@ class Database:
                     # fail, so no commit is ever written to the old, unlinked one. Old
                     # snapshots keep reading the old file until close.
                     new.path = path
-                    self._retire(self._store)
+                    old = self._store
                     self._store, self._io = new, io
                     self._file_id = _file_id(new)
                     self._head = self._pending = head
                     self._last_future = None
+                    self._retire(old)    # after the switch: a transaction on the old head is in _live
                     try:
                         _sync_directory(path)
                     except OSError as exc:
