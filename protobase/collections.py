@@ -127,6 +127,18 @@ class _Collection:
         if self._reads is not None:
             self._reads.add(ALL)
 
+    def __len__(self):
+        if self._tx is None:
+            return len(self._initial)
+        self._read_all()
+        return len(self._struct())
+
+    def __iter__(self):
+        if self._tx is None:
+            return iter(self._initial)
+        self._read_all()
+        return iter(self._struct())
+
     # -- commit --------------------------------------------------------------------
 
     def _commit_state(self, head):
@@ -252,18 +264,6 @@ class _MapBase(_Collection, MutableMapping):
         else:
             self._ix.put(key, MISSING, MISSING)
         self._writes.append(key)
-
-    def __len__(self):
-        if self._tx is None:
-            return len(self._initial)
-        self._read_all()
-        return len(self._struct())
-
-    def __iter__(self):
-        if self._tx is None:
-            return iter(self._initial)
-        self._read_all()
-        return iter(self._struct())
 
     def keys(self):
         return KeysView(self)
@@ -702,18 +702,6 @@ class Set(_Collection, MutableSet):
             self._reads.add(x)
         return x in self._struct()
 
-    def __iter__(self):
-        if self._tx is None:
-            return iter(self._initial)
-        self._read_all()
-        return iter(self._struct())
-
-    def __len__(self):
-        if self._tx is None:
-            return len(self._initial)
-        self._read_all()
-        return len(self._struct())
-
     def add(self, x):
         m = self._writable()
         if m is None:
@@ -770,12 +758,6 @@ class List(_Collection, MutableSequence):
 
     def _note_edit(self):
         self._writes.append(ALL)   # anything but an append: merges at list level
-
-    def __len__(self):
-        if self._tx is None:
-            return len(self._initial)
-        self._read_all()
-        return len(self._struct())
 
     def __getitem__(self, index):
         if self._tx is None:
