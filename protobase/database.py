@@ -188,7 +188,8 @@ class Database:
             if ix is None:
                 state = self._pending
                 ix = vector.HnswIndex.open(spec, self._vector_path(cid, spec),
-                                           lambda: self._vector_rows(state, cid, spec), state.seq)
+                                           lambda: self._vector_rows(state, cid, spec), state.seq,
+                                           progress=True)     # a bar only when stderr is a terminal
                 self._vectors[key] = ix
         return ix
 
