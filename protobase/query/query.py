@@ -194,7 +194,8 @@ class Query:
         """The k matching entries whose vector at `field` is nearest to `vector`, in
         ascending distance: ``list(hits)`` values, ``hits.scored()`` (key, value, distance)."""
         if Query._nearest is None:
-            from .. import vector  # noqa: F401  (installs Query._nearest)
+            raise QueryError("nearest() needs protobase.vector, which installs it when "
+                             "imported (import protobase does)")
         return Query._nearest(self, field, vector, k=k, ef=ef)
 
     def explain(self):
