@@ -18,6 +18,15 @@ For each selectivity, in the same run and on the same queries:
 
 QPS and recall@10 against exact float64 brute force. Targets: recall >= 0.95 everywhere and
 ProtoBase QPS >= 0.8x the best single strategy at every selectivity.
+
+What the single strategies are given outside the timed loop, and ProtoBase pays per query:
+the admitted id set (they get it as a ready array/set; ProtoBase evaluates ``tag < t``
+through the btree index), the admitted vectors (numpy gets them as a ready matrix;
+ProtoBase gathers them from its dense copy, or reuses the gather of an earlier query with
+the same admitted set), and the results (they return row numbers; ProtoBase returns keys,
+so it looks up the k keys it returns; ``keys()`` decodes no value). They also check no
+snapshot: ProtoBase checks the index's change log against the transaction's snapshot and
+own writes.
 """
 import argparse
 import json

@@ -9,7 +9,7 @@ from . import errors
 from .errors import (ConflictError, CorruptionError, DatabaseClosedError, DatabaseLockedError,
                      DecodeError, MissingDependencyError, NotADatabaseError, ProtoBaseError,
                      QueryError, ReadOnlyError, SerializationError, StorageError,
-                     TransactionClosedError, TransactionError)
+                     TransactionClosedError, TransactionError, VectorError)
 from .state import codec as _codec
 from .collections import Dict, List, Set, SortedDict
 from .query import F, Query
@@ -26,5 +26,5 @@ __all__ = [
     "errors", "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
     "ReadOnlyError", "SerializationError", "DecodeError", "CorruptionError", "NotADatabaseError",
     "DatabaseLockedError", "DatabaseClosedError", "StorageError", "QueryError",
-    "MissingDependencyError",
+    "MissingDependencyError", "VectorError",
 ]

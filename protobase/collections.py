@@ -14,6 +14,8 @@ change nothing) and decoded at every read (so the caller owns what it gets back)
 A handle stays usable only while its transaction is open.
 """
 from collections.abc import ItemsView, KeysView, MutableMapping, MutableSequence, MutableSet, ValuesView
+import math
+from fractions import Fraction
 from functools import cmp_to_key
 from itertools import islice
 
@@ -113,15 +115,17 @@ class _Collection:
         if self._mut is None:
             self._mut = self._base.data.mutate()
             if self._base.meta.get("rowids"):
-                self._ix = _Indexed(self._base, self._mut, self)
+                self._ix = self._ROWS(self._base, self._mut, self)
             tx._dirty.append(self)
         return self._mut
 
     def _encode(self, value):
-        return _dumps(value, ref_hook=self._tx._hook)
+        encode = self._tx._encode
+        return encode(value)
 
     def _decode(self, raw):
-        return _loads(raw, ref_resolver=self._tx._resolver)
+        decode = self._tx._decode
+        return decode(raw)
 
     def _read_all(self):
         if self._reads is not None:
@@ -192,7 +196,85 @@ class _Collection:
     __hash__ = None
 
 
-class _MapBase(_Collection, MutableMapping):
+class _Queryable:
+    """Secondary indexes, vector indexes and queries: shared by the maps and List. A
+    subclass names the working row state (`_ROWS`) and the query source (`_SOURCE`)
+    for its kind."""
+
+    __slots__ = ()
+
+    @property
+    def indexes(self):
+        """The field paths this collection is indexed on."""
+        if self._tx is None:
+            return []
+        self._struct()
+        if self._ix is not None:
+            return list(self._ix.indexes)
+        return [] if self._base is None else list(self._base.meta.get("indexes", ()))
+
+    def create_index(self, field):
+        """Index entries by `field` (a dict key or attribute; "a.b" nests). The index is
+        built over the current contents, persisted with the collection and maintained by
+        every write. Creating an index that exists already does nothing."""
+        spec = IndexSpec(field)
+        if self._tx is None:
+            raise TypeError(f"store this {type(self).__name__} in a transaction before indexing it")
+        if spec.field in self.indexes:
+            return
+        self._writable()
+        if self._ix is None:
+            self._ix = self._ROWS(self._base or CollState.new(self.KIND), self._mut, self)
+        self._ix.add_index(spec.field)
+        self._schema = True
+
+    def drop_index(self, field):
+        """Remove the index on `field`; KeyError if there is none."""
+        spec = IndexSpec(field)
+        if spec.field not in self.indexes:
+            raise KeyError(f"no index on {spec.field!r}")
+        self._writable()
+        self._ix.drop_index(spec.field)
+        self._schema = True
+
+    def create_vector_index(self, field, dim, metric="cosine", M=16, ef_construction=200):
+        """Index the vectors at `field` (numpy arrays or sequences of floats of length `dim`)
+        for nearest-neighbour search with hnswlib ("cosine", "l2" or "ip"). Every existing
+        and future vector at `field` must have that dimension. Needs protobase[vector]."""
+        vector.require_hnswlib()
+        spec = vector.make_spec(IndexSpec(field).field, dim, metric, M, ef_construction)
+        if self._tx is None:
+            raise TypeError(f"store this {type(self).__name__} in a transaction before indexing it")
+        self._struct()
+        self._writable()
+        if self._ix is None:
+            self._ix = self._ROWS(self._base or CollState.new(self.KIND), self._mut, self)
+        self._ix.add_vector_index(spec)
+        self._schema = True
+
+    @property
+    def vector_indexes(self):
+        """Field path -> settings of each vector index."""
+        if self._tx is None:
+            return {}
+        self._struct()
+        if self._ix is not None:
+            return dict(self._ix.vectors)
+        return {} if self._base is None else dict(self._base.meta.get("vectors", {}))
+
+    def nearest(self, field, vector, k=10, ef=None):
+        """The k entries whose vector at `field` is nearest to `vector`: where().nearest()."""
+        return self.where().nearest(field, vector, k=k, ef=ef)
+
+    def where(self, *predicates, **equalities):
+        """A lazy Query over this collection: predicates (F expressions) and keyword
+        equalities are ANDed; no arguments selects everything."""
+        self._struct()
+        self._read_all()
+        return Query(self._SOURCE(self), make_predicate(*predicates, **equalities))
+
+
+class _MapBase(_Queryable, _Collection, MutableMapping):
     """Shared by Dict and SortedDict: a mapping from keys to encoded values."""
 
     __slots__ = ()
@@ -212,12 +294,16 @@ class _MapBase(_Collection, MutableMapping):
         if tx._closed:
             self._struct()                      # raises TransactionClosedError
         m = self._mut
-        raw = (self._base.data if m is None else m).get(key, MISSING)
+        try:                          # subscripting goes straight to the structure's C slot
+            raw = (self._base.data if m is None else m)[key]
+        except KeyError:
+            if self._reads is not None:
+                self._reads.add(key)  # an absent key is a read too (serializable)
+            raise
         if self._reads is not None:
             self._reads.add(key)
-        if raw is MISSING:
-            raise KeyError(key)
-        return _loads(raw, ref_resolver=tx._resolver)
+        decode = tx._decode           # a slot read, then a call: no method lookup by name
+        return decode(raw)
 
     def get(self, key, default=None):
         tx = self._tx
@@ -229,23 +315,33 @@ class _MapBase(_Collection, MutableMapping):
         raw = (self._base.data if m is None else m).get(key, MISSING)
         if self._reads is not None:
             self._reads.add(key)
-        return default if raw is MISSING else _loads(raw, ref_resolver=tx._resolver)
+        if raw is MISSING:
+            return default
+        decode = tx._decode
+        return decode(raw)
 
     def __contains__(self, key):
-        if self._tx is None:
+        tx = self._tx
+        if tx is None:
             return key in self._initial
-        if self._reads is not None:
+        if tx._closed:
+            self._struct()                      # raises TransactionClosedError
+        m = self._mut
+        found = key in (self._base.data if m is None else m)
+        if self._reads is not None:             # after the lookup: a refused key is no read
             self._reads.add(key)
-        return key in self._struct()
+        return found
 
     def __setitem__(self, key, value):
         m = self._mut
-        if m is None or self._tx._closed:      # first write, free-standing, or ended
+        tx = self._tx
+        if m is None or tx._closed:            # first write, free-standing, or ended
             m = self._writable()
             if m is None:
                 self._initial[key] = value
                 return
-        raw = _dumps(value, ref_hook=self._tx._hook)
+        encode = tx._encode               # a slot read, then a call: no method lookup by name
+        raw = encode(value)
         if self._ix is None:
             m[key] = raw
         else:
@@ -279,9 +375,9 @@ class _MapBase(_Collection, MutableMapping):
             yield from self._initial.items()
             return
         self._read_all()
-        resolve = self._tx._resolver
+        decode = self._tx._decode
         for k, raw in self._struct().items():
-            yield k, _loads(raw, ref_resolver=resolve)
+            yield k, decode(raw)
 
     def copy(self):
         """A plain dict with the current contents (the caller owns it)."""
@@ -296,6 +392,21 @@ class _MapBase(_Collection, MutableMapping):
 
     def _repr_body(self):
         return "{" + _repr_items(f"{k!r}: {v!r}" for k, v in self._iter_items()).replace("'...'", "...") + "}"
+
+    def _changed_rows(self, before, after):
+        """(row id, raw value or MISSING) of each row this committed transaction wrote:
+        `after` is the collection as committed, `before` as it was just before."""
+        rowid = after.part("rowid")
+        old_rowid = before.part("rowid") if before is not None and before.meta.get("rowids") else None
+        data = after.data
+        for key in dict.fromkeys(self._writes):
+            rid = rowid.get(key)
+            if rid is not None:
+                yield rid, data[key]
+            elif old_rowid is not None:
+                rid = old_rowid.get(key)
+                if rid is not None:
+                    yield rid, MISSING
 
     def _merge(self, head, mine):
         self._check_writes(head)
@@ -317,89 +428,18 @@ class _MapBase(_Collection, MutableMapping):
                 m[key] = raw
         return head.replace(data=m.finish())
 
-    # -- indexes and queries ---------------------------------------------------------------
 
-    @property
-    def indexes(self):
-        """The field paths this collection is indexed on."""
-        if self._tx is None:
-            return []
-        self._struct()
-        if self._ix is not None:
-            return list(self._ix.indexes)
-        return [] if self._base is None else list(self._base.meta.get("indexes", ()))
-
-    def create_index(self, field):
-        """Index entries by `field` (a dict key or attribute; "a.b" nests). The index is
-        built over the current contents, persisted with the collection and maintained by
-        every write. Creating an index that exists already does nothing."""
-        spec = IndexSpec(field)
-        if self._tx is None:
-            raise TypeError(f"store this {type(self).__name__} in a transaction before indexing it")
-        if spec.field in self.indexes:
-            return
-        self._writable()
-        if self._ix is None:
-            self._ix = _Indexed(self._base or CollState.new(self.KIND), self._mut, self)
-        self._ix.add_index(spec.field)
-        self._schema = True
-
-    def drop_index(self, field):
-        """Remove the index on `field`; KeyError if there is none."""
-        spec = IndexSpec(field)
-        if spec.field not in self.indexes:
-            raise KeyError(f"no index on {spec.field!r}")
-        self._writable()
-        self._ix.drop_index(spec.field)
-        self._schema = True
-
-    def create_vector_index(self, field, dim, metric="cosine", M=16, ef_construction=200):
-        """Index the vectors at `field` (numpy arrays or sequences of floats of length `dim`)
-        for nearest-neighbour search with hnswlib ("cosine", "l2" or "ip"). Every existing
-        and future vector at `field` must have that dimension. Needs protobase[vector]."""
-        vector.require_hnswlib()
-        spec = vector.make_spec(IndexSpec(field).field, dim, metric, M, ef_construction)
-        if self._tx is None:
-            raise TypeError(f"store this {type(self).__name__} in a transaction before indexing it")
-        self._struct()
-        self._writable()
-        if self._ix is None:
-            self._ix = _Indexed(self._base or CollState.new(self.KIND), self._mut, self)
-        self._ix.add_vector_index(spec)
-        self._schema = True
-
-    @property
-    def vector_indexes(self):
-        """Field path -> settings of each vector index."""
-        if self._tx is None:
-            return {}
-        self._struct()
-        if self._ix is not None:
-            return dict(self._ix.vectors)
-        return {} if self._base is None else dict(self._base.meta.get("vectors", {}))
-
-    def nearest(self, field, vector, k=10, ef=None):
-        """The k entries whose vector at `field` is nearest to `vector`: where().nearest()."""
-        return self.where().nearest(field, vector, k=k, ef=ef)
-
-    def where(self, *predicates, **equalities):
-        """A lazy Query over this collection: predicates (F expressions) and keyword
-        equalities are ANDed; no arguments selects everything."""
-        self._struct()
-        self._read_all()
-        return Query(_Source(self), make_predicate(*predicates, **equalities))
-
-
-class _Indexed:
-    """The working state of an indexed map inside one transaction (or one merge): the data
-    transient plus row ids (key <-> row id, the set of live ids) and one IndexMutation per
-    index. Every write goes through put(), which keeps them all in step.
+class _Rows:
+    """What the indexed map and the indexed list share: row ids, the set of live ids, one
+    IndexMutation per index and the vector index settings, built from a CollState.
+    A subclass opens (`_open_rows`) or creates (`_number_rows`) its own row parts.
 
     Row ids come from a per-collection counter in the Database, so concurrent transactions
     never hand out the same id and merges keep the ids they chose."""
 
-    __slots__ = ("kind", "meta", "data", "rowid", "keyof", "ids", "indexes", "vectors", "owner",
-                 "next_rowid", "_decoded")
+    __slots__ = ("kind", "meta", "data", "ids", "indexes", "vectors", "owner", "next_rowid",
+                 "_decoded", "_spare", "_spare_end")
+    ROW_ID_BLOCK = 256     # ids reserved at a time for single inserts (the lock is not free)
 
     def __init__(self, cs, data_mut, owner):
         self.kind = cs.kind
@@ -408,28 +448,86 @@ class _Indexed:
         self.owner = owner
         self.next_rowid = self.meta.get("next_rowid", 0)
         self._decoded = None       # [(rowid, value)] while several indexes are being built
-        fields = self.meta.get("indexes", [])
+        self._spare = self._spare_end = 0
         self.vectors = dict(self.meta.get("vectors", {}))
         if self.meta.get("rowids"):
-            self.rowid = cs.part("rowid").mutate()
-            self.keyof = cs.part("keyof").mutate()
+            self._open_rows(cs)
             self.ids = cs.part("ids").mutate()
-        else:                                  # the first index: number the existing entries
-            self.rowid, self.keyof = hamt.Map().mutate(), hamt.Map().mutate()
-            first = self._allocate(len(data_mut))
-            for rid, key in enumerate(data_mut, first):
-                self.rowid[key] = rid
-                self.keyof[rid] = key
-            self.ids = IdSet.from_range(first, first + len(data_mut)).mutate()
+        else:                      # the first index: number the existing entries
+            n = len(data_mut)
+            first = self._allocate(n)
+            with Index.bulk:
+                self._number_rows(first)
+            self.ids = IdSet.from_range(first, first + n).mutate()
         self.indexes = {f: Index.from_parts(f, {n: cs.part(f"ix/{f}/{n}") for n in _INDEX_PARTS}).mutate()
-                        for f in fields}
+                        for f in self.meta.get("indexes", [])}
 
     def _allocate(self, n=1):
         """The first of n consecutive fresh row ids."""
+        if n == 1 and self._spare < self._spare_end:
+            self._spare += 1
+            return self._spare - 1
         owner = self.owner
-        rid = owner._tx._db._allocate_row_id(owner._cid, self.next_rowid, n)
-        self.next_rowid = rid + n
+        block = self.ROW_ID_BLOCK if n == 1 else n
+        rid = owner._tx._db._allocate_row_id(owner._cid, self.next_rowid, block)
+        self.next_rowid = rid + block
+        if n == 1:
+            self._spare, self._spare_end = rid + 1, rid + block
         return rid
+
+    def drop_index(self, field):
+        del self.indexes[field]
+
+    def add_vector_index(self, spec):
+        decode = self.owner._decode
+        for raw in self._raws():
+            _check_vector(decode(raw), spec["field"], spec)
+        self.vectors[spec["field"]] = spec
+
+    def snapshot_indexes(self):
+        return {f: m.finish() for f, m in self.indexes.items()}
+
+    def state(self):
+        """The CollState holding everything written so far."""
+        meta = dict(self.meta, next_rowid=self.next_rowid, indexes=sorted(self.indexes),
+                    vectors=self.vectors, rowids=True)
+        parts = {"data": self.data.finish()}
+        if self.indexes or self.vectors:
+            parts.update(self._row_parts(), ids=self.ids.finish())
+            for f, ix in self.snapshot_indexes().items():
+                for n, struct in ix.parts().items():
+                    parts[f"ix/{f}/{n}"] = struct
+        for name in ("indexes", "vectors"):
+            if not meta[name]:
+                del meta[name]
+        if not (self.indexes or self.vectors):
+            del meta["rowids"]
+        self._decoded = None
+        return CollState(self.kind, parts, meta)
+
+
+
+class _Indexed(_Rows):
+    """The working state of an indexed map inside one transaction (or one merge): the data
+    transient plus row ids (key <-> row id) kept in step with the indexes by put()."""
+
+    __slots__ = ("rowid", "keyof")
+
+    def _open_rows(self, cs):
+        self.rowid = cs.part("rowid").mutate()
+        self.keyof = cs.part("keyof").mutate()
+
+    def _number_rows(self, first):
+        rowid, keyof = self.rowid, self.keyof = hamt.Map().mutate(), hamt.Map().mutate()
+        for rid, key in enumerate(self.data, first):
+            rowid[key] = rid
+            keyof[rid] = key
+
+    def _row_parts(self):
+        return {"rowid": self.rowid.finish(), "keyof": self.keyof.finish()}
+
+    def _raws(self):
+        return self.data.values()
 
     def put(self, key, raw, value, rid=None):
         """Set key to (raw, value), or delete it when raw is MISSING; indexes follow."""
@@ -468,38 +566,139 @@ class _Indexed:
 
     def add_index(self, field):
         if self._decoded is None:      # decode each row once for all indexes built in a row
-            decode, data = self.owner._decode, self.data
-            self._decoded = [(rid, decode(data[key])) for rid, key in self.keyof.items()]
+            decode, rowid = self.owner._decode, self.rowid
+            with Index.bulk:
+                self._decoded = [(rowid[key], decode(raw)) for key, raw in self.data.items()]
         self.indexes[field] = Index.build(field, self._decoded).mutate()
 
-    def drop_index(self, field):
-        del self.indexes[field]
 
-    def add_vector_index(self, spec):
-        decode = self.owner._decode
-        for key, raw in self.data.items():
-            _check_vector(decode(raw), spec["field"], spec)
-        self.vectors[spec["field"]] = spec
 
-    def snapshot_indexes(self):
-        return {f: m.finish() for f, m in self.indexes.items()}
 
-    def state(self):
-        """The CollState holding everything written so far."""
-        meta = dict(self.meta, next_rowid=self.next_rowid, indexes=sorted(self.indexes),
-                    vectors=self.vectors, rowids=True)
-        parts = {"data": self.data.finish()}
-        if self.indexes or self.vectors:
-            parts.update(rowid=self.rowid.finish(), keyof=self.keyof.finish(), ids=self.ids.finish())
-            for f, ix in self.snapshot_indexes().items():
-                for n, struct in ix.parts().items():
-                    parts[f"ix/{f}/{n}"] = struct
-        for name in ("indexes", "vectors"):
-            if not meta[name]:
-                del meta[name]
-        if not (self.indexes or self.vectors):
-            del meta["rowids"]
-        return CollState(self.kind, parts, meta)
+
+class _IndexedList(_Rows):
+    """The working state of an indexed List in one transaction (or one merge).
+
+    A position is no name for a row: an insert shifts every row after it. So each row has
+    a *label*, a number that rises along the list and never changes while the row lives:
+    ``order`` (a counted B+tree) maps label -> row id, so the row at position i is its
+    i-th entry and a row's position is the rank of its label; ``label`` maps row id ->
+    label. An append takes a label SPACING past the last, an insert the midpoint of its
+    neighbours (a Fraction once they are adjacent integers). Only when a midpoint gets
+    finer than 1/MAX_DENOMINATOR (many inserts at one place) are all rows relabelled.
+
+        data   [ r7    r3    r9    r4  ]        positions 0..3
+        order  { 0:7  2^20:3  1.5*2^20:9  2^21:4 }     label -> row id, counted
+        label  { 7:0  3:2^20  9:1.5*2^20  4:2^21 }     row id -> label
+    """
+
+    __slots__ = ("order", "label", "touched")
+    SPACING = 1 << 20
+    MAX_DENOMINATOR = 1 << 16
+
+    def __init__(self, cs, data_mut, owner):
+        self.touched = set()       # row ids this transaction inserted, changed or deleted
+        super().__init__(cs, data_mut, owner)
+
+    def _open_rows(self, cs):
+        self.order = cs.part("order").mutate()
+        self.label = cs.part("label").mutate()
+
+    def _number_rows(self, first):
+        self._relabel(range(first, first + len(self.data)))
+
+    def _raws(self):
+        return iter(self.data)
+
+    def _relabel(self, rowids):
+        step = self.SPACING
+        self.order = btree.SortedMap((i * step, rid) for i, rid in enumerate(rowids)).mutate()
+        self.label = hamt.Map().mutate()
+        for lab, rid in self.order.items():
+            self.label[rid] = lab
+
+    def _label_at(self, pos):
+        """A label for a new row at position pos (before the row now there)."""
+        order, n = self.order, len(self.order)
+        if n == 0:
+            return 0
+        if pos >= n:
+            return math.floor(order.peekitem(-1)[0]) + self.SPACING
+        hi = order.peekitem(pos)[0]
+        if pos == 0:
+            return math.ceil(hi) - self.SPACING
+        lo = order.peekitem(pos - 1)[0]
+        if type(lo) is int and type(hi) is int and hi - lo > 1:
+            return (lo + hi) // 2
+        mid = (Fraction(lo) + hi) / 2
+        if mid.denominator > self.MAX_DENOMINATOR:
+            self._relabel(list(order.values()))
+            return self._label_at(pos)
+        return int(mid) if mid.denominator == 1 else mid
+
+    def rowid_at(self, pos):
+        return self.order.peekitem(pos)[1]
+
+    def insert(self, pos, raw, value, rid=None):
+        """Insert (raw, value) as the row at position pos (0 <= pos <= len)."""
+        self._decoded = None
+        for field, spec in self.vectors.items():     # refuse a bad vector before any change
+            _check_vector(value, field, spec)
+        if rid is None:
+            rid = self._allocate()
+        else:
+            self.next_rowid = max(self.next_rowid, rid + 1)
+        lab = self._label_at(pos)
+        self.order[lab] = rid
+        self.label[rid] = lab
+        self.ids.add(rid)
+        for ix in self.indexes.values():
+            ix.insert(rid, value)
+        if pos == len(self.data):
+            self.data.append(raw)
+        else:
+            self.data.insert(pos, raw)
+        self.touched.add(rid)
+
+    def set(self, pos, raw, value):
+        self._decoded = None
+        for field, spec in self.vectors.items():
+            _check_vector(value, field, spec)
+        rid = self.rowid_at(pos)
+        old = self.owner._decode(self.data[pos])
+        for ix in self.indexes.values():
+            ix.update(rid, old, value)
+        self.data[pos] = raw
+        self.touched.add(rid)
+
+    def delete(self, pos):
+        """Remove the row at position pos and return its raw value."""
+        self._decoded = None
+        rid = self.rowid_at(pos)
+        raw = self.data.pop(pos)
+        old = self.owner._decode(raw)
+        for ix in self.indexes.values():
+            ix.delete(rid, old)
+        del self.order[self.label.pop(rid)]
+        self.ids.discard(rid)
+        self.touched.add(rid)
+        return raw
+
+    def add_index(self, field):
+        if self._decoded is None:
+            decode = self.owner._decode
+            self._decoded = [(rid, decode(raw)) for rid, raw in zip(self.order.values(), self.data)]
+        self.indexes[field] = Index.build(field, self._decoded).mutate()
+
+    def _row_parts(self):
+        return {"order": self.order.finish(), "label": self.label.finish()}
+
+
+def indexed_rows(cs):
+    """(row id, raw value) of every row of a collection state that has row ids."""
+    if cs.kind == "list":
+        return zip(cs.part("order").values(), cs.data)
+    data = cs.data
+    return ((rid, data[key]) for rid, key in cs.part("keyof").items())
 
 
 def _check_vector(value, field, spec):
@@ -562,11 +761,29 @@ class _Source:
         key = self._parts()[0][rowid]
         return key, self.h._decode(self.h._struct()[key])
 
+    def key(self, rowid):
+        """The key of the entry with row id ``rowid``, its value left undecoded."""
+        return self._parts()[0][rowid]
+
+    def value_reader(self):
+        """``key -> value`` for the entries as this transaction sees them now (the key as
+        ``key``/``row`` give it), or None while the collection has writes of its own: its
+        working copy changes under later writes, so such a caller decodes at once. Read
+        after the transaction ended, it raises TransactionClosedError as any read does."""
+        h = self.h
+        h._struct()
+        if h._mut is not None:
+            return None
+        tx, data = h._tx, h._base.data
+        # tx._decode looked up per read: a closed transaction swaps in one that raises.
+        return lambda key: tx._decode(data[key])
+
     def rows(self, ids):
         h = self.h
         data = h._struct()
-        keyof = h._base.part("keyof") if h._ix is None else h._ix.keyof
-        decode = h._decode
+        ix = h._ix
+        keyof = h._base.part("keyof") if ix is None else ix.keyof
+        decode = h._tx._decode         # what h._decode calls, one frame less per row
         if h.KIND == "sorted":        # a SortedDict answers in key order, as its scan does
             for key in sorted((keyof[rid] for rid in ids), key=_sort_key):
                 yield key, decode(data[key])
@@ -579,7 +796,21 @@ class _Source:
         return len(self.h._struct())
 
     def vector_spec(self, field):
-        return self.h.vector_indexes.get(IndexSpec(field).field)
+        h = self.h
+        if h._tx is None:
+            return None
+        h._struct()
+        if h._ix is not None:
+            vectors = h._ix.vectors
+        elif h._base is not None:
+            vectors = h._base.meta.get("vectors")
+        else:
+            return None
+        if not vectors:
+            return None
+        # Asked by the stored (normalised) path nearly always: one dict lookup, no copy.
+        spec = vectors.get(field)
+        return spec if spec is not None else vectors.get(IndexSpec(field).field)
 
     def vector_index(self, field):
         spec = self.vector_spec(field)
@@ -600,6 +831,44 @@ class _Source:
             return IdSet()
         rowid = h._ix.rowid
         return IdSet(r for r in (rowid.get(k) for k in dict.fromkeys(h._writes)) if r is not None)
+
+
+class _ListSource(_Source):
+    """One List in one transaction, as the query layer reads it: keys are positions, and
+    rows come back in list order."""
+
+    __slots__ = ()
+
+    def _rows_parts(self):
+        h = self.h
+        data = h._struct()
+        if h._ix is not None:
+            return data, h._ix.order, h._ix.label, h._ix.ids.finish()
+        cs = h._base
+        return data, cs.part("order"), cs.part("label"), cs.part("ids")
+
+    def all_ids(self):
+        return self._rows_parts()[3]
+
+    def row(self, rowid):
+        data, order, label, _ = self._rows_parts()
+        pos = order.bisect_left(label[rowid])
+        return pos, self.h._decode(data[pos])
+
+    def key(self, rowid):
+        _, order, label, _ = self._rows_parts()
+        return order.bisect_left(label[rowid])
+
+    def rows(self, ids):
+        data, order, label, _ = self._rows_parts()
+        decode = self.h._decode
+        for pos in sorted(order.bisect_left(label[rid]) for rid in ids):
+            yield pos, decode(data[pos])
+
+    def written_ids(self):
+        h = self.h
+        h._struct()
+        return IdSet() if h._ix is None else IdSet(h._ix.touched) & self.all_ids()
 
 
 class _ItemsView(ItemsView):
@@ -623,6 +892,8 @@ class Dict(_MapBase):
 
     __slots__ = ()
     KIND = "dict"
+    _ROWS = _Indexed
+    _SOURCE = _Source
 
 
 class SortedDict(_MapBase):
@@ -631,6 +902,8 @@ class SortedDict(_MapBase):
 
     __slots__ = ()
     KIND = "sorted"
+    _ROWS = _Indexed
+    _SOURCE = _Source
 
     def _load_initial(self, initial):
         for k in sorted(initial, key=_sort_key):
@@ -742,13 +1015,16 @@ class Set(_Collection, MutableSet):
         return head.replace(data=m.finish())
 
 
-class List(_Collection, MutableSequence):
+class List(_Queryable, _Collection, MutableSequence):
     """A persistent list (``collections.abc.MutableSequence``): index, assign, insert and
     delete anywhere in O(log n), append amortized O(1). Appends from concurrent
-    transactions never conflict; other concurrent edits of one list do."""
+    transactions never conflict; other concurrent edits of one list do. Queries answer
+    in list order with positions as keys."""
 
     __slots__ = ()
     KIND = "list"
+    _ROWS = _IndexedList
+    _SOURCE = _ListSource
 
     def __init__(self, iterable=()):
         super().__init__(list(iterable))
@@ -779,25 +1055,45 @@ class List(_Collection, MutableSequence):
         for raw in s:
             yield _loads(raw, ref_resolver=resolve)
 
+    def _iter_items(self):
+        return enumerate(self)
+
     def __setitem__(self, index, value):
         m = self._writable()
         if m is None:
             self._initial[index] = value
             return
+        ix = self._ix
         if isinstance(index, slice):
             start, stop, step = index.indices(len(m))
-            new = [self._encode(v) for v in value]
+            values = list(value)
+            new = [self._encode(v) for v in values]
             if step == 1:
-                m[start:max(stop, start)] = new
+                stop = max(stop, start)
+                if ix is None:
+                    m[start:stop] = new
+                else:
+                    for i in range(stop - 1, start - 1, -1):
+                        ix.delete(i)
+                    for i, (raw, v) in enumerate(zip(new, values), start):
+                        ix.insert(i, raw, v)
             else:
                 positions = range(start, stop, step)
                 if len(positions) != len(new):
                     raise ValueError(f"attempt to assign sequence of size {len(new)} "
                                      f"to extended slice of size {len(positions)}")
-                for i, raw in zip(positions, new):
-                    m[i] = raw
+                for i, raw, v in zip(positions, new, values):
+                    if ix is None:
+                        m[i] = raw
+                    else:
+                        ix.set(i, raw, v)
         else:
-            m[_index(index)] = self._encode(value)
+            i = _position(index, len(m))
+            raw = self._encode(value)
+            if ix is None:
+                m[i] = raw
+            else:
+                ix.set(i, raw, value)
         self._note_edit()
 
     def __delitem__(self, index):
@@ -807,15 +1103,20 @@ class List(_Collection, MutableSequence):
             return
         if isinstance(index, slice):
             start, stop, step = index.indices(len(m))
-            if step == 1:
+            if self._ix is None and step == 1:
                 if stop > start:
                     del m[start:stop]
             else:
                 for i in sorted(range(start, stop, step), reverse=True):
-                    del m[i]
+                    self._delete(m, i)
         else:
-            del m[_index(index)]
+            self._delete(m, _position(index, len(m)))
         self._note_edit()
+
+    def _delete(self, m, i):
+        if self._ix is None:
+            return m.pop(i)
+        return self._ix.delete(i)
 
     def insert(self, index, value):
         m = self._writable()
@@ -825,7 +1126,11 @@ class List(_Collection, MutableSequence):
         n = len(m)
         index = _index(index)
         index = max(0, min(n, index + n if index < 0 else index))
-        m.insert(index, self._encode(value))
+        raw = self._encode(value)
+        if self._ix is None:
+            m.insert(index, raw)
+        else:
+            self._ix.insert(index, raw, value)
         self._note_edit()
 
     def append(self, value):
@@ -833,7 +1138,11 @@ class List(_Collection, MutableSequence):
         if m is None:
             self._initial.append(value)
             return
-        m.append(_dumps(value, ref_hook=self._tx._hook))
+        raw = _dumps(value, ref_hook=self._tx._hook)
+        if self._ix is None:
+            m.append(raw)
+        else:
+            self._ix.insert(len(m), raw, value)
         self._writes.append(_APPEND)
 
     def extend(self, values):
@@ -851,7 +1160,9 @@ class List(_Collection, MutableSequence):
         m = self._writable()
         if m is None:
             return self._initial.pop(index)
-        raw = m.pop(_index(index))
+        if not len(m):
+            raise IndexError("pop from empty list")
+        raw = self._delete(m, _position(index, len(m)))
         self._note_edit()
         return self._decode(raw)
 
@@ -863,15 +1174,40 @@ class List(_Collection, MutableSequence):
     def _repr_body(self):
         return "[" + _repr_items(iter(self)) + "]"
 
+    def _changed_rows(self, before, after):
+        if self._ix is None:
+            return
+        order, label, ids, data = after.part("order"), after.part("label"), after.part("ids"), after.data
+        for rid in self._ix.touched:
+            yield rid, (data[order.bisect_left(label[rid])] if rid in ids else MISSING)
+
     def _merge(self, head, mine):
         if ALL in self._writes:
             self._conflict(None, "concurrent edits of one List (only appends merge)")
         # Only appends: they commute. Land ours after what the head already has.
-        n = self._writes.count(_APPEND)
+        appended = range(len(mine) - self._writes.count(_APPEND), len(mine))
         m = head.data.mutate()
-        for raw in mine[len(mine) - n:]:
-            m.append(raw)
+        if head.meta.get("rowids"):               # replay through the head's indexes
+            ix, mine_ix = _IndexedList(head, m, self), self._ix
+            for pos in appended:
+                raw = mine[pos]
+                rid = mine_ix.rowid_at(pos) if mine_ix is not None else None
+                ix.insert(len(m), raw, self._decode(raw), rid)
+            self._ix = ix                         # what the commit wrote, for the vector hook
+            return ix.state()
+        for pos in appended:
+            m.append(mine[pos])
         return head.replace(data=m.finish())
+
+
+def _position(index, n):
+    """A list index made absolute and checked, as list does it."""
+    i = _index(index)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError("list index out of range")
+    return i
 
 
 def _index(i):

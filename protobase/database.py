@@ -21,10 +21,11 @@ import weakref
 from functools import wraps
 
 from . import vector
+from .collections import indexed_rows
 from .errors import (ConflictError, CorruptionError, DatabaseClosedError, MissingDependencyError,
                      ReadOnlyError, StorageError)
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
-from .state import State, StoreIO, codec, copy_collection, hamt
+from .state import MISSING, State, StoreIO, codec, copy_collection, hamt
 from .storage.store import CheckReport, Problem
 from .transaction import Transaction
 
@@ -109,6 +110,7 @@ class Database:
         self._file_id = _file_id(store)
         self._commits = 0
         self._conflicts = 0
+        self._rollbacks_seen = 0     # storage rollbacks already reflected in the heads
         self._head = self._pending = None
         head = self._load_head()
         if head is None:
@@ -129,27 +131,59 @@ class Database:
         return State.load(root_ptr, self._io)
 
     def _write_state(self, state):
-        """Hand a state to storage; returns the durability future. Caller holds the commit lock
-        (or is the constructor)."""
+        """Hand a state to storage; returns its durability future (storage.CommitFuture).
+        Caller holds the commit lock (or is the constructor) and publishes the state once
+        the future succeeds (_publish)."""
         c = self._store.begin_commit()
-        self._io.commit = c
+        io = self._io
+        io.commit = c
         try:
-            root_ptr = state.persist(self._io)
+            root_ptr = state.persist(io)
         except BaseException:
             c.abort()
             raise
         finally:
-            self._io.commit = None
-        fut = c.finish(root_ptr)
-        fut.add_done_callback(lambda f, s=state: self._on_durable(f, s))
-        return fut
+            io.commit = None
+        return c.finish(root_ptr)
 
-    def _on_durable(self, fut, state):
-        if fut.cancelled() or fut.exception() is not None:
-            return
+    def _publish(self, state, rollbacks):
+        """A durable state becomes the head new transactions start from (never an older
+        one: committers of one group may get here in any order). ``rollbacks``: the
+        storage rollback count the state was built under; if storage rolled back since,
+        the state may be gone: it is not published (the caller may reload the heads
+        from storage with _catch_up_rollback). Returns whether it was published."""
         with self._publish_lock:
+            if rollbacks != self._rollbacks():
+                return False
             if self._head is None or state.seq > self._head.seq:
                 self._head = state
+            return True
+
+    def _rollbacks(self):
+        """How many times storage has moved its head back (None without a writable store)."""
+        store = self._store
+        return None if store is None or store.readonly else store.rollbacks
+
+    def _catch_up_rollback(self):
+        """Caller holds the commit lock. After a failed write or fsync storage is back at
+        its last durable commit, which in "normal" and "none" modes can be older than
+        commits already acknowledged and published: start over from what storage holds,
+        so that nothing is read from or built on commits that are gone."""
+        n = self._rollbacks()
+        if n is None or n == self._rollbacks_seen:
+            return
+        self._rollbacks_seen = n
+        self._wait_pending()                 # every commit handed over is settled
+        state = self._load_head() or State.initial()
+        with self._publish_lock:
+            self._head = self._pending = state
+
+    def _on_durable(self, fut, state, rollbacks):
+        # A committer stopped waiting (an exception while blocked): publish when durable.
+        # Runs on the writer thread, so it never waits for the commit lock: after a
+        # rollback the next commit or transaction reloads the heads instead.
+        if not fut.cancelled() and fut.exception() is None:
+            self._publish(state, rollbacks)
 
     def _refresh(self):
         """Read-only databases: pick up commits another process made since we looked."""
@@ -205,9 +239,8 @@ class Database:
         if cs is None or not cs.meta.get("rowids"):
             return
         parts = split_path(spec["field"])
-        data = cs.data
-        for rid, key in cs.part("keyof").items():
-            v = extract(codec.loads(data[key], ref_resolver=_no_ref), parts)
+        for rid, raw in indexed_rows(cs):
+            v = extract(codec.loads(raw, ref_resolver=_no_ref), parts)
             if v is not FIELD_MISSING:
                 yield rid, vector.as_vector(v, spec["dim"])
 
@@ -215,6 +248,8 @@ class Database:
         """Commit hook (under the commit lock): bring loaded HNSW indexes up to date with the
         rows this commit wrote, each change logged with the commit's sequence so that a
         reader on an older snapshot re-reads the rows changed after it (vector.search)."""
+        for ix in self._vectors.values():
+            ix.begin(after.seq)      # a sequence seen before: the commits that used it failed
         for h in tx._dirty + tx._new:
             for (cid, field), ix in self._vectors.items():
                 if cid != h._cid:
@@ -223,18 +258,12 @@ class Database:
                 if field not in cs.meta.get("vectors", {}):
                     continue
                 parts = split_path(field)
-                rowid = cs.part("rowid")
-                old_rowid = old.part("rowid") if old is not None and old.meta.get("rowids") else None
-                for key in dict.fromkeys(h._writes):
-                    rid = rowid.get(key)
-                    if rid is not None:
-                        v = extract(codec.loads(cs.data[key], ref_resolver=_no_ref), parts)
-                        if v is FIELD_MISSING:
-                            ix.remove(rid, seq=after.seq)
-                        else:
-                            ix.upsert(rid, vector.as_vector(v), seq=after.seq)
-                    elif old_rowid is not None and old_rowid.get(key) is not None:
-                        ix.remove(old_rowid.get(key), seq=after.seq)
+                for rid, raw in h._changed_rows(old, cs):
+                    v = FIELD_MISSING if raw is MISSING else extract(codec.loads(raw, ref_resolver=_no_ref), parts)
+                    if v is FIELD_MISSING:
+                        ix.remove(rid, seq=after.seq)
+                    else:
+                        ix.upsert(rid, vector.as_vector(v), seq=after.seq)
 
     def _allocate_row_id(self, cid, at_least, n=1):
         """The first of n consecutive row ids for entries of collection cid, never handed
@@ -260,11 +289,15 @@ class Database:
     def transaction(self, readonly=False, isolation="snapshot"):
         """A new transaction on the newest published state."""
         self._check_open()
+        store = self._store
         if self._readonly:
             if not readonly:
                 readonly = True
-            if self._store is not None:
+            if store is not None:
                 self._refresh()
+        elif store is not None and store._writer.rollbacks != self._rollbacks_seen:
+            with self._commit_lock:   # acknowledged commits were lost: not from them
+                self._catch_up_rollback()
         with self._live_lock:     # a compaction retires the old file only after the switch
             tx = Transaction(self, self._head, readonly=readonly, isolation=isolation)
             if self._retired:
@@ -293,8 +326,10 @@ class Database:
         self._retired = keep
 
     def _commit(self, tx):
-        self._check_open()
-        if not tx._dirty and not tx._new:
+        if self._closed:
+            self._check_open()
+        dirty, new = tx._dirty, tx._new
+        if not dirty and not new:
             return                                  # nothing written: nothing to publish
         if self._readonly:
             raise ReadOnlyError("the database was opened read-only")
@@ -302,22 +337,25 @@ class Database:
             last = self._last_future
             if last is not None and last.done() and last.exception() is not None:
                 self._pending = self._head          # never build on a commit that failed
+            if self._store is not None:
+                self._catch_up_rollback()
+            rollbacks = self._rollbacks_seen
             base = self._pending
-            colls = base.colls.mutate()
             try:
-                for h in tx._dirty + [h for h in tx._handles.values() if h._reads and h not in tx._dirty]:
-                    if base is tx._snapshot and h._reads is None:
-                        head_cs = h._base            # nothing committed since our snapshot
-                    else:
-                        head_cs = base.colls.get(h._cid)
-                    colls[h._cid] = h._commit_state(head_cs)
-                for h in tx._new:
-                    if h._cid not in colls:
-                        colls[h._cid] = h._commit_state(None)
+                if len(dirty) == 1 and not new and not tx._serializable:
+                    # The common small commit: one collection written, nothing read to
+                    # check. One functional set instead of a mutation of the table.
+                    h = dirty[0]
+                    head_cs = h._base if base is tx._snapshot else base.colls.get(h._cid)
+                    colls = base.colls.set(h._cid, h._commit_state(head_cs))
+                else:
+                    colls = self._merged_colls(tx, base)
             except ConflictError:
                 self._conflicts += 1
                 raise
-            state = State(colls.finish(), max(base.next_coll_id, self._next_coll_id), base.seq + 1)
+            nxt = self._next_coll_id
+            state = State(colls, nxt if nxt > base.next_coll_id else base.next_coll_id,
+                          base.seq + 1)
             if self._vectors:
                 self._follow_vectors(tx, base, state)
             if self._store is None:
@@ -333,7 +371,34 @@ class Database:
                 if self._pending is state:
                     self._pending = self._head
             raise
+        except BaseException:
+            fut.add_done_callback(lambda f, s=state, r=rollbacks: self._on_durable(f, s, r))
+            raise
+        if not self._publish(state, rollbacks):
+            with self._commit_lock:
+                self._catch_up_rollback()
         self._commits += 1
+
+    @staticmethod
+    def _merged_colls(tx, base):
+        """The collections table of ``base`` with every handle of ``tx`` that wrote or
+        (serializable) read committed onto it; raises ConflictError."""
+        colls = base.colls.mutate()
+        dirty = {id(h) for h in tx._dirty}      # by identity: handles' == reads them
+        handles = tx._dirty
+        if tx._serializable:
+            handles = handles + [h for h in tx._handles.values()
+                                 if h._reads and id(h) not in dirty]
+        for h in handles:
+            if base is tx._snapshot and h._reads is None:
+                head_cs = h._base            # nothing committed since our snapshot
+            else:
+                head_cs = base.colls.get(h._cid)
+            colls[h._cid] = h._commit_state(head_cs)
+        for h in tx._new:
+            if h._cid not in colls:
+                colls[h._cid] = h._commit_state(None)
+        return colls.finish()
 
     def run(self, fn, *args, retries=10, **kwargs):
         """Call fn(tx, *args, **kwargs) in a transaction and commit it, retrying up to

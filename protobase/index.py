@@ -52,10 +52,12 @@ posting size over ``SAMPLE`` keys spread evenly across the run), each probe O(lo
 """
 from .errors import QueryError
 from ._core import load
+from .state import gc_paused
 from .query.expr import (MISSING, extract, key_class, split_path, values_equal,
                          LT, LE, GT, GE, BETWEEN, STARTSWITH)
 
-__all__ = ["Index", "IndexMutation", "IndexSpec", "MISSING", "extract", "SAMPLE"]
+__all__ = ["Index", "IndexMutation", "IndexSpec", "MISSING", "extract", "SAMPLE",
+           "UNION_CACHE"]
 
 _btree = load("btree")
 _idset = load("idset")
@@ -65,6 +67,7 @@ IdSetMutation = _idset.IdSetMutation
 _type_class = _btree.type_class
 
 SAMPLE = 32
+UNION_CACHE = 8          # span unions an Index keeps (see Index.span_ids)
 _EMPTY = IdSet()
 # Field value types that are always hashable keys (others go through key_class first).
 _HASHABLE = frozenset((str, int, float, bool, bytes, type(None)))
@@ -126,7 +129,7 @@ def _same_place(a, b):
 class Index:
     """A persistent snapshot of one secondary index (see the module docstring)."""
 
-    __slots__ = ("spec", "tree", "other", "missing", "_spans")
+    __slots__ = ("spec", "tree", "other", "missing", "_spans", "_unions")
 
     def __init__(self, field, tree=None, other=None, missing=None):
         self.spec = IndexSpec(field)
@@ -134,6 +137,7 @@ class Index:
         self.other = _EMPTY if other is None else other
         self.missing = _EMPTY if missing is None else missing
         self._spans = {}
+        self._unions = {}
 
     @classmethod
     def empty(cls, field):
@@ -144,15 +148,30 @@ class Index:
         """An index over ``entries``, an iterable of ``(rowid, value)``.
 
         Built in bulk: row ids are grouped per field value in a dict of lists (plain
-        hashable values, whose dict equality is the tree's), and each group becomes one
-        IdSet and one tree insertion. Only NaNs and other keys (dates, tuples...) and
-        unorderable values go through the per-row mutation path."""
-        spec = IndexSpec(field)
-        get = spec.extract
+        hashable values, whose dict equality is the tree's); the groups become IdSets in
+        one C loop (``IdSet.from_groups``) and the tree is built bottom-up from the sorted
+        keys (``SortedMap.from_sorted``), all with the cyclic GC paused (nothing built
+        here is garbage). Only NaNs and other keys (dates, tuples...) and unorderable
+        values go through the per-row mutation path."""
+        with gc_paused:
+            return cls._build(IndexSpec(field), entries)
+
+    bulk = gc_paused
+    """``with Index.bulk:`` around work that feeds a build (decoding every row, numbering
+    them): it allocates only objects that survive, so the cyclic GC is paused."""
+
+    @classmethod
+    def _build(cls, spec, entries):
         groups, odd, missing = {}, [], []
         hashable = _HASHABLE
+        parts = spec.parts
+        part = parts[0] if len(parts) == 1 else None
         for rowid, value in entries:
-            fv = get(value)
+            # IndexSpec.extract, inlined: this loop runs once per row and index.
+            if part is not None and type(value) is dict:
+                fv = value.get(part, MISSING)
+            else:
+                fv = extract(value, parts)
             if type(fv) in hashable and fv == fv:
                 ids = groups.get(fv)
                 if ids is None:
@@ -163,14 +182,18 @@ class Index:
                 missing.append(rowid)
             else:
                 odd.append((rowid, fv))
-        tree = SortedMap().mutate()
-        single = IdSet.from_range
-        for key in _btree_sorted(groups):  # inserting in key order touches one leaf at a time
-            ids = groups[key]
-            posting = single(ids[0], ids[0] + 1) if len(ids) == 1 else IdSet(ids)
-            prior = tree.get(key)  # the tree may merge keys a dict keeps apart
-            tree[key] = posting if prior is None else prior | posting
-        index = cls(spec, tree.finish(), _EMPTY, IdSet(missing) if missing else _EMPTY)
+        keys = _btree_sorted(groups)
+        postings = IdSet.from_groups([groups[key] for key in keys])
+        try:
+            tree = SortedMap.from_sorted(keys, postings)
+        except ValueError:
+            # Two keys a dict keeps apart are one tree key: merge their postings.
+            m = SortedMap().mutate()
+            for key, posting in zip(keys, postings):
+                prior = m.get(key)
+                m[key] = posting if prior is None else prior | posting
+            tree = m.finish()
+        index = cls(spec, tree, _EMPTY, IdSet(missing) if missing else _EMPTY)
         if not odd:
             return index
         m = index.mutate()
@@ -285,12 +308,25 @@ class Index:
                                  reverse)
 
     def span_ids(self, p0, p1):
-        """The union of the postings at positions ``[p0, p1)``."""
+        """The union of the postings at positions ``[p0, p1)``.
+
+        Up to UNION_CACHE unions are kept by span (all dropped when full): an Index is a
+        snapshot that never changes (a transaction's writes go to its IndexMutation,
+        whose ``finish()`` is a new Index with an empty cache), and the query layer
+        reuses the Index objects of a committed state, so a range asked again on it
+        costs one dict lookup."""
         if p0 >= p1:
             return _EMPTY
         if p1 - p0 == 1:
             return self.tree.peekitem(p0)[1]
-        return IdSet.union_many([ids for _, ids in self._run(p0, p1)])
+        unions = self._unions
+        ids = unions.get((p0, p1))
+        if ids is None:
+            ids = IdSet.union_many([posting for _, posting in self._run(p0, p1)])
+            if len(unions) >= UNION_CACHE:
+                unions.clear()       # atomic: Index objects are shared between threads
+            unions[p0, p1] = ids
+        return ids
 
     def span_estimate(self, p0, p1):
         """Estimated number of ids at positions ``[p0, p1)`` (exact up to SAMPLE keys)."""

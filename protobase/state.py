@@ -15,7 +15,8 @@ On disk a state is a tree of atoms (DESIGN.md "Storage"):
 
 `StoreIO` is the atom I/O object the kernels persist through (docs/internals.md).
 """
-from functools import partial
+import gc
+import threading
 
 from ._core import load as _load_core
 from .errors import CorruptionError
@@ -26,7 +27,8 @@ pvec = _load_core("pvec")
 btree = _load_core("btree")
 idset = _load_core("idset")
 
-__all__ = ["FORMAT", "CollState", "State", "StoreIO", "MISSING", "copy_part", "copy_collection"]
+__all__ = ["FORMAT", "CollState", "State", "StoreIO", "MISSING", "copy_part", "copy_collection",
+           "gc_paused"]
 
 FORMAT = 1
 EXT_COLLSTATE = 64
@@ -34,10 +36,47 @@ EXT_IDSET = 65
 
 MISSING = object()
 
+
+class _GCPause:
+    """``with gc_paused:`` pauses Python's cyclic garbage collector around a bulk build.
+
+    Building an index over every row, or encoding a large commit, allocates a burst of
+    container objects that all survive. Each burst triggers collections that traverse the
+    old generation too, i.e. the whole heap, and on a heap of a few million objects those
+    cost several times the build itself. Nothing built in such a block is garbage, so the
+    collector has nothing to find there. Pauses nest and may overlap between threads: the
+    first one in notes whether the collector was on, the last one out restores that."""
+
+    __slots__ = ("_lock", "_depth", "_was_enabled")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._was_enabled = False
+
+    def __enter__(self):
+        with self._lock:
+            if not self._depth:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if not self._depth and self._was_enabled:
+                gc.enable()
+
+
+gc_paused = _GCPause()
+
 # part type tag -> structure class; an IdSet is stored as one atom of its own bytes.
 _PART_TYPES = {"map": hamt.Map, "hset": hamt.HashSet, "vec": pvec.Vector,
                "smap": btree.SortedMap, "ids": idset.IdSet}
 _PART_TAGS = {cls: tag for tag, cls in _PART_TYPES.items()}
+_IdSet = idset.IdSet
+_idset_from_bytes = _IdSet.from_bytes
 _EMPTY = {"dict": hamt.Map, "set": hamt.HashSet, "list": pvec.Vector, "sorted": btree.SortedMap}
 
 
@@ -143,7 +182,8 @@ class State:
         return cls(hamt.Map({0: CollState.new("dict")}), 1)
 
     def persist(self, io):
-        colls_ptr = self.colls._persist(io)
+        with gc_paused:
+            colls_ptr = self.colls._persist(io)
         self.ptr = io.write_atom(io.encode([FORMAT, colls_ptr, self.next_coll_id, self.seq]))
         return self.ptr
 
@@ -189,15 +229,16 @@ class StoreIO:
 
     The kernels call these once per node, so each is bound straight to its C function
     (no Python frame in between): ``write_atom`` follows ``commit``, ``encode`` and
-    ``decode`` are the codec with our hooks partially applied."""
+    ``decode`` are the methods of a codec Encoder/Decoder holding our hooks (no keyword
+    handling per node)."""
 
     __slots__ = ("store", "_commit", "write_atom", "read_atom", "encode", "decode")
 
     def __init__(self, store):
         self.store = store
         self.read_atom = store.read_atom
-        self.encode = partial(codec.dumps, default=self._default)
-        self.decode = partial(codec.loads, ext_hook=self._ext_hook)
+        self.encode = codec.Encoder(default=self._default).encode
+        self.decode = codec.Decoder(ext_hook=self._ext_hook).decode
         self.commit = None
 
     @property
@@ -211,17 +252,17 @@ class StoreIO:
         self.write_atom = c.write_atom if c is not None else _no_commit
 
     def _default(self, obj):
+        if type(obj) is _IdSet:        # one per posting of an index leaf: the common case
+            return EXT_IDSET, obj.to_bytes()
         if type(obj) is CollState:
             return EXT_COLLSTATE, codec.dumps(obj._descriptor(self))
-        if type(obj) is idset.IdSet:
-            return EXT_IDSET, obj.to_bytes()
         return None
 
     def _ext_hook(self, code, data):
+        if code == EXT_IDSET:          # dozens per index leaf: the common case first
+            return _idset_from_bytes(data)
         if code == EXT_COLLSTATE:
             return CollState._from_descriptor(codec.loads(data), self)
-        if code == EXT_IDSET:
-            return idset.IdSet.from_bytes(data)
         raise CorruptionError(f"unknown extension type {code} in a stored node")
 
 

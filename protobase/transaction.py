@@ -10,13 +10,17 @@ Isolation: "snapshot" (default) checks write sets only; "serializable" also reco
 every key read (and whole-collection reads: iteration, len, queries) and fails the commit
 when a concurrent commit changed any of them, which rules out write skew.
 """
+from types import MappingProxyType
+
 from .collections import Dict, List, Set, SortedDict, _Collection
+from .state import codec
 from .errors import CorruptionError, ReadOnlyError, SerializationError, TransactionClosedError
 
 __all__ = ["Transaction"]
 
 _KINDS = {"dict": Dict, "list": List, "set": Set, "sorted": SortedDict}
 ISOLATION_LEVELS = ("snapshot", "serializable")
+_NO_HANDLES = MappingProxyType({})   # a closed transaction's handle table: empty, read-only
 
 
 class Transaction:
@@ -26,7 +30,7 @@ class Transaction:
     commit()/abort() yourself."""
 
     __slots__ = ("_db", "_snapshot", "_readonly", "_serializable", "_closed", "_handles",
-                 "_dirty", "_new", "_hook", "_resolver", "__weakref__")
+                 "_dirty", "_new", "_hook", "_resolver", "_encode", "_decode", "__weakref__")
 
     def __init__(self, db, snapshot, readonly=False, isolation="snapshot"):
         if isolation not in ISOLATION_LEVELS:
@@ -41,6 +45,10 @@ class Transaction:
         self._new = []        # handles of collections created in this transaction
         self._hook = self._ref_hook        # bound once: the codec hooks run on every write/read
         self._resolver = self._resolve
+        # Every value written or read goes through these: the hooks are bound once here
+        # instead of being passed by keyword on each call.
+        self._encode = codec.Encoder(ref_hook=self._hook).encode
+        self._decode = codec.Decoder(ref_resolver=self._resolver).decode
 
     # -- the root ----------------------------------------------------------------------
 
@@ -50,7 +58,7 @@ class Transaction:
         return self._handle(0)
 
     def __getitem__(self, name):
-        return self.root[name]
+        return self._handle(0)[name]
 
     def __setitem__(self, name, value):
         self.root[name] = value
@@ -134,7 +142,19 @@ class Transaction:
         self._close()
 
     def _close(self):
+        # Drop every reference back to this transaction (handles, bound hooks): a closed
+        # transaction is then freed by reference counting alone. Left in place, these
+        # cycles keep each transaction, its snapshot and its handles alive until the cyclic
+        # collector runs, and with small commits that collector becomes the main cost.
         self._closed = True
+        self._handles = _NO_HANDLES
+        self._dirty = self._new = ()
+        self._hook = self._resolver = self._encode = self._decode = self._ended
+
+    @staticmethod
+    def _ended(*args):
+        raise TransactionClosedError("this transaction has ended (committed or aborted); "
+                                     "start a new one with db.transaction()")
 
     def __enter__(self):
         self._check_open()

@@ -688,3 +688,51 @@ def test_one_million_entries():
     m._check()
     assert list(m) == sorted(keys[n // 2:])
     assert len(snap) == n and snap[keys[0]] == keys[0]
+
+
+# ---- bulk builds from sorted keys --------------------------------------------------------
+
+@SETTINGS
+@given(st.dictionaries(st.one_of(st.integers(-10 ** 6, 10 ** 6), st.text(max_size=4),
+                                 st.floats(allow_nan=False), st.none()),
+                       st.integers(-(2 ** 63), 2 ** 63 - 1), max_size=600),
+       st.sampled_from([0, 1, 31, 32, 33, 47, 48, 49, 64, 65, 96, 97, 3072, 3073]))
+def test_from_sorted_builds_the_map_that_inserts_build(d, extra):
+    d = dict(d)
+    d.update((10 ** 7 + i, i) for i in range(extra))     # sizes around node widths
+    items = list(SortedMap(d).items())                 # in the tree's key order
+    keys, vals = [k for k, _ in items], [v for _, v in items]
+    built = SortedMap.from_sorted(keys, vals)
+    built._check()
+    assert len(built) == len(items)
+    assert [(ident(k), v) for k, v in built.items()] == [(ident(k), v) for k, v in items]
+    for k, v in items[::7]:
+        assert built[k] == v
+        assert built.bisect_left(k) == keys.index(k)
+    # Later edits and persistence see an ordinary tree.
+    m = built.mutate()
+    for i in range(0, 200, 3):
+        m[-10 ** 7 - i] = i
+        if keys:
+            m.pop(keys[i % len(keys)], None)
+    m.finish()._check()
+    built._check()                            # the snapshot never changes
+    assert [(ident(k), v) for k, v in built.items()] == [(ident(k), v) for k, v in items]
+    io = ListIO()
+    loaded = SortedMap._load(built._persist(io), io)
+    loaded._check()
+    assert [(ident(k), v) for k, v in loaded.items()] == [(ident(k), v) for k, v in items]
+
+
+def test_from_sorted_refuses_unsorted_duplicate_or_bad_keys():
+    with pytest.raises(ValueError):
+        SortedMap.from_sorted([1, 3, 2], "abc")
+    with pytest.raises(ValueError):
+        SortedMap.from_sorted([1, 1.0], "ab")          # one key under the total order
+    with pytest.raises(ValueError):
+        SortedMap.from_sorted([1, 2], "a")
+    with pytest.raises(TypeError):
+        SortedMap.from_sorted([1, [2]], "ab")
+    assert len(SortedMap.from_sorted([], [])) == 0
+    assert list(SortedMap.from_sorted([None, 0, "a"], [1, 2, 3]).items()) == \
+        [(None, 1), (0, 2), ("a", 3)]

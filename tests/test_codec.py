@@ -513,6 +513,134 @@ def test_dict_keys_inside_values_are_not_canonicalized():
     assert [type(k) for k in out] == [float, Decimal] and str(list(out)[1]) == "2.50"
 
 
+# ----------------------------------------------------------------------------- bound codecs
+# Encoder/Decoder are dumps/loads with their hooks bound once; they share one spare working
+# state between calls, so these tests look for state leaking from one call into the next.
+
+@settings(derandomize=True, max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(VALUES, min_size=1, max_size=6))
+def test_bound_encoder_and_decoder_give_exactly_what_dumps_and_loads_give(values):
+    enc, dec = codec.Encoder().encode, codec.Decoder().decode
+    for v in values:                         # back to back: each call starts clean
+        data = enc(v)
+        assert data == dumps(v)
+        assert same(dec(data), loads(data))
+
+
+def test_bound_codecs_use_their_hooks():
+    handles = {3: Handle(3)}
+    enc = codec.Encoder(ref_hook=lambda o: o.cid if type(o) is Handle else None,
+                        default=lambda o: (99, b"x") if type(o) is Point else None).encode
+    data = enc([handles[3], Point(1, 2)])
+    assert data == dumps([handles[3], Point(1, 2)], ref_hook=lambda o: 3 if type(o) is Handle else None,
+                         default=lambda o: (99, b"x") if type(o) is Point else None)
+    out = codec.Decoder(ref_resolver=handles.__getitem__, ext_hook=lambda c, b: (c, b)).decode(data)
+    assert out[0] is handles[3] and out[1] == (99, b"x")
+    with pytest.raises(DecodeError, match="ref_resolver"):
+        codec.Decoder().decode(data)
+    from http import HTTPStatus
+    assert codec.Decoder().decode(dumps(HTTPStatus.OK)) is HTTPStatus.OK
+    with pytest.raises(DecodeError, match="strict"):
+        codec.Decoder(strict=True).decode(dumps(HTTPStatus.OK))
+    with pytest.raises(TypeError):
+        codec.Encoder(lambda o: None)        # hooks are keyword-only, as in dumps
+    with pytest.raises(TypeError):
+        enc(obj=1)                           # one positional argument
+
+
+def test_a_hook_may_encode_while_an_encode_is_running():
+    # A free-standing collection met by ref_hook is written out from inside the hook: the
+    # nested encode must not disturb the outer one's buffer.
+    inner = []
+    enc_box = []
+
+    def ref_hook(obj):
+        if type(obj) is not Handle:
+            return None
+        inner.append(enc_box[0]({"nested": "x" * 300, "n": obj.cid}))
+        return obj.cid
+
+    enc = codec.Encoder(ref_hook=ref_hook).encode
+    enc_box.append(enc)
+    value = {"before": "a" * 200, "h": Handle(5), "after": list(range(50))}
+    assert enc(value) == dumps(value, ref_hook=lambda o: o.cid if type(o) is Handle else None)
+    assert loads(inner[0]) == {"nested": "x" * 300, "n": 5}
+
+
+def test_a_hook_may_decode_while_a_decode_is_running():
+    payloads = {}
+
+    def ext_hook(code, data):
+        return ("ext", dec(data))            # decodes its payload with the same decoder
+
+    dec = codec.Decoder(ext_hook=ext_hook).decode
+    inner = dumps({"deep": [1, 2, 3]})
+    data = dumps(["x", Point(0, 0), "y"], default=lambda o: (70, inner))
+    payloads["out"] = dec(data)
+    assert payloads["out"] == ["x", ("ext", {"deep": [1, 2, 3]}), "y"]
+    assert dec(dumps("after")) == "after"
+
+
+def test_failed_calls_leave_nothing_behind_for_the_next_one():
+    enc = codec.Encoder().encode
+    with pytest.raises(SerializationError) as info:
+        enc({"a": [1, object()]})
+    assert info.value.path == "value['a'][1]"
+    with pytest.raises(SerializationError) as info:   # the path is this call's alone
+        enc([{"k": {1, socket.socket}}])
+    assert info.value.path.startswith("value[0]['k']")
+    assert enc({"ok": 1}) == dumps({"ok": 1})
+    dec = codec.Decoder().decode
+    good = dumps([1, "two", {"3": 4.0}])
+    with pytest.raises(DecodeError):
+        dec(good[:-1])
+    with pytest.raises(DecodeError):
+        dec(good + b"\xc0")
+    assert dec(good) == [1, "two", {"3": 4.0}]
+
+
+def test_a_large_value_between_small_ones_round_trips():
+    # The spare state gives a large buffer back after use; what follows must not see it.
+    enc, dec = codec.Encoder().encode, codec.Decoder().decode
+    small, big = {"s": "x"}, {"blob": b"\x01" * 100_000, "s": "é" * 5000}
+    for v in (small, big, small, big, small):
+        data = enc(v)
+        assert data == dumps(v) and dec(data) == v
+
+
+def test_bound_codecs_from_many_threads():
+    enc, dec = codec.Encoder().encode, codec.Decoder().decode
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(2000):
+                v = {"t": t, "i": i, "s": f"thread{t}-{i}" * (i % 7), "l": [t] * (i % 40)}
+                if dec(enc(v)) != v:
+                    errors.append((t, i))
+        except Exception as exc:             # reported below: a thread's failure fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+
+
+def test_short_ascii_and_other_strings_encode_as_msgpack_does():
+    for s in ["", "a", "x" * 31, "x" * 32, "x" * 255, "x" * 256, "x" * 70000, "é", "é" * 31,
+              "日本", "\x7f" * 31, "\x80"]:
+        assert dumps(s) == msgpack.packb(s), s
+        assert dumps({s: [s]}) == msgpack.packb({s: [s]}), s
+    for n in (0, 15, 16, 65535, 65536):
+        assert dumps(list(range(n))) == msgpack.packb(list(range(n)))
+        d = {str(i): i for i in range(n)}
+        assert dumps(d) == msgpack.packb(d)
+
+
 # ----------------------------------------------------------------------------- hooks
 
 class Handle:

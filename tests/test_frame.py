@@ -115,3 +115,85 @@ def test_empty_batch_and_empty_atoms():
 
 def test_constants():
     assert frame.PREFIX_SIZE == 8 and frame.MAX_ATOM == 2**32 - 1
+
+
+# ---- AtomReader: the store's C read path ------------------------------------------------
+
+class _Fallback:
+    """Stands in for the store's Python read path: records the pointers it is asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, ptr):
+        self.asked.append(ptr)
+        return b"fallback"
+
+
+def _log_file(tmp_path, datas, salt):
+    """A file shaped like a log: a 32-byte header, then the framed atoms."""
+    path = tmp_path / "log"
+    path.write_bytes(b"H" * 32 + frame.frame_atoms(datas, salt))
+    ptrs, end = model_ptrs(32, datas)
+    return path, ptrs, end
+
+
+@pytest.mark.parametrize("durable", ["all", "none"])
+def test_reader_returns_checked_atoms_from_the_mapping_or_pread(tmp_path, durable):
+    from protobase.storage.cache import AtomBytesCache
+    import os
+    salt = 0x5EED
+    datas = [b"", b"a", b"x" * 4087, b"y" * 4089, os.urandom(9000), b"tail"]
+    path, ptrs, end = _log_file(tmp_path, datas, salt)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cache, fb, stats = AtomBytesCache(1 << 20), _Fallback(), {"reads": 0}
+        r = frame.AtomReader(cache, fd, salt, fb, stats, None, end,
+                             end if durable == "all" else 32)
+        assert [r.read(p) for p in ptrs] == datas and fb.asked == []
+        second = 0 if durable == "all" else sum(len(d) > 4088 for d in datas)
+        assert stats["reads"] == len(datas) + second and cache.misses == len(datas)
+        if durable == "all":
+            assert r.mapped == end and len(cache) == 0     # mapped atoms skip the LRU
+        else:
+            assert r.mapped == 0 and len(cache) == len(datas)
+            assert [r.read(p) for p in ptrs] == datas and cache.hits == len(datas)
+        # Everything the C path cannot vouch for goes to the fallback.
+        bads = [0, 31, -1, 10 ** 30, end, end + 100, ptrs[1] + 1]
+        for bad in bads:
+            assert r.read(bad) == b"fallback"
+        assert fb.asked == bads
+        r.closed = True
+        assert r.read(ptrs[-1]) in (b"fallback", datas[-1])  # a cached copy may answer
+        r.unmap()
+        assert r.mapped == 0
+    finally:
+        os.close(fd)
+
+
+def test_reader_hands_damaged_atoms_to_the_fallback(tmp_path):
+    from protobase.storage.cache import AtomBytesCache
+    import os
+    salt = 7
+    datas = [b"alpha" * 30, b"beta" * 2000]
+    path, ptrs, end = _log_file(tmp_path, datas, salt)
+    raw = bytearray(path.read_bytes())
+    raw[ptrs[0] + 8 + 5] ^= 1                 # payload of the first atom
+    raw[ptrs[1]] ^= 0x80                      # length of the second: runs past the end
+    path.write_bytes(bytes(raw))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for durable in (end, 32):
+            fb = _Fallback()
+            r = frame.AtomReader(AtomBytesCache(1 << 20), fd, salt, fb, {"reads": 0}, None,
+                                 end, durable)
+            assert r.read(ptrs[0]) == b"fallback" and r.read(ptrs[1]) == b"fallback"
+            assert fb.asked == ptrs
+        # No descriptor, or no salt yet: the fallback answers everything.
+        fb = _Fallback()
+        r = frame.AtomReader(AtomBytesCache(1 << 20), -1, salt, fb, {"reads": 0}, None, end)
+        assert r.read(ptrs[0]) == b"fallback"
+        r = frame.AtomReader(AtomBytesCache(1 << 20), fd, None, fb, {"reads": 0}, None, end)
+        assert r.read(ptrs[0]) == b"fallback" and fb.asked == [ptrs[0], ptrs[0]]
+    finally:
+        os.close(fd)

@@ -481,6 +481,19 @@ print([hamt.stable_hash(k) for k in keys])
 """
 
 
+def test_str_hashes_are_pinned_whatever_path_computes_them():
+    # Stored tries place keys by these values: ASCII text (hashed in place) and other text
+    # (hashed through its UTF-8 form) must keep exactly the hashes files were written with.
+    pinned = {"": -5890263577396988150, "a": -1476900590169645665, "alpha": -7082420522846313458,
+              "k123": -6361892206284631929, "x" * 100: 674078459411377171,
+              "é": -1293788672449387162, "日本": 7384999738381256128,
+              "a\ud800": -8256810753141583704, b"alpha": 8458955882304889945}
+    for key, h in pinned.items():
+        assert hamt.stable_hash(key) == h, key
+    for text in ("alpha", "é", "x" * 100):   # a str built another way hashes the same
+        assert hamt.stable_hash(text) == hamt.stable_hash("".join(list(text)))
+
+
 def test_hashes_and_trie_order_are_identical_under_any_pythonhashseed(child_cwd):
     import protobase
     root = os.path.dirname(os.path.abspath(list(protobase.__path__)[0]))   # the package's parent
@@ -607,6 +620,32 @@ def test_hashset_api_and_equality_with_set_and_frozenset():
     assert m.finish() == set(range(40)) | {"b"}
     assert s != {object()} | set(range(39))
     assert repr(HashSet([1])) == "HashSet({1})"
+
+
+def test_every_operation_returns_its_own_kind_and_a_map_never_equals_a_set():
+    # The four classes share two bases and one set of helpers: each result must still be
+    # of the caller's kind, and kind-dependent behaviour must not cross over.
+    io = AtomIO()
+    m, s = Map({1: "a", 2: "b"}), HashSet([1, 2])
+    assert [type(x) for x in (m.set(3, "c"), m.delete(1), m.discard(1), m.discard(9))] == [Map] * 4
+    assert [type(x) for x in (s.add(3), s.remove(1), s.discard(1), s.add(1))] == [HashSet] * 4
+    mm, sm = m.mutate(), s.mutate()
+    assert type(mm) is MapMutation and type(sm) is HashSetMutation
+    assert type(mm.finish()) is Map and type(sm.finish()) is HashSet
+    assert type(Map(m)) is Map and type(HashSet(s)) is HashSet
+    lm, ls = Map._load(m._persist(io), io), HashSet._load(s._persist(io), io)
+    assert type(lm) is Map and type(ls) is HashSet and lm == m and ls == s
+    assert type(lm.set(3, "c")) is Map and type(ls.add(3)) is HashSet
+    assert io.decode(io.atoms[m._persist(io)])[0] == 16 and io.decode(io.atoms[s._persist(io)])[0] == 17
+    assert m != s and s != m and mm != sm and sm != mm and m != {1, 2} and s != {1: "a", 2: "b"}
+    assert m == {1: "a", 2: "b"} and mm == m and s == {1, 2} and sm == s
+    assert repr(mm) == "MapMutation({1: 'a', 2: 'b'})" and repr(sm) == "HashSetMutation({1, 2})"
+    assert [len(x) for x in (m, s, mm, sm)] == [2, 2, 2, 2]
+    for x in (m, s, mm, sm):
+        with pytest.raises(TypeError):
+            hash(x)
+    assert not hasattr(s, "get") and not hasattr(sm, "keys") and not hasattr(mm, "_persist")
+    assert list(m.keys()) == [1, 2] and list(mm.values()) == ["a", "b"]
 
 
 def test_a_value_cycle_through_the_map_is_collected():

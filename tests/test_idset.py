@@ -572,3 +572,51 @@ def test_one_million_ids_against_python_sets():
     after._check()
     assert len(after) == len({i for i in a if i >= 200_000})
     assert x.to_numpy().tolist() == sorted(a)
+
+
+# ---- bulk construction and garbage-collector tracking ----------------------------------
+
+@SETTINGS
+@given(st.lists(st.lists(points, max_size=40), max_size=30))
+def test_from_groups_builds_what_one_idset_per_group_builds(groups):
+    built = IdSet.from_groups(groups)
+    assert len(built) == len(groups)
+    for got, ids in zip(built, groups):
+        got._check()
+        assert got == IdSet(ids) and sorted(got) == sorted(set(ids))
+        assert got.to_bytes() == IdSet(ids).to_bytes()   # one canonical form
+
+
+def test_from_groups_checks_every_id_and_its_argument():
+    with pytest.raises(ValueError):
+        IdSet.from_groups([[1, 2], [-1]])
+    with pytest.raises(ValueError):
+        IdSet.from_groups([[2**63]])
+    with pytest.raises(TypeError):
+        IdSet.from_groups([["7"]])
+    with pytest.raises(TypeError):
+        IdSet.from_groups([(1, 2)])                       # lists only
+    assert IdSet.from_groups([]) == []
+    assert IdSet.from_groups([[], [5, 5, 5]]) == [IdSet(), IdSet([5])]
+
+
+def test_sets_and_iterators_stay_out_of_the_cyclic_collector():
+    # They can hold no reference cycle, so tracking them would only slow every collection.
+    import gc
+    s = IdSet(range(0, 200_000, 3))
+    assert not gc.is_tracked(s)
+    assert not gc.is_tracked(iter(s))
+    assert not gc.is_tracked(IdSet.from_bytes(s.to_bytes()))
+    assert list(IdSet.from_bytes(s.to_bytes())) == list(range(0, 200_000, 3))
+
+
+def test_from_bytes_takes_any_buffer_and_checks_it_the_same_way():
+    s = IdSet([1, 5, 70_000, 2**40])
+    b = s.to_bytes()
+    for buf in (b, bytearray(b), memoryview(b)):
+        assert IdSet.from_bytes(buf) == s
+    for buf in (b[:-1], bytearray(b[:-1]), memoryview(b)[:-1]):
+        with pytest.raises(DecodeError):
+            IdSet.from_bytes(buf)
+    with pytest.raises(DecodeError):
+        IdSet.from_bytes(b"")

@@ -9,7 +9,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule)
 
 from protobase._core import load
-from protobase.index import SAMPLE, Index, IndexSpec
+from protobase.index import SAMPLE, UNION_CACHE, Index, IndexSpec
 from protobase.query.expr import MISSING, extract
 
 IdSet = load("idset").IdSet
@@ -158,6 +158,62 @@ def test_span_estimates_are_exact_for_short_runs_and_close_for_long_ones():
     assert idx.span_estimate(5, 5) == 0
 
 
+def test_span_unions_are_kept_per_snapshot_and_edits_make_a_new_one():
+    idx = Index.build("v", [(i, {"v": i % 100}) for i in range(1000)])
+    p0, p1 = idx.span("<", 30, 1)
+    first = idx.span_ids(p0, p1)
+    assert sorted(first) == [i for i in range(1000) if i % 100 < 30]
+    assert idx.span_ids(p0, p1) is first                  # the union is kept
+    m = idx.mutate()
+    m.insert(5000, {"v": 3})
+    m.delete(7, {"v": 7})
+    edited = m.finish()
+    assert sorted(edited.span_ids(*edited.span("<", 30, 1))) == \
+        sorted(set(first) - {7} | {5000})
+    m.insert(5001, {"v": 4})                              # the mutation goes on
+    again = m.finish()
+    assert 5001 in again.span_ids(*again.span("<", 30, 1))
+    assert 5001 not in edited.span_ids(*edited.span("<", 30, 1))
+    assert idx.span_ids(p0, p1) is first and sorted(first) == \
+        [i for i in range(1000) if i % 100 < 30]
+    for hi in range(2, UNION_CACHE + 12):                 # bounded, answers unchanged
+        assert sorted(idx.span_ids(*idx.span("<", hi, 1))) == \
+            [i for i in range(1000) if i % 100 < hi]
+        assert len(idx._unions) <= UNION_CACHE
+
+
+def test_a_range_query_is_never_answered_from_a_stale_union():
+    import protobase as pb
+    from protobase import F
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["d"] = pb.Dict({i: {"tag": i % 1000} for i in range(3000)})
+        tx["d"].create_index("tag")
+    first = {i for i in range(3000) if i % 1000 < 100}
+    with db.transaction(readonly=True) as old:
+        assert set(old["d"].where(F.tag < 100).keys()) == first
+        kept = old["d"].where()._source.indexes()["tag"]._unions
+        assert [len(ids) for ids in kept.values()] == [len(first)]   # the union is kept
+        union = next(iter(kept.values()))
+        assert set(old["d"].where(F.tag < 100).keys()) == first
+        assert list(kept.values()) == [union] and next(iter(kept.values())) is union
+        with db.transaction() as tx:
+            d = tx["d"]
+            assert set(d.where(F.tag < 100).keys()) == first
+            d[5000] = {"tag": 7}
+            del d[1]
+            second = first - {1} | {5000}
+            assert set(d.where(F.tag < 100).keys()) == second
+            d[2] = {"tag": 900}
+            second -= {2}
+            assert set(d.where(F.tag < 100).keys()) == second
+        assert set(old["d"].where(F.tag < 100).keys()) == first   # the old snapshot's
+    with db.transaction(readonly=True) as new:
+        assert set(new["d"].where(F.tag < 100).keys()) == second
+        assert set(new["d"].where(F.tag < 100).keys()) == second
+    db.close()
+
+
 # ------------------------------------------------------------------------- maintenance
 
 @settings(derandomize=True, deadline=None, max_examples=60,
@@ -264,3 +320,40 @@ def test_bulk_build_and_edit_of_a_large_index():
     assert len(idx.lookup(-1)) == 0 and len(idx.lookup(0)) == n // 1000
     assert math.isclose(edited.span_estimate(*edited.span(">=", 0, 1)),
                         n - len(range(0, n, 3)), rel_tol=0.1)
+
+
+# ---- bulk builds pause the cyclic garbage collector ---------------------------------
+
+def test_bulk_pauses_the_collector_and_restores_its_state():
+    import gc
+    assert gc.isenabled()
+    with Index.bulk:
+        assert not gc.isenabled()
+        with Index.bulk:                     # nested: the inner exit keeps the pause
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with Index.bulk:
+            raise KeyError("boom")
+    assert gc.isenabled()                   # an exception inside still restores it
+    gc.disable()
+    try:
+        with Index.bulk:
+            pass
+        assert not gc.isenabled()           # a collector the caller turned off stays off
+    finally:
+        gc.enable()
+
+
+def test_build_leaves_the_collector_on_and_matches_mutations():
+    import gc
+    rows = [(i, {"f": [None, 1, 1.0, "a", b"a", (1,), [1]][i % 7], "g": [i]})
+            for i in range(300)] + [(300, {}), (301, {"f": float("nan")})]
+    built = Index.build("f", rows)
+    assert gc.isenabled()
+    m = Index.empty("f").mutate()
+    for rid, value in rows:
+        m.insert(rid, value)
+    assert built == m.finish()
+    built._check(rows)

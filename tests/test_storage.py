@@ -537,3 +537,118 @@ class StoreMachine(RuleBasedStateMachine):
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(derandomize=True, max_examples=40, deadline=None,
                                      stateful_step_count=20)
+
+
+# ---- the C read path (frame.AtomReader): mapping, pread, fallback ------------------------
+
+def _spread_atoms(seed):
+    """Atoms of many sizes: empty, tiny, around the 4 KiB first read, and large."""
+    rnd = __import__("random").Random(seed)
+    sizes = [0, 1, 7, 4087, 4088, 4089, 4096, 10_000, 70_000] + [rnd.randrange(2000)
+                                                                  for _ in range(200)]
+    rnd.shuffle(sizes)
+    return [rnd.randbytes(n) for n in sizes]
+
+
+def test_real_files_read_through_the_mapping_give_the_written_bytes(path):
+    atoms = _spread_atoms(1)
+    with LogStore.open(path) as s:
+        ptrs = []
+        for i in range(0, len(atoms), 50):
+            ptrs += commit(s, *atoms[i:i + 50])[0]
+    for readonly in (True, False):
+        with LogStore.open(path, readonly=readonly) as s:
+            assert [s.read_atom(p) for p in ptrs] == atoms
+            assert s._reader.mapped > max(ptrs)          # a closed log is all durable
+            # Mapped atoms are copies out of the page cache: they stay out of the LRU.
+            assert s.stats()["cache_entries"] == 0
+            assert s.stats()["reads"] == len(atoms)
+            assert [s._read_from_file(p) for p in ptrs[:20]] == atoms[:20]
+
+
+def test_atoms_past_the_durable_part_are_read_with_pread_and_cached(path):
+    atoms = _spread_atoms(2)
+    with LogStore.open(path, durability="none") as s:
+        ptrs, _ = commit(s, *atoms)
+        s._cache.clear()
+        assert all(p + 8 > s._reader.mapped for p in ptrs)   # nothing fsynced yet
+        assert [s.read_atom(p) for p in ptrs] == atoms
+        assert s.stats()["cache_entries"] == len(atoms)
+        assert [s.read_atom(p) for p in ptrs] == atoms      # now from the cache
+        # One pread per atom, two for those that outgrow the first 4 KiB read.
+        assert s.stats()["reads"] == len(atoms) + sum(len(a) > 4088 for a in atoms)
+
+
+def test_a_reader_follows_the_writer_and_maps_what_became_durable(path):
+    with LogStore.open(path) as w:
+        first, _ = commit(w, b"first")
+        with LogStore.open(path, readonly=True) as r:
+            assert r.read_atom(first[0]) == b"first"
+            mapped = r._reader.mapped
+            big = [os.urandom(100_000) for _ in range(15)]     # 1.5 MB: past REMAP_STEP
+            ptrs, head = commit(w, *big)
+            assert r.refresh() == head
+            # The newest footer vouches only for what was fsynced before it was written:
+            # the new atoms come through pread for now.
+            assert [r.read_atom(p) for p in ptrs] == big
+            assert r._reader.mapped == mapped
+            commit(w, b"later")      # its footer says everything before it is on disk
+            r.refresh()
+            r._cache.clear()
+            assert [r.read_atom(p) for p in ptrs] == big
+            assert r._reader.mapped > max(ptrs) > mapped
+            # The writer's own store maps its fsynced part as it grows.
+            w._cache.clear()
+            assert [w.read_atom(p) for p in ptrs] == big
+
+
+def test_damage_inside_the_mapping_is_corruption_with_the_offset(path):
+    with LogStore.open(path) as s:
+        ptrs, _ = commit(s, b"alpha" * 20, b"beta" * 20, os.urandom(9000))
+    with open(path, "r+b") as f:
+        for p in (ptrs[0] + 8 + 3, ptrs[2] + 8 + 8500):     # one small, one past 4 KiB
+            f.seek(p)
+            b = f.read(1)
+            f.seek(p)
+            f.write(bytes([b[0] ^ 0x40]))
+    with LogStore.open(path, readonly=True) as s:
+        for bad in (ptrs[0], ptrs[2]):
+            with pytest.raises(CorruptionError) as ei:
+                s.read_atom(bad)
+            assert ei.value.offset == bad
+        assert s.read_atom(ptrs[1]) == b"beta" * 20
+        with pytest.raises(CorruptionError):
+            s.read_atom(ptrs[1] + 1)          # mid-atom: its "prefix" cannot check out
+        for bad in (-1, 10 ** 30):
+            with pytest.raises(CorruptionError):
+                s.read_atom(bad)
+        with pytest.raises(TypeError):
+            s.read_atom(str(ptrs[1]))
+
+
+def test_an_unclosed_store_is_freed_by_reference_counting(path):
+    import gc
+    import weakref
+    with LogStore.open(path) as s:
+        ptrs, _ = commit(s, b"x")
+    s = LogStore.open(path, readonly=True)
+    assert s.read_atom(ptrs[0]) == b"x"
+    ref = weakref.ref(s)
+    gc.disable()
+    try:
+        del s
+        assert ref() is None       # no cycle through its reader keeps it alive
+    finally:
+        gc.enable()
+
+
+def test_a_closed_store_drops_its_mapping_and_refuses_reads(path):
+    with LogStore.open(path) as s:
+        ptrs, _ = commit(s, b"x" * 100)
+    s = LogStore.open(path, readonly=True)
+    assert s.read_atom(ptrs[0]) == b"x" * 100
+    assert s._reader.mapped > 0
+    s.close()
+    assert s._reader.mapped == 0
+    with pytest.raises(DatabaseClosedError):
+        s.read_atom(ptrs[0])

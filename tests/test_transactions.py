@@ -154,6 +154,72 @@ def test_g2_anti_dependency_cycles_on_a_predicate(db, isolation):
         assert read(db, 4) is None
 
 
+@pytest.mark.parametrize("probe", ["getitem", "get", "contains"])
+def test_serializable_reads_of_absent_keys_conflict_with_a_concurrent_insert(db, probe):
+    t1 = db.transaction(isolation="serializable")
+    t2 = db.transaction()
+    d = t1["t"]
+    if probe == "getitem":
+        with pytest.raises(KeyError):
+            d[5]
+    elif probe == "get":
+        assert d.get(5, "none") == "none"
+    else:
+        assert 5 not in d
+    assert 5 in d._reads             # the miss is recorded whichever way it was probed
+    t1["t"][6] = 60                  # a write, so the commit has to validate what it read
+    t2["t"][5] = 50
+    t2.commit()
+    with pytest.raises(pb.ConflictError):
+        t1.commit()
+    assert read(db, 5) == 50 and read(db, 6) is None
+
+
+def test_serializable_reads_of_present_keys_conflict_only_when_changed(db):
+    t1 = db.transaction(isolation="serializable")
+    t2 = db.transaction()
+    assert t1["t"][1] == 10 and 2 in t1["t"]
+    t1["t"][7] = 70
+    t2["t"][3] = 30                  # a key t1 never read
+    t2.commit()
+    t1.commit()
+    assert read(db, 7) == 70 and read(db, 3) == 30
+
+
+def test_a_refused_key_leaves_no_read_behind(db):
+    t1 = db.transaction(isolation="serializable")
+    d = t1["t"]
+    for probe in (lambda: d[object()], lambda: d.get(object()), lambda: object() in d):
+        with pytest.raises(TypeError):
+            probe()
+    # A recorded read of a refused key would make every later merge of this commit fail.
+    assert d._reads == set()
+    assert d[1] == 10 and d._reads == {1}
+    t1.abort()
+
+
+def test_values_read_are_fresh_copies_each_time(db):
+    with db.transaction() as tx:
+        tx["t"]["doc"] = {"tags": ["a"], "n": {"x": 1}}
+        first = tx["t"]["doc"]
+        first["tags"].append("changed")
+        first["n"]["x"] = 2
+        again = tx["t"]["doc"]
+        assert again == {"tags": ["a"], "n": {"x": 1}} and again is not first
+        assert tx["t"].get("doc") == again and dict(tx["t"].items())["doc"] == again
+
+
+def test_a_free_standing_collection_inside_a_value_is_stored_while_the_value_is_encoded(db):
+    # Adopting the inner Dict encodes its contents from inside the outer value's encoding.
+    with db.transaction() as tx:
+        tx["t"]["outer"] = {"before": "b" * 100, "inner": pb.Dict({"k": {"deep": [1, 2, 3]}}),
+                            "after": list(range(40))}
+    with db.transaction(readonly=True) as tx:
+        outer = tx["t"]["outer"]
+        assert outer["before"] == "b" * 100 and outer["after"] == list(range(40))
+        assert isinstance(outer["inner"], pb.Dict) and outer["inner"]["k"] == {"deep": [1, 2, 3]}
+
+
 def test_serializable_read_only_transactions_commit(db):
     t1 = db.transaction(isolation="serializable")
     t2 = db.transaction()

@@ -14,10 +14,12 @@ from hypothesis import given, settings, strategies as st
 
 import protobase as pb
 from protobase import vector
+from protobase._core import load
 from protobase.errors import VectorError
 from protobase.vector import HnswIndex, as_vector, make_spec
 from protobase.vector import search
 
+IdSet = load("idset").IdSet
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -167,6 +169,57 @@ def test_changed_since_names_rows_changed_after_a_sequence():
     assert ix.changed_since(7).tolist() == []
     ix.upsert(3, [0, 0, 1, 0])                   # no sequence: suspect for every snapshot
     assert ix.changed_since(100).tolist() == [3]
+
+
+def test_a_failed_commit_keeps_its_rows_suspect_until_written_again():
+    ix = HnswIndex.open(make_spec("e", 4), None,
+                        lambda: iter([(i, [1, i, 0, 0]) for i in range(3)]), 5)
+    ix.begin(6)
+    ix.upsert(1, [0, 1, 0, 0], seq=6)            # a commit whose write then fails...
+    ix.remove(2, seq=6)
+    ix.begin(6)                                  # ...so the next commit reuses its sequence
+    ix.upsert(0, [0, 0, 1, 0], seq=6)
+    assert ix.changed_since(5).tolist() == [0, 1, 2]
+    assert ix.changed_since(6).tolist() == [1, 2]
+    assert ix.changed_since(50).tolist() == [1, 2]
+    ix.begin(7)
+    ix.upsert(1, [1, 1, 0, 0], seq=7)            # written again by a commit that stands
+    assert ix.changed_since(7).tolist() == [2]
+    big = HnswIndex.open(make_spec("e", 4), None, lambda: iter(()), 5)
+    big.begin(6)
+    for i in range(5000):                        # more than the log keeps
+        big.upsert(i, [1, i, 0, 0], seq=6)
+    assert big.changed_since(6).tolist() == []
+    big.begin(6)
+    assert big.changed_since(6) is None and big.changed_since(100) is None
+
+
+def test_scan_set_matches_brute_force_and_reuses_gathered_vectors_only_until_a_change():
+    """Exact scans of an id set agree with brute force after every change, whether they
+    gather afresh or reuse what was gathered for an equal set (asked with a new IdSet
+    object each time), and what they keep stays within a quarter of the rows."""
+    X = clustered(3, 400, 8)
+    ix = HnswIndex.open(make_spec("e", 8, "l2"), None, lambda: ((i, X[i]) for i in range(400)), 1)
+    live = {i: X[i] for i in range(400)}
+    rng = np.random.default_rng(4)
+    sets = [np.sort(rng.choice(450, size, replace=False)) for size in (5, 30, 50, 300)]
+    for step in range(40):
+        q = rng.standard_normal(8).astype(np.float32)
+        for arr in sets:
+            for _ in range(2):                   # the second time reuses the gathered vectors
+                rowids, dist = ix.scan_set(IdSet(arr.tolist()), q)
+                expect = [i for i in arr.tolist() if i in live]
+                assert rowids.tolist() == expect
+                assert np.allclose(dist, [float(((live[i] - q) ** 2).sum()) for i in expect],
+                                   rtol=1e-5, atol=1e-5)
+        assert sum(len(kept[2]) for kept in ix._gathered.values()) <= len(ix) // 4
+        r = int(rng.integers(450))
+        if r in live and rng.random() < 0.4:
+            ix.remove(r, seq=step + 2)
+            del live[r]
+        else:
+            live[r] = rng.standard_normal(8).astype(np.float32)
+            ix.upsert(r, live[r], seq=step + 2)
 
 
 def test_knn_returns_fewer_rows_rather_than_failing_when_few_match():
@@ -361,6 +414,47 @@ def _tagged(tx, q):
     return brute(rows, q, "l2", 10)
 
 
+@pytest.mark.parametrize("plan", ["exact", "overfetch", "thresholds"])
+def test_a_commit_whose_write_failed_leaves_no_trace_in_answers(tmp_path, plans, plan):
+    """The index follows a commit before its write fails; the database then reuses the
+    sequence. Readers of every later snapshot must still see the committed rows only."""
+    from protobase.storage.faults import FaultInjector
+    if plan != "thresholds":
+        plans(plan)
+    X = clustered(61, 2000, 8)
+    inj = FaultInjector()
+    db = pb.open(str(tmp_path / "db.pb"), file_layer=inj)
+    fill(db, {i: X[i] for i in range(2000)}, metric="l2")
+    q = X[5] + 0.01
+    rows = {i: X[i] for i in range(2000)}
+    with db.transaction(readonly=True) as tx:
+        near = [key for key, _ in brute(rows, q, "l2", 10)]
+        check_exact(tx["docs"].nearest("e", q, k=10, ef=200), brute(rows, q, "l2", 10))
+    inj.fail_at = inj.ops + 1                    # the next write to the file fails
+    with pytest.raises(pb.StorageError):
+        with db.transaction() as tx:
+            tx["docs"][near[0]] = {"tag": 0, "e": [90.0] * 8}   # never committed
+            del tx["docs"][near[1]]                             # never committed
+            tx["docs"][5000] = {"tag": 0, "e": q.tolist()}      # never committed
+    inj.heal()
+    with db.transaction() as tx:                 # reuses the failed commit's sequence
+        tx["docs"][7] = {"tag": 7, "e": (X[7] + 1.0).tolist()}
+    rows[7] = X[7] + 1.0
+    for _ in range(2):
+        with db.transaction(readonly=True) as tx:
+            check_exact(tx["docs"].nearest("e", q, k=10, ef=200), brute(rows, q, "l2", 10))
+            assert near[0] in tx["docs"].nearest("e", q, k=10, ef=200).keys()
+            check_exact(tx["docs"].where(pb.F.tag < 50).nearest("e", q, k=10, ef=200),
+                        brute({i: v for i, v in rows.items() if i % 100 < 50}, q, "l2", 10))
+    with db.transaction() as tx:                 # written again: the index is right again
+        tx["docs"][near[0]] = {"tag": near[0] % 100, "e": X[near[0]].tolist()}
+        tx["docs"][near[1]] = {"tag": near[1] % 100, "e": X[near[1]].tolist()}
+    with db.transaction(readonly=True) as tx:
+        check_exact(tx["docs"].nearest("e", q, k=10, ef=200), brute(rows, q, "l2", 10))
+        assert "0 admitted rows read" in tx["docs"].nearest("e", q, k=10).explain()
+    db.close()
+
+
 @pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch", "thresholds"])
 def test_own_uncommitted_writes_are_found_and_own_deletes_hidden(plans, plan):
     if plan != "thresholds":
@@ -447,6 +541,113 @@ def test_a_collection_without_vector_index_is_scanned_exactly():
         plain["oops"] = {"v": [1.0, 2.0]}
         with pytest.raises(VectorError, match="oops"):
             plain.where().nearest("v", X[7]).keys()
+
+
+class _CountingDecode:
+    """Wraps a transaction's decoder, counting the values it decodes."""
+
+    def __init__(self, decode):
+        self.decode, self.calls = decode, 0
+
+    def __call__(self, raw):
+        self.calls += 1
+        return self.decode(raw)
+
+
+@pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch"])
+def test_keys_decode_no_value_and_values_decode_each_returned_row_once(plans, plan):
+    plans(plan)
+    X = clustered(71, 600, 8)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(600)})
+    q = X[9] + 0.01
+    with db.transaction(readonly=True) as tx:
+        docs = tx["docs"]
+        tx._decode = counting = _CountingDecode(tx._decode)
+        hits = docs.where(pb.F.tag < 50).nearest("e", q, k=5, ef=200)
+        keys = hits.keys()
+        assert len(hits) == 5 and len(hits.distances()) == 5 and hits
+        assert counting.calls == 0
+        scored = list(hits.scored())
+        assert counting.calls == 5
+        assert list(hits) == hits.values() == [value for _, value, _ in scored]
+        assert [key for key, _, _ in scored] == keys and hits.keys() == keys
+        assert [d for _, _, d in scored] == hits.distances()
+        assert counting.calls == 5                 # decoded once, kept
+        assert [value for _, value, _ in scored] == [docs[key] for key in keys]
+        check_exact(hits, brute({i: X[i] for i in range(600) if i % 100 < 50}, q, "cosine", 5))
+
+
+def test_values_read_after_the_transaction_ended_raise_and_keys_stay():
+    X = clustered(72, 300, 8)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(300)})
+    q = X[4] + 0.01
+    with db.transaction(readonly=True) as tx:
+        lazy = tx["docs"].nearest("e", q, k=3)
+        keys = lazy.keys()
+        read = tx["docs"].nearest("e", q, k=3)
+        values = read.values()                     # decoded while the transaction is open
+        assert values == [tx["docs"][key] for key in keys]
+    assert lazy.keys() == keys and len(lazy.distances()) == 3
+    for use in (lambda h: h.values(), lambda h: list(h.scored()), lambda h: list(h)):
+        with pytest.raises(pb.TransactionClosedError):
+            use(lazy)
+    assert read.values() == list(read) == values
+    with db.transaction(readonly=True) as tx:
+        unrun = tx["docs"].nearest("e", q, k=3)
+    with pytest.raises(pb.TransactionClosedError):
+        unrun.keys()
+
+
+def test_values_read_later_are_those_of_the_query_not_of_later_writes():
+    X = clustered(73, 300, 8)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(300)})
+    with db.transaction() as tx:
+        tx["items"] = pb.List()
+        items = tx["items"]
+        items.create_vector_index("e", dim=8, metric="l2")
+        items.extend({"n": i, "e": X[i].tolist()} for i in range(300))
+    q = X[11] + 0.01
+    moved = {"tag": 1, "e": X[200].tolist()}
+    with db.transaction() as tx:
+        docs, items = tx["docs"], tx["items"]
+        for written_first in (False, True):        # decoded later, or at once (own writes)
+            hits = docs.nearest("e", q, k=4)
+            keys = hits.keys()
+            assert written_first == (docs._mut is not None)
+            before = [docs[key] for key in keys]
+            docs[keys[0]] = moved
+            del docs[keys[1]]
+            assert hits.values() == before
+            docs[keys[1]] = before[1]
+        listed = items.nearest("e", q, k=4)
+        positions = listed.keys()
+        assert [items[p]["n"] for p in positions] == \
+            [key for key, _ in brute({i: X[i] for i in range(300)}, q, "l2", 4)]
+        before = [items[p] for p in positions]
+        items.insert(0, {"n": -1, "e": X[0].tolist()})      # every position moves
+        assert [value for _, value, _ in listed.scored()] == before
+
+
+def test_vector_spec_looks_the_field_up_directly_and_normalises_otherwise():
+    X = clustered(74, 50, 4)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(50)}, metric="l2")
+    with db.transaction() as tx:
+        docs = tx["docs"]
+        source = docs.where()._source
+        spec = source.vector_spec("e")
+        assert spec == docs.vector_indexes["e"] and spec["metric"] == "l2"
+        assert source.vector_spec(("e",)) == spec
+        assert source.vector_spec("f") is None and source.vector_spec("e.f") is None
+        with pytest.raises(pb.QueryError):
+            source.vector_spec("e..f")
+        docs.create_vector_index("g", dim=3)       # the working settings answer now
+        assert source.vector_spec("g")["dim"] == 3 and source.vector_spec("e") == spec
+        tx["fresh"] = pb.Dict({"a": {"e": [1.0]}})
+        assert tx["fresh"].where()._source.vector_spec("e") is None
 
 
 # ------------------------------------------------------------------------------ files

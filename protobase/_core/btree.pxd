@@ -3,6 +3,7 @@
 cdef enum:
     WIDTH = 64           # most keys in a leaf, most children in an inner node
     MIN_FILL = 32        # fewest in any node but the root (WIDTH // 2)
+    BULK_FILL = 48       # what a bulk build (SortedMap.from_sorted) aims for per node
     MAX_DEPTH = 48       # far beyond any reachable height; bounds the iterator's path
 
 

@@ -99,6 +99,14 @@ below its parent, fill, count equal to the parent's count, keys sorted and insid
 parent's separators) and stores it in the slot. Anything malformed raises
 `CorruptionError(offset=ptr)`.
 
+Bulk builds
+-----------
+`SortedMap.from_sorted(keys, values)` (an index build's postings, already in key order)
+builds the tree bottom-up instead of descending once per key: leaves of about BULK_FILL
+(48) keys, then each level of inner nodes over the one below, so every node but the root
+holds MIN_FILL..WIDTH entries and later inserts rarely split at once. O(n) plus one
+comparison per key to check the order.
+
 Complexity
 ----------
 get / in / set / delete / bisect / peekitem: O(log n) node visits, each a binary
@@ -1171,6 +1179,50 @@ cdef class _Base:
             raise AssertionError(f"len() is {self.count} but the tree holds {n}")
 
 
+cdef Py_ssize_t _bulk_parts(Py_ssize_t n):
+    """How many nodes a bulk build spreads n entries over: about BULK_FILL each (room
+    for later inserts without an immediate split), never fewer than MIN_FILL nor more
+    than WIDTH; n <= WIDTH is one node (a root may hold fewer than MIN_FILL)."""
+    cdef Py_ssize_t k = (n + BULK_FILL - 1) // BULK_FILL
+    if k > 1 and n // k < MIN_FILL:
+        k = (n + WIDTH - 1) // WIDTH
+    return k if k > 0 else 1
+
+
+cdef _Node _bulk_root(list keys, list vals):
+    """A tree over sorted keys built level by level: leaves of even fill first, then each
+    level of inner nodes over the one below, its separators the first key under each
+    child after the first, until one node is left (the invariants of the essay hold:
+    fill, counts, one depth for every leaf)."""
+    cdef Py_ssize_t n = len(keys), k, i, j, lo, hi, total, level = 0
+    cdef list nodes = [], firsts = [], sizes = [], kids, up_nodes, up_firsts, up_sizes
+    cdef _Inner inner
+    k = _bulk_parts(n)
+    for i in range(k):
+        lo, hi = n * i // k, n * (i + 1) // k
+        nodes.append(_new_leaf(keys[lo:hi], vals[lo:hi], None))
+        firsts.append(keys[lo])
+        sizes.append(hi - lo)
+    while len(nodes) > 1:
+        level += 1
+        n = len(nodes)
+        k = _bulk_parts(n)
+        up_nodes, up_firsts, up_sizes = [], [], []
+        for i in range(k):
+            lo, hi = n * i // k, n * (i + 1) // k
+            kids = nodes[lo:hi]
+            inner = _new_inner(firsts[lo + 1:hi], kids, level, None)
+            total = 0
+            for j in range(hi - lo):
+                inner.counts[j] = sizes[lo + j]
+                total += sizes[lo + j]
+            up_nodes.append(inner)
+            up_firsts.append(firsts[lo])
+            up_sizes.append(total)
+        nodes, firsts, sizes = up_nodes, up_firsts, up_sizes
+    return <_Node>nodes[0]
+
+
 cdef SortedMap _new_map(object root, Py_ssize_t count, object io):
     cdef SortedMap m = SortedMap.__new__(SortedMap)
     m.root = root
@@ -1249,6 +1301,24 @@ cdef class SortedMap(_Base):
         m = self.mutate()
         m._remove(key)
         return _new_map(m.root, m.count, self.io)
+
+    @staticmethod
+    def from_sorted(keys, values):
+        """The map of ``keys[i] -> values[i]``, built bottom-up in O(n) (no descent per
+        key). ``keys`` must be strictly ascending in ``compare`` order: ValueError if not,
+        TypeError for a key that is not allowed."""
+        cdef list ks = list(keys), vs = list(values)
+        cdef Py_ssize_t n = len(ks), i
+        if len(vs) != n:
+            raise ValueError(f"from_sorted() got {n} keys and {len(vs)} values")
+        for i in range(n):
+            _check_key(ks[i])
+            if i and not _lt(ks[i - 1], ks[i]):
+                raise ValueError(f"from_sorted() needs strictly ascending keys; "
+                                 f"{ks[i - 1]!r} is followed by {ks[i]!r}")
+        if n == 0:
+            return _new_map(None, 0, None)
+        return _new_map(_bulk_root(ks, vs), n, None)
 
     def _persist(self, io):
         """Write every unwritten node (children first), then a header; returns its pointer."""

@@ -63,4 +63,15 @@ cdef class _Decoder:
     cdef bint hook_failed        # the pending exception came from a user hook: pass it on
 
 
+cdef class Encoder:
+    cdef object ref_hook
+    cdef object default
+
+
+cdef class Decoder:
+    cdef object ref_resolver
+    cdef object ext_hook
+    cdef bint strict
+
+
 cpdef bytes dumps_key(object key)

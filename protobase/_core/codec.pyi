@@ -1,7 +1,7 @@
 """The value codec: Python values <-> MessagePack bytes with extension types (docs/format.md)."""
 from typing import Any, Callable, Final, Optional, Tuple, Union
 
-__all__ = ["dumps", "loads", "dumps_key", "register_class", "MAX_DEPTH"]
+__all__ = ["dumps", "loads", "Encoder", "Decoder", "dumps_key", "register_class", "MAX_DEPTH"]
 
 __source_digest__: str
 
@@ -23,6 +23,23 @@ def loads(data: Buffer, *, ref_resolver: Optional[RefResolver] = ...,
           ext_hook: Optional[ExtHook] = ..., strict: bool = ...) -> Any:
     """Decode one value; DecodeError (a ValueError) on damaged, truncated or trailing bytes.
     `strict=True` refuses classes not registered with register_class."""
+
+class Encoder:
+    """dumps() with its hooks bound once (the layers above keep one per transaction)."""
+
+    def __init__(self, *, ref_hook: Optional[RefHook] = ..., default: Optional[Default] = ...) -> None: ...
+
+    def encode(self, obj: Any, /) -> bytes:
+        """The same bytes and errors as dumps(obj) with this encoder's hooks."""
+
+class Decoder:
+    """loads() with its hooks bound once (the layers above keep one per transaction)."""
+
+    def __init__(self, *, ref_resolver: Optional[RefResolver] = ...,
+                 ext_hook: Optional[ExtHook] = ..., strict: bool = ...) -> None: ...
+
+    def decode(self, data: Buffer, /) -> Any:
+        """The same value and errors as loads(data) with this decoder's hooks."""
 
 def dumps_key(key: Any) -> bytes:
     """Canonical bytes of a key: equal keys (as in a dict) give identical bytes. Non-key types

@@ -31,7 +31,17 @@ canonical MessagePack (shortest form everywhere), which `dumps_key` relies on.
 
 Encoder
 -------
-One growing C buffer (PyMem, doubling) per call; ``bytes`` is built once at the end.
+One growing C buffer (PyMem, doubling); ``bytes`` is built once at the end. The working
+state (buffer, hooks, error steps) is kept as one spare between calls, so a small value
+costs no allocation beyond its ``bytes``; a call that finds the spare taken (a hook that
+encodes from inside an encode, or another thread while a hook runs) makes a fresh one, and
+a buffer grown past 16 KiB (KEEP_BUFFER) is freed when the call ends. The decoder keeps a spare the same
+way. ``Encoder``/``Decoder`` bind the hooks once (the layers above keep one of each per
+transaction), so a call is one positional argument: no keyword parsing per value::
+
+    Encoder(ref_hook=h).encode(v)  ==  dumps(v, ref_hook=h)
+    Decoder(ref_resolver=r).decode(b)  ==  loads(b, ref_resolver=r)
+
 Dispatch is by *exact* type with C checks (``PyDict_CheckExact``...), cheapest first. A
 type that is not a plain built-in goes, in order, to ``ref_hook`` (pb collections are
 stored by reference), ``default`` (extension codes of upper layers), then to a per-class
@@ -41,7 +51,8 @@ ordinary instance, or refused with the reason. Subclasses of built-in value type
 would silently lose their class, and restoring them would need their own ``__new__``.
 
 Errors carry a path. Nothing is tracked on the success path: when a child fails, each
-container frame appends ``(container, step)`` to the encoder while the exception unwinds,
+container frame appends ``(container, step)`` to the encoder while the exception unwinds
+(one ``try`` per container, which knows the index or key it was at),
 and ``dumps`` formats ``value['k'][3].attr``. Cycles cost nothing either: a cycle recurses
 until the depth limit (``MAX_DEPTH``, 1000 levels), and the unwound path then shows the
 first container that repeats, reported as a cycle at the path of its second occurrence.
@@ -189,7 +200,7 @@ cdef enum:
     S_STATE = 5
     S_DEPTH = 6
 
-__all__ = ["dumps", "loads", "dumps_key", "register_class", "MAX_DEPTH"]
+__all__ = ["dumps", "loads", "Encoder", "Decoder", "dumps_key", "register_class", "MAX_DEPTH"]
 
 MAX_DEPTH = DEPTH_LIMIT
 
@@ -600,10 +611,14 @@ cdef int _w_len_header(_Encoder e, Py_ssize_t n, uint8_t fix, uint8_t fixmax,
 
 
 cdef inline int _w_array_header(_Encoder e, Py_ssize_t n) except -1:
+    if n < 16:
+        return _w_byte(e, 0x90 | n)
     return _w_len_header(e, n, 0x90, 16, 0, 0xdc, 0xdd)
 
 
 cdef inline int _w_map_header(_Encoder e, Py_ssize_t n) except -1:
+    if n < 16:
+        return _w_byte(e, 0x80 | n)
     return _w_len_header(e, n, 0x80, 16, 0, 0xde, 0xdf)
 
 
@@ -615,15 +630,28 @@ cdef inline int _w_bin(_Encoder e, const char *p, Py_ssize_t n) except -1:
 cdef int _w_str(_Encoder e, object s) except -1:
     cdef Py_ssize_t n
     cdef const char *p
-    p = _utf8_or_null(s, &n)
-    if p == NULL:
-        if not PyErr_ExceptionMatches(UnicodeEncodeError):
-            raise MemoryError()
-        PyErr_Clear()
-        # Lone surrogates are valid in a str but not in UTF-8: keep them in an extension.
-        raw = (<str>s).encode("utf-8", "surrogatepass")
-        _w_ext_header(e, EXT_SURROGATE_STR, len(raw))
-        return _w_raw(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+    cdef char *w
+    if PyUnicode_IS_COMPACT_ASCII(<PyObject *>s):
+        # ASCII is its own UTF-8: copy the characters, and a short one's header is one byte.
+        n = PyUnicode_GET_LENGTH(<PyObject *>s)
+        p = <const char *>PyUnicode_DATA(<PyObject *>s)
+        if n < 32:
+            _reserve(e, n + 1)
+            w = e.buf + e.length
+            w[0] = <char>(0xa0 | n)
+            memcpy(w + 1, p, n)
+            e.length += n + 1
+            return 0
+    else:
+        p = _utf8_or_null(s, &n)
+        if p == NULL:
+            if not PyErr_ExceptionMatches(UnicodeEncodeError):
+                raise MemoryError()
+            PyErr_Clear()
+            # Lone surrogates are valid in a str but not in UTF-8: keep them in an extension.
+            raw = (<str>s).encode("utf-8", "surrogatepass")
+            _w_ext_header(e, EXT_SURROGATE_STR, len(raw))
+            return _w_raw(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
     _w_len_header(e, n, 0xa0, 32, 0xd9, 0xda, 0xdb)
     return _w_raw(e, p, n)
 
@@ -712,12 +740,14 @@ cdef int _enc(_Encoder e, object obj, int depth) except -1:
             return _too_deep(e, obj)
         n = PyList_GET_SIZE(obj)
         _w_array_header(e, n)
-        for i in range(n):
-            try:
+        i = 0
+        try:                    # one try per container, not per item: entering one costs
+            while i < n:
                 _enc(e, <object>PyList_GET_ITEM(obj, i), depth + 1)
-            except BaseException:
-                _step(e, obj, S_INDEX, i)
-                raise
+                i += 1
+        except BaseException:
+            _step(e, obj, S_INDEX, i)
+            raise
         if PyList_GET_SIZE(obj) != n:
             raise RuntimeError("list changed size during encoding")
         return 0
@@ -733,35 +763,41 @@ cdef int _enc(_Encoder e, object obj, int depth) except -1:
 
 
 cdef int _enc_tuple_items(_Encoder e, tuple t, int depth) except -1:
-    cdef Py_ssize_t i, n = PyTuple_GET_SIZE(t)
+    cdef Py_ssize_t i = 0, n = PyTuple_GET_SIZE(t)
     _w_array_header(e, n)
-    for i in range(n):
-        try:
+    try:
+        while i < n:
             _enc(e, <object>PyTuple_GET_ITEM(t, i), depth + 1)
-        except BaseException:
-            _step(e, t, S_INDEX, i)
-            raise
+            i += 1
+    except BaseException:
+        _step(e, t, S_INDEX, i)
+        raise
     return 0
 
 
 cdef int _enc_dict(_Encoder e, dict d, int depth, int kind) except -1:
     """A map; `kind` is S_KEY for a dict value, S_ATTR for an instance's __dict__ state."""
     cdef Py_ssize_t pos = 0, n = PyDict_GET_SIZE(d), seen = 0
-    cdef PyObject *k
+    cdef PyObject *k = NULL
     cdef PyObject *v
+    cdef bint at_key = False
     _w_map_header(e, n)
-    while PyDict_Next(d, &pos, &k, &v):
-        try:
-            _enc(e, <object>k, depth + 1)
-        except BaseException:
-            _step(e, d, S_DICTKEY, seen)
-            raise
-        try:
+    try:                        # one try for the whole map; at_key tells which part failed
+        while PyDict_Next(d, &pos, &k, &v):
+            at_key = True
+            if PyUnicode_CheckExact(<object>k):
+                _w_str(e, <object>k)
+            else:
+                _enc(e, <object>k, depth + 1)
+            at_key = False
             _enc(e, <object>v, depth + 1)
-        except BaseException:
-            _step(e, d, kind, <object>k)
-            raise
-        seen += 1
+            seen += 1
+    except BaseException:
+        if at_key:
+            _step(e, d, S_DICTKEY, seen)
+        else:
+            _step(e, d, kind, <object>k)    # k is still held by d
+        raise
     if seen != n or PyDict_GET_SIZE(d) != n:
         raise RuntimeError("dict changed size during encoding")
     return 0
@@ -1104,6 +1140,52 @@ cdef object _path_error(_Encoder e, object exc):
     return SerializationError(f"{message} (at {path})", type_name=type_name, path=path)
 
 
+# One spare encoder state is kept between calls, so an encode reuses its buffer instead of
+# allocating a state and a buffer and freeing both again. Taking it clears the slot, so a
+# hook that encodes from inside an encode (a free-standing collection adopted by ref_hook),
+# or another thread that got the GIL while a hook ran Python code, gets a fresh state.
+cdef _Encoder _spare_encoder = None
+
+cdef enum:
+    KEEP_BUFFER = 16384     # a spare state keeps a buffer up to this size for the next call
+
+
+cdef inline _Encoder _take_encoder(object ref_hook, object default):
+    global _spare_encoder
+    cdef _Encoder e = _spare_encoder
+    if e is None:
+        e = _Encoder.__new__(_Encoder)
+    else:
+        _spare_encoder = None
+    e.ref_hook = ref_hook
+    e.default = default
+    return e
+
+
+cdef inline void _give_back_encoder(_Encoder e) noexcept:
+    global _spare_encoder
+    e.length = 0
+    e.ref_hook = None
+    e.default = None
+    e.steps = None
+    if e.cap > KEEP_BUFFER:
+        PyMem_Free(e.buf)
+        e.buf = NULL
+        e.cap = 0
+    _spare_encoder = e
+
+
+cdef bytes _encode(object obj, object ref_hook, object default):
+    cdef _Encoder e = _take_encoder(ref_hook, default)
+    try:
+        _enc(e, obj, 0)
+        return e.take()
+    except SerializationError as exc:
+        raise _path_error(e, exc) from None
+    finally:
+        _give_back_encoder(e)
+
+
 def dumps(obj, *, ref_hook=None, default=None):
     """Encode `obj` to MessagePack bytes (extension types for what MessagePack lacks).
 
@@ -1111,14 +1193,25 @@ def dumps(obj, *, ref_hook=None, default=None):
     encoded as a class instance: an int N stores "a reference to collection N". `default(x)`
     may return ``(code, bytes)`` with code in 64..127. Unsupported values raise
     SerializationError with `type_name` and `path`."""
-    cdef _Encoder e = _Encoder.__new__(_Encoder)
-    e.ref_hook = ref_hook
-    e.default = default
-    try:
-        _enc(e, obj, 0)
-    except SerializationError as exc:
-        raise _path_error(e, exc) from None
-    return e.take()
+    return _encode(obj, ref_hook, default)
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class Encoder:
+    """`dumps` with its hooks bound once: ``Encoder(ref_hook=h).encode(x)`` is
+    ``dumps(x, ref_hook=h)`` without the keyword handling on every call (the layers
+    above encode every written value through one per transaction)."""
+
+    def __init__(self, *, ref_hook=None, default=None):
+        self.ref_hook = ref_hook
+        self.default = default
+
+    @cython.binding(False)                 # a plain C method: called without cyfunction dispatch
+    @cython.always_allow_keywords(False)   # METH_O: one positional argument, no parsing
+    def encode(self, obj):
+        """Encode `obj` exactly as dumps() with this encoder's hooks does."""
+        return _encode(obj, self.ref_hook, self.default)
 
 
 # --------------------------------------------------------------------------- keys
@@ -1729,13 +1822,21 @@ cdef object _dec_numpy(_Decoder d, int code, int depth):
     return np.array(flat.reshape(tuple(shape), order=order), order=order, copy=True)
 
 
-def loads(data, *, ref_resolver=None, ext_hook=None, strict=False):
-    """Decode one value from `data` (bytes-like). Damaged, truncated or forged bytes, and
-    trailing bytes after the value, raise DecodeError. `strict=True` refuses classes that
-    were not registered with register_class."""
-    cdef _Decoder d = _Decoder.__new__(_Decoder)
+# A spare decoder state, reused as the encoder's is (see _spare_encoder).
+cdef _Decoder _spare_decoder = None
+
+
+cdef object _decode(object data, object ref_resolver, object ext_hook, bint strict):
+    global _spare_decoder
+    cdef _Decoder d = _spare_decoder
     cdef Py_buffer view
     cdef bint release = False
+    if d is None:
+        d = _Decoder.__new__(_Decoder)
+    else:
+        _spare_decoder = None
+    d.pos = 0
+    d.hook_failed = False
     if PyBytes_CheckExact(data):
         d.buf = <const unsigned char *>PyBytes_AS_STRING(data)
         d.end = PyBytes_GET_SIZE(data)
@@ -1764,3 +1865,33 @@ def loads(data, *, ref_resolver=None, ext_hook=None, strict=False):
     finally:
         if release:
             PyBuffer_Release(&view)
+        d.buf = NULL
+        d.ref_resolver = None
+        d.ext_hook = None
+        _spare_decoder = d
+
+
+def loads(data, *, ref_resolver=None, ext_hook=None, strict=False):
+    """Decode one value from `data` (bytes-like). Damaged, truncated or forged bytes, and
+    trailing bytes after the value, raise DecodeError. `strict=True` refuses classes that
+    were not registered with register_class."""
+    return _decode(data, ref_resolver, ext_hook, strict)
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class Decoder:
+    """`loads` with its hooks bound once: ``Decoder(ref_resolver=r).decode(b)`` is
+    ``loads(b, ref_resolver=r)`` without the keyword handling on every call (the layers
+    above decode every value read through one per transaction)."""
+
+    def __init__(self, *, ref_resolver=None, ext_hook=None, strict=False):
+        self.ref_resolver = ref_resolver
+        self.ext_hook = ext_hook
+        self.strict = strict
+
+    @cython.binding(False)                 # a plain C method: called without cyfunction dispatch
+    @cython.always_allow_keywords(False)   # METH_O: one positional argument, no parsing
+    def decode(self, data):
+        """Decode `data` exactly as loads() with this decoder's hooks does."""
+        return _decode(data, self.ref_resolver, self.ext_hook, self.strict)

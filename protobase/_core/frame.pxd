@@ -2,6 +2,7 @@
 
 cdef enum:
     ATOM_PREFIX = 8      # u32 length + u32 crc32 before each atom
+    HEADER_BYTES = 32    # the file header: no atom starts below it (storage/log.py)
 
 
 cdef class AtomBatch:

@@ -1,7 +1,7 @@
 """Atom framing for the storage log (see frame.pyx's essay)."""
-from typing import Final, Iterable
+from typing import Any, Callable, Final, Iterable
 
-__all__ = ["AtomBatch", "frame_atoms", "PREFIX_SIZE", "MAX_ATOM"]
+__all__ = ["AtomBatch", "AtomReader", "frame_atoms", "PREFIX_SIZE", "MAX_ATOM"]
 
 __source_digest__: str
 PREFIX_SIZE: Final[int]    # 8: u32 length + u32 crc32 before each atom
@@ -26,3 +26,21 @@ class AtomBatch:
     def close(self) -> None: ...
     def frame(self, salt: int) -> bytes: ...
     def __len__(self) -> int: ...
+
+
+class AtomReader:
+    """The read path of a log store in C: the cache, then the mapping of the fsynced part
+    of the file or one pread, then the checksum; anything else goes to ``fallback``."""
+
+    salt: int | None   # the file's checksum salt; None (no header yet): every miss falls back
+    limit: int         # end of the committed log (read-only stores; a writer's is read live)
+    durable: int       # below this a footer says every byte was fsynced (read-only stores)
+    closed: bool       # once set, every miss takes the fallback (which raises)
+    @property
+    def mapped(self) -> int: ...   # bytes [0, mapped) of the file are mapped
+
+    def __init__(self, cache: Any, fd: int, salt: int | None,
+                 fallback: Callable[[int], bytes], stats: dict[str, int], writer: Any,
+                 limit: int, durable: int = 0) -> None: ...
+    def read(self, ptr: int) -> bytes: ...
+    def unmap(self) -> None: ...

@@ -29,34 +29,35 @@ cdef class _Loader:
     cdef bint is_set
 
 
-cdef class Map:
+cdef class _TrieBase:
     cdef Node root                 # None until a lazily loaded root is first touched
-    cdef int64_t root_ptr
     cdef Py_ssize_t count
     cdef _Loader loader
-    cdef int64_t header_ptr
 
 
-cdef class MapMutation:
-    cdef Node root
-    cdef Py_ssize_t count
-    cdef object token
-    cdef _Loader loader
+cdef class _Persistent(_TrieBase):
+    cdef int64_t root_ptr          # the root's atom while root is None (a loaded structure)
+    cdef int64_t header_ptr        # the header atom once persisted, else -1
 
 
-cdef class HashSet:
-    cdef Node root
-    cdef int64_t root_ptr
-    cdef Py_ssize_t count
-    cdef _Loader loader
-    cdef int64_t header_ptr
+cdef class _Transient(_TrieBase):
+    cdef object token              # owner token of the nodes this mutation edits in place
 
 
-cdef class HashSetMutation:
-    cdef Node root
-    cdef Py_ssize_t count
-    cdef object token
-    cdef _Loader loader
+cdef class Map(_Persistent):
+    pass
+
+
+cdef class MapMutation(_Transient):
+    pass
+
+
+cdef class HashSet(_Persistent):
+    pass
+
+
+cdef class HashSetMutation(_Transient):
+    pass
 
 
 cdef uint64_t stable_hash_c(object key) except? 0xFFFFFFFFFFFFFFFF

@@ -132,11 +132,41 @@ read, decoded, validated (shape, counts, bitmaps, hash placement) and stored in 
 benign write that does not change the node's logical content. Malformed node data raises
 CorruptionError(offset=ptr).
 
+Classes
+-------
+The four public types hold the same three things (root node, count, loader) and differ
+along two independent axes: persistent or transient, map or set. A cdef class has one base,
+so the classes follow the first axis and the second travels as a constant argument:
+
+                         _TrieBase: root, count, loader; len, ==, repr
+                  +---------------+----------------+
+             _Persistent                      _Transient
+       root_ptr, header_ptr;             token: the owner-token protocol;
+       lazy root, in, iteration,         in, snapshot iteration (rotates
+       mutate, _persist, _load, _check   the token), finish, _check
+          +-------+--------+                +-------+-----------+
+         Map            HashSet        MapMutation       HashSetMutation
+    [], get, set,     add, discard,   [], get, []=, del,  add, discard,
+    delete, discard,  remove          set, pop, update,   remove, update
+    views                             views
+
+Most leaf methods are one line over a module function shared by both kinds (`_frozen_put`,
+`_frozen_drop`, `_transient_put`, `_transient_drop`, `_add_all`); the caller passes its
+kind as a literal `is_set`, so no hot path tests a type or makes a virtual call. Cold code
+that needs the kind (`==`, repr, `_persist`, `mutate`, `finish`) asks `isinstance`. The
+view methods are three module functions both map classes bind as class attributes. Map and
+HashSet add no fields, so they use _TrieBase's own tp_new/tp_dealloc: a `set` allocates and
+frees its result as a flat class did. `get` stays written out in both map classes: it is a
+plain C method (binding=False) because the layers above call it on every read, and its two
+lines differ in how the root is reached (`_root()` loads a lazy one; a mutation's root is
+always there); a shared helper cost it two instructions a call (callgrind).
+
 Complexity
 ----------
 get/set/delete O(log32 n) (hashes are 64-bit: at most 13 levels, then a collision node);
 len O(1); iteration O(n); one persistent set copies O(log32 n) nodes of <= 64 slots.
 """
+cimport cython
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memmove, memset
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
@@ -305,6 +335,9 @@ cdef extern from *:
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+    bint PyUnicode_IS_COMPACT_ASCII(PyObject *s)
+    void *PyUnicode_DATA(PyObject *s)
+    Py_ssize_t PyUnicode_GET_LENGTH(PyObject *s)
     char *PyBytes_AS_STRING(object b)
     Py_ssize_t PyBytes_GET_SIZE(object b)
     double PyFloat_AS_DOUBLE(object f)
@@ -371,6 +404,14 @@ cdef enum:
 # Stable hashing and key equality
 
 cdef inline uint64_t _hash_str(object s) except? 0xFFFFFFFFFFFFFFFF:
+    # ASCII text is its own UTF-8: hash the characters in place (no conversion, no try).
+    if PyUnicode_IS_COMPACT_ASCII(<PyObject *>s):
+        return pb_hash_bytes(<const unsigned char *>PyUnicode_DATA(<PyObject *>s),
+                             <size_t>PyUnicode_GET_LENGTH(<PyObject *>s), SEED_STR)
+    return _hash_utf8(s)
+
+
+cdef uint64_t _hash_utf8(object s) except? 0xFFFFFFFFFFFFFFFF:
     cdef Py_ssize_t n
     cdef const char *p
     try:
@@ -650,6 +691,8 @@ cdef inline Node _editable(Node node, object token, Py_ssize_t extra):
 
 
 cdef Node _grow_owned(Node node, Py_ssize_t cap):
+    # _copy's field moves again, without the increfs: a shared helper for both was not
+    # inlined by the C compiler and cost every persistent `set` 0.8% more instructions.
     cdef Node dst = _alloc_raw(cap, _owned_hcap(cap), node.owner)
     memcpy(dst.slots, node.slots, node.n * sizeof(PyObject *))
     memcpy(dst.hashes, node.hashes, _entries(node) * sizeof(uint64_t))
@@ -930,6 +973,17 @@ cdef object _find_collision(Node node, object key, uint64_t h):
     return _MISSING
 
 
+cdef inline void _put_two(Node node, object k1, object v1, uint64_t h1, object k2, object v2,
+                          uint64_t h2):
+    """Fill the first two entries of a fresh 4-slot node."""
+    node.hashes[0] = h1
+    node.hashes[1] = h2
+    _put(node, 0, k1)
+    _put(node, 1, v1)
+    _put(node, 2, k2)
+    _put(node, 3, v2)
+
+
 cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64_t h2,
                  int shift, object token):
     """The smallest subtree at `shift` holding two distinct keys."""
@@ -939,12 +993,7 @@ cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64
         node = _alloc(4, 4, 2, token)
         node.collision = True
         node.chash = h1
-        node.hashes[0] = h1
-        node.hashes[1] = h1
-        _put(node, 0, k1)
-        _put(node, 1, v1)
-        _put(node, 2, k2)
-        _put(node, 3, v2)
+        _put_two(node, k1, v1, h1, k2, v2, h2)
         return node
     b1 = _bit(h1, shift)
     b2 = _bit(h2, shift)
@@ -957,22 +1006,49 @@ cdef Node _merge(object k1, object v1, uint64_t h1, object k2, object v2, uint64
     # A mutation is likely to add more keys here: room for two more entries saves a move.
     node = _alloc(4, 4, 2, None) if token is None else _alloc(4, 8, 4, token)
     node.datamap = b1 | b2
-    if b1 > b2:
-        k1, v1, k2, v2 = k2, v2, k1, v1
-        h1, h2 = h2, h1
-    node.hashes[0] = h1
-    node.hashes[1] = h2
-    _put(node, 0, k1)
-    _put(node, 1, v1)
-    _put(node, 2, k2)
-    _put(node, 3, v2)
+    if b1 < b2:
+        _put_two(node, k1, v1, h1, k2, v2, h2)
+    else:
+        _put_two(node, k2, v2, h2, k1, v1, h1)
     return node
+
+
+cdef inline bint _entry_is(Node node, Py_ssize_t e, uint64_t h, object key) except -1:
+    """Whether inline entry e holds key (of hash h)."""
+    # Different hashes prove different keys without touching the stored key.
+    cdef PyObject *k = node.slots[2 * e]
+    return node.hashes[e] == h and (k == <PyObject *>key or key_eq(<object>k, key))
+
+
+cdef inline Node _push_down(Node node, Py_ssize_t e, uint32_t bit, int shift, uint64_t h,
+                            object key, object val, object token):
+    """node (or the copy the token may edit) with its entry e, whose chunk key shares, moved
+    into a new child holding both keys."""
+    cdef Node sub = _merge(<object>node.slots[2 * e], <object>node.slots[2 * e + 1],
+                           node.hashes[e], key, val, h, shift + 5, token)
+    cdef Node n2 = _editable(node, token, 1)
+    cdef Py_ssize_t nd = pb_popcount(n2.datamap)
+    cdef Py_ssize_t j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
+    _open_gap(n2, j, 1)
+    _put(n2, j, sub)
+    _remove_entry(n2, e, nd)
+    n2.datamap ^= bit
+    n2.nodemap |= bit
+    return n2
+
+
+cdef inline Node _add_entry(Node node, uint32_t bit, uint64_t h, object key, object val,
+                            object token):
+    """node (or the copy the token may edit) with key -> val inline in its free chunk bit."""
+    cdef Node n2 = _editable(node, token, 2)
+    _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), key, val, h)
+    n2.datamap |= bit
+    return n2
 
 
 cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, object token,
                  _Loader ld, bint *added):
     """Node with key -> val; the same node when it was edited in place or nothing changed."""
-    cdef uint64_t hk
     cdef uint32_t bit
     cdef Py_ssize_t i, j, e, nd
     cdef Node n2, child, c2, wrap
@@ -999,25 +1075,13 @@ cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, objec
     bit = _bit(h, shift)
     if node.datamap & bit:
         e = pb_popcount(node.datamap & (bit - 1))
-        k = node.slots[2 * e]
-        hk = node.hashes[e]
-        # Different hashes prove different keys without touching the stored key.
-        if hk == h and (k == <PyObject *>key or key_eq(<object>k, key)):
+        if _entry_is(node, e, h, key):
             if node.slots[2 * e + 1] == <PyObject *>val:
                 return node
             n2 = _editable(node, token, 0)
             _replace(n2, 2 * e + 1, val)
             return n2
-        sub = _merge(<object>k, <object>node.slots[2 * e + 1], hk, key, val, h, shift + 5,
-                     token)
-        n2 = _editable(node, token, 1)
-        nd = pb_popcount(n2.datamap)
-        j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
-        _open_gap(n2, j, 1)
-        _put(n2, j, sub)
-        _remove_entry(n2, e, nd)
-        n2.datamap ^= bit
-        n2.nodemap |= bit
+        n2 = _push_down(node, e, bit, shift, h, key, val, token)
         added[0] = True
         return n2
     if node.nodemap & bit:
@@ -1030,9 +1094,7 @@ cdef Node _assoc(Node node, int shift, uint64_t h, object key, object val, objec
         n2 = _editable(node, token, 0)
         _replace(n2, j, c2)
         return n2
-    n2 = _editable(node, token, 2)
-    _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), key, val, h)
-    n2.datamap |= bit
+    n2 = _add_entry(node, bit, h, key, val, token)
     added[0] = True
     return n2
 
@@ -1046,33 +1108,20 @@ cdef Node _assoc_owned(Node root, uint64_t h, object key, object val, object tok
     cdef Node node = root
     cdef Node parent = None
     cdef Node n2
-    cdef Py_ssize_t pslot = 0, e, j, nd
+    cdef Py_ssize_t pslot = 0, e, j
     cdef int shift = 0
     cdef uint32_t bit
-    cdef uint64_t hk
-    cdef PyObject *k
     while True:
         if node.owner is not token or node.collision:
             return None
         bit = _bit(h, shift)
         if node.datamap & bit:
             e = pb_popcount(node.datamap & (bit - 1))
-            k = node.slots[2 * e]
-            hk = node.hashes[e]
-            if hk == h and (k == <PyObject *>key or key_eq(<object>k, key)):
+            if _entry_is(node, e, h, key):
                 if node.slots[2 * e + 1] != <PyObject *>val:
                     _replace(node, 2 * e + 1, val)
                 return root
-            sub = _merge(<object>k, <object>node.slots[2 * e + 1], hk, key, val, h, shift + 5,
-                         token)
-            n2 = _editable(node, token, 1)
-            nd = pb_popcount(n2.datamap)
-            j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
-            _open_gap(n2, j, 1)
-            _put(n2, j, sub)
-            _remove_entry(n2, e, nd)
-            n2.datamap ^= bit
-            n2.nodemap |= bit
+            n2 = _push_down(node, e, bit, shift, h, key, val, token)
             break
         if node.nodemap & bit:
             j = 2 * pb_popcount(node.datamap) + pb_popcount(node.nodemap & (bit - 1))
@@ -1082,10 +1131,7 @@ cdef Node _assoc_owned(Node root, uint64_t h, object key, object val, object tok
             node = _child(parent, j, shift, h & _mask(shift), ld)
             pb_prefetch_node(<PyObject *>node)
             continue
-        n2 = _editable(node, token, 2)
-        _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), key,
-                      val, h)
-        n2.datamap |= bit
+        n2 = _add_entry(node, bit, h, key, val, token)
         break
     added[0] = True
     if n2 is node:
@@ -1120,32 +1166,19 @@ cdef Node _assoc_frozen(Node root, uint64_t h, object key, object val, _Loader l
     cdef Node n2, up
     cdef Py_ssize_t e, j, nd
     cdef uint32_t bit
-    cdef uint64_t hk
-    cdef PyObject *k
     while True:
         if node.collision:
             return None
         bit = _bit(h, shift)
         if node.datamap & bit:
             e = pb_popcount(node.datamap & (bit - 1))
-            k = node.slots[2 * e]
-            hk = node.hashes[e]
-            if hk == h and (k == <PyObject *>key or key_eq(<object>k, key)):
+            if _entry_is(node, e, h, key):
                 if node.slots[2 * e + 1] == <PyObject *>val:
                     return root
                 n2 = _copy(node, None, node.n, _entries(node))
                 _replace(n2, 2 * e + 1, val)
                 break
-            sub = _merge(<object>k, <object>node.slots[2 * e + 1], hk, key, val, h, shift + 5,
-                         None)
-            n2 = _copy(node, None, node.n + 1, _entries(node))
-            nd = pb_popcount(n2.datamap)
-            j = 2 * nd + pb_popcount(n2.nodemap & (bit - 1))
-            _open_gap(n2, j, 1)
-            _put(n2, j, sub)
-            _remove_entry(n2, e, nd)
-            n2.datamap ^= bit
-            n2.nodemap |= bit
+            n2 = _push_down(node, e, bit, shift, h, key, val, None)
             added[0] = True
             break
         if node.nodemap & bit:
@@ -1159,10 +1192,7 @@ cdef Node _assoc_frozen(Node root, uint64_t h, object key, object val, _Loader l
             node = _child(node, j, shift, h & _mask(shift), ld)
             pb_prefetch_node(<PyObject *>node)
             continue
-        n2 = _copy(node, None, node.n + 2, _entries(node) + 1)
-        _insert_entry(n2, pb_popcount(n2.datamap & (bit - 1)), pb_popcount(n2.datamap), key,
-                      val, h)
-        n2.datamap |= bit
+        n2 = _add_entry(node, bit, h, key, val, None)
         added[0] = True
         break
     while depth > 0:
@@ -1210,8 +1240,7 @@ cdef Node _dissoc(Node node, int shift, uint64_t h, object key, object token, _L
     bit = _bit(h, shift)
     if node.datamap & bit:
         e = pb_popcount(node.datamap & (bit - 1))
-        k = node.slots[2 * e]
-        if not (k == <PyObject *>key or (node.hashes[e] == h and key_eq(<object>k, key))):
+        if not _entry_is(node, e, h, key):
             return node
         n2 = _editable(node, token, 0)
         _remove_entry(n2, e, pb_popcount(n2.datamap))
@@ -1445,53 +1474,44 @@ cdef int _check(Node root, Py_ssize_t count, object token, _Loader ld) except -1
 
 
 # ---------------------------------------------------------------------------------------
-# Public classes
+# Public classes (the class structure is drawn in the module docstring)
 
 cdef inline Node _empty():
     return _alloc(0, 0, 0, None)
 
 
-cdef inline Node _map_root(Map m):
-    if m.root is None:
-        m.root = _load_root(m.root_ptr, m.loader)
-    return m.root
+cdef inline bint _is_set(object t):
+    # Only for the cold shared methods; the hot ones get the kind as a constant argument.
+    return isinstance(t, (HashSet, HashSetMutation))
 
 
-cdef Map _make_map(Node root, Py_ssize_t count, _Loader loader):
-    # Every Map not made by __init__ comes from here (no __cinit__: set versions are hot).
-    cdef Map m = Map.__new__(Map)
-    m.root = root
-    m.root_ptr = -1
-    m.header_ptr = -1
-    m.count = count
-    m.loader = loader
-    return m
+cdef inline Node _root(_Persistent p):
+    if p.root is None:
+        p.root = _load_root(p.root_ptr, p.loader)
+    return p.root
 
 
-cdef inline Node _set_root(HashSet s):
-    if s.root is None:
-        s.root = _load_root(s.root_ptr, s.loader)
-    return s.root
+cdef inline _Persistent _new_persistent(Node root, Py_ssize_t count, _Loader loader,
+                                        bint is_set):
+    # Every Map/HashSet not made by __init__ comes from here (no __cinit__: `set` makes one
+    # per call). The casts skip a subtype test that a typed assignment would make.
+    cdef _Persistent p
+    if is_set:
+        p = <_Persistent>HashSet.__new__(HashSet)
+    else:
+        p = <_Persistent>Map.__new__(Map)
+    p.root = root
+    p.root_ptr = -1
+    p.header_ptr = -1
+    p.count = count
+    p.loader = loader
+    return p
 
 
-cdef HashSet _make_set(Node root, Py_ssize_t count, _Loader loader):
-    cdef HashSet s = HashSet.__new__(HashSet)
-    s.root = root
-    s.root_ptr = -1
-    s.header_ptr = -1
-    s.count = count
-    s.loader = loader
-    return s
-
-
-cdef str _repr_items(it, bint is_set):
-    parts = []
-    for x in it:
-        if len(parts) == 10:
-            parts.append("...")
-            break
-        parts.append(repr(x) if is_set else f"{x[0]!r}: {x[1]!r}")
-    return ", ".join(parts)
+cdef _Transient _new_transient(bint is_set):
+    if is_set:
+        return <_Transient>HashSetMutation.__new__(HashSetMutation)
+    return <_Transient>MapMutation.__new__(MapMutation)
 
 
 cdef object _pairs(object src):
@@ -1502,121 +1522,100 @@ cdef object _pairs(object src):
     return src
 
 
-cdef class Map:
-    """An immutable hash map: updates return new maps sharing structure with the old one."""
+cdef inline object _item(Node root, object key, _Loader ld):
+    v = _find(root, key, stable_hash_c(key), ld)
+    if v is _MISSING:
+        raise KeyError(key)
+    return v
 
-    def __init__(self, mapping_or_iterable=None):
-        cdef MapMutation m
-        self.root_ptr = -1
-        self.header_ptr = -1
-        if mapping_or_iterable is None:
-            self.root = _empty()
-            return
-        m = MapMutation.__new__(MapMutation)
-        m.update(mapping_or_iterable)
-        self.root = m.root
-        self.count = m.count
 
-    def __len__(self):
-        return self.count
+cdef inline object _frozen_put(_Persistent p, object key, object value, bint is_set):
+    """Map.set / HashSet.add: p with key -> value, or p itself when that changes nothing."""
+    cdef bint added = False
+    cdef uint64_t h = stable_hash_c(key)
+    cdef Node root = _root(p)
+    cdef Node r2 = _persistent_assoc(root, h, key, value, p.loader, &added)
+    if r2 is root:
+        return p
+    return _new_persistent(r2, p.count + added, p.loader, is_set)
 
-    def __getitem__(self, key):
-        v = _find(_map_root(self), key, stable_hash_c(key), self.loader)
-        if v is _MISSING:
+
+cdef object _frozen_drop(_Persistent p, object key, bint strict, bint is_set):
+    """p without key; when key is absent, KeyError if strict, else p itself."""
+    cdef bint removed = False
+    cdef uint64_t h = stable_hash_c(key)
+    cdef Node r2 = _dissoc(_root(p), 0, h, key, None, p.loader, &removed)
+    if not removed:
+        if strict:
             raise KeyError(key)
-        return v
+        return p
+    return _new_persistent(r2, p.count - 1, p.loader, is_set)
 
-    def get(self, key, default=None):
-        v = _find(_map_root(self), key, stable_hash_c(key), self.loader)
-        return default if v is _MISSING else v
 
-    def __contains__(self, key):
-        return _find(_map_root(self), key, stable_hash_c(key), self.loader) is not _MISSING
+cdef inline int _transient_put(_Transient m, object key, object value) except -1:
+    # The one path of `m[k] = v`, `m.set`, `s.add` and `update`: the key is hashed once,
+    # before anything is touched.
+    cdef bint added = False
+    cdef uint64_t h = stable_hash_c(key)
+    m.root = _mut_assoc(m.root, h, key, value, m.token, m.loader, &added)
+    m.count += added
+    return 0
 
-    def set(self, key, value):
-        """A map with key -> value (this map itself when that changes nothing)."""
-        cdef bint added = False
-        cdef uint64_t h = stable_hash_c(key)
-        cdef Node root = _map_root(self)
-        cdef Node r2 = _persistent_assoc(root, h, key, value, self.loader, &added)
-        if r2 is root:
-            return self
-        return _make_map(r2, self.count + added, self.loader)
 
-    def delete(self, key):
-        """A map without key; KeyError when key is absent."""
-        cdef bint removed = False
-        cdef uint64_t h = stable_hash_c(key)
-        cdef Node r2 = _dissoc(_map_root(self), 0, h, key, None, self.loader, &removed)
-        if not removed:
+cdef int _transient_drop(_Transient m, object key, uint64_t h, bint strict) except -1:
+    """Remove key (of hash h) in place; when it is absent, KeyError if strict, else nothing."""
+    cdef bint removed = False
+    cdef Node r2 = _dissoc(m.root, 0, h, key, m.token, m.loader, &removed)
+    if not removed:
+        if strict:
             raise KeyError(key)
-        return _make_map(r2, self.count - 1, self.loader)
+        return 0
+    m.root = r2
+    m.count -= 1
+    return 0
 
-    def discard(self, key):
-        """A map without key (this map itself when key is absent)."""
-        cdef bint removed = False
-        cdef uint64_t h = stable_hash_c(key)
-        cdef Node r2 = _dissoc(_map_root(self), 0, h, key, None, self.loader, &removed)
-        if not removed:
-            return self
-        return _make_map(r2, self.count - 1, self.loader)
 
-    def mutate(self):
-        """A MapMutation starting from this map (which never changes)."""
-        cdef MapMutation m = MapMutation.__new__(MapMutation)
-        m.root = _map_root(self)
-        m.count = self.count
-        m.token = object()
-        m.loader = self.loader
-        return m
+cdef int _add_all(_Transient m, object items, bint pairs) except -1:
+    # Each step stores root and count, so an item that fails leaves the earlier ones in.
+    if pairs:
+        for k, v in items:
+            _transient_put(m, k, v)
+    else:
+        for k in items:
+            _transient_put(m, k, None)
+    return 0
 
-    def __iter__(self):
-        return _iterate(_map_root(self), self.loader, 0, self)
 
-    def keys(self):
-        return _KeysView(self)
+cdef int _init_persistent(_Persistent p, object src, bint is_set) except -1:
+    """__init__ of Map and HashSet: build src in a private mutation and keep its nodes."""
+    cdef _Transient m
+    p.root_ptr = -1
+    p.header_ptr = -1
+    if src is None:
+        p.root = _empty()
+        p.count = 0
+        return 0
+    m = _new_transient(is_set)
+    _add_all(m, src if is_set else _pairs(src), not is_set)
+    p.root = m.root
+    p.count = m.count
+    return 0
 
-    def values(self):
-        return _ValuesView(self)
 
-    def items(self):
-        return _ItemsView(self)
+cdef _Iter _snapshot_iter(_Transient m, int mode):
+    # Iterate a snapshot: the nodes become shared, so edits during iteration copy them.
+    m.token = object()
+    return _iterate(m.root, m.loader, mode, m)
 
-    def _iter_mode(self, int mode):
-        return _iterate(_map_root(self), self.loader, mode, self)
 
-    def __eq__(self, other):
-        return _map_eq(self, other)
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"Map({{{_repr_items(self._iter_mode(2), False)}}})"
-
-    def __reduce__(self):
-        return (Map, (dict(self._iter_mode(2)),))
-
-    def _check(self):
-        """Walk every node (loading lazy ones) and raise AssertionError on a broken invariant."""
-        _check(_map_root(self), self.count, None, self.loader)
-
-    def _persist(self, io):
-        """Write every unwritten node and a header atom; return the header's pointer."""
-        cdef Node root = _map_root(self)
-        if root.ptr >= 0 and self.header_ptr >= 0:
-            return self.header_ptr
-        root_ptr = _persist_node(root, io, False)
-        self.header_ptr = io.write_atom(io.encode([K_MAP_HEADER, self.count, root_ptr]))
-        return self.header_ptr
-
-    @classmethod
-    def _load(cls, ptr, io):
-        """The map whose header atom is at ptr; nodes load lazily on first touch."""
-        ld, count, root_ptr = _read_header(ptr, io, False)
-        cdef Map m = _make_map(None, count, ld)
-        m.root_ptr = root_ptr
-        m.header_ptr = ptr
-        return m
+cdef str _repr_items(it, bint is_set):
+    parts = []
+    for x in it:
+        if len(parts) == 10:
+            parts.append("...")
+            break
+        parts.append(repr(x) if is_set else f"{x[0]!r}: {x[1]!r}")
+    return ", ".join(parts)
 
 
 cdef object _map_eq(object self, object other):
@@ -1641,120 +1640,195 @@ cdef object _map_eq(object self, object other):
     return True
 
 
-cdef inline int _mutation_set(MapMutation m, object key, object value) except -1:
-    # The one path of `m[k] = v` and `m.set(k, v)`: the key is validated and hashed once.
-    cdef bint added = False
-    cdef uint64_t h = stable_hash_c(key)
-    m.root = _mut_assoc(m.root, h, key, value, m.token, m.loader, &added)
-    m.count += added
-    return 0
+cdef object _set_eq(object self, object other):
+    if isinstance(other, (HashSet, HashSetMutation, set, frozenset)):
+        if len(other) != len(self):
+            return False
+        for x in other:
+            try:
+                if x not in self:
+                    return False
+            except TypeError:
+                return False
+        return True
+    return NotImplemented
 
 
-cdef class MapMutation:
-    """A map edited in place; finish() returns an immutable snapshot of it."""
+cdef class _TrieBase:
+    """What all four public classes share: root, count, loader, len, ==, repr (internal)."""
+
+    def __len__(self):
+        return self.count
+
+    def __eq__(self, other):
+        return _set_eq(self, other) if _is_set(self) else _map_eq(self, other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        cdef bint is_set = _is_set(self)
+        items = _repr_items(self._iter_mode(0 if is_set else 2), is_set)
+        return f"{type(self).__name__}({{{items}}})"
+
+
+cdef class _Persistent(_TrieBase):
+    """Base of Map and HashSet (internal): the lazily loaded root, persistence, mutate()."""
+
+    def __contains__(self, key):
+        return _find(_root(self), key, stable_hash_c(key), self.loader) is not _MISSING
+
+    def mutate(self):
+        """A mutation starting from this structure (which never changes)."""
+        cdef _Transient m = _new_transient(_is_set(self))
+        m.root = _root(self)
+        m.count = self.count
+        m.loader = self.loader
+        return m
+
+    def __iter__(self):
+        return _iterate(_root(self), self.loader, 0, self)
+
+    def _iter_mode(self, int mode):
+        return _iterate(_root(self), self.loader, mode, self)
+
+    def _check(self):
+        """Walk every node (loading lazy ones) and raise AssertionError on a broken invariant."""
+        _check(_root(self), self.count, None, self.loader)
+
+    def _persist(self, io):
+        """Write every unwritten node and a header atom; return the header's pointer."""
+        cdef bint is_set = _is_set(self)
+        cdef Node root = _root(self)
+        if root.ptr >= 0 and self.header_ptr >= 0:
+            return self.header_ptr
+        root_ptr = _persist_node(root, io, is_set)
+        kind = K_SET_HEADER if is_set else K_MAP_HEADER
+        self.header_ptr = io.write_atom(io.encode([kind, self.count, root_ptr]))
+        return self.header_ptr
+
+    @classmethod
+    def _load(cls, ptr, io):
+        """The structure whose header atom is at ptr; nodes load lazily on first touch."""
+        cdef bint is_set = issubclass(cls, HashSet)
+        ld, count, root_ptr = _read_header(ptr, io, is_set)
+        cdef _Persistent p = _new_persistent(None, count, ld, is_set)
+        p.root_ptr = root_ptr
+        p.header_ptr = ptr
+        return p
+
+
+cdef class _Transient(_TrieBase):
+    """Base of MapMutation and HashSetMutation (internal): the owner-token protocol."""
 
     def __cinit__(self):
         self.root = _empty()
         self.token = object()
 
-    def __len__(self):
-        return self.count
+    def __contains__(self, key):
+        return _find(self.root, key, stable_hash_c(key), self.loader) is not _MISSING
+
+    def finish(self):
+        """An immutable snapshot; this mutation goes on with a fresh owner token."""
+        p = _new_persistent(self.root, self.count, self.loader, _is_set(self))
+        self.token = object()
+        return p
+
+    def __iter__(self):
+        return _snapshot_iter(self, 0)
+
+    def _iter_mode(self, int mode):
+        return _snapshot_iter(self, mode)
+
+    def _check(self):
+        """Walk every node and raise AssertionError on a broken invariant (ownership too)."""
+        _check(self.root, self.count, self.token, self.loader)
+
+
+def _keys(self):
+    return _KeysView(self)
+
+
+def _values(self):
+    return _ValuesView(self)
+
+
+def _items(self):
+    return _ItemsView(self)
+
+
+cdef class Map(_Persistent):
+    """An immutable hash map: updates return new maps sharing structure with the old one."""
+
+    def __init__(self, mapping_or_iterable=None):
+        _init_persistent(self, mapping_or_iterable, False)
 
     def __getitem__(self, key):
-        v = _find(self.root, key, stable_hash_c(key), self.loader)
-        if v is _MISSING:
-            raise KeyError(key)
-        return v
+        return _item(_root(self), key, self.loader)
 
+    @cython.binding(False)     # a plain C method: the layers above call it on every read
+    def get(self, key, default=None):
+        v = _find(_root(self), key, stable_hash_c(key), self.loader)
+        return default if v is _MISSING else v
+
+    def set(self, key, value):
+        """A map with key -> value (this map itself when that changes nothing)."""
+        return _frozen_put(self, key, value, False)
+
+    def delete(self, key):
+        """A map without key; KeyError when key is absent."""
+        return _frozen_drop(self, key, True, False)
+
+    def discard(self, key):
+        """A map without key (this map itself when key is absent)."""
+        return _frozen_drop(self, key, False, False)
+
+    keys = _keys
+    values = _values
+    items = _items
+
+    def __reduce__(self):
+        return (Map, (dict(self._iter_mode(2)),))
+
+
+cdef class MapMutation(_Transient):
+    """A map edited in place; finish() returns an immutable snapshot of it."""
+
+    def __getitem__(self, key):
+        return _item(self.root, key, self.loader)
+
+    @cython.binding(False)     # a plain C method: the layers above call it on every read
     def get(self, key, default=None):
         v = _find(self.root, key, stable_hash_c(key), self.loader)
         return default if v is _MISSING else v
 
-    def __contains__(self, key):
-        return _find(self.root, key, stable_hash_c(key), self.loader) is not _MISSING
-
     def __setitem__(self, key, value):
-        _mutation_set(self, key, value)
+        _transient_put(self, key, value)
 
     def set(self, key, value):
-        _mutation_set(self, key, value)
+        _transient_put(self, key, value)
 
     def __delitem__(self, key):
-        cdef bint removed = False
-        cdef uint64_t h = stable_hash_c(key)
-        r2 = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
-        if not removed:
-            raise KeyError(key)
-        self.root = r2
-        self.count -= 1
+        _transient_drop(self, key, stable_hash_c(key), True)
 
     def pop(self, key, default=_MISSING):
         """Remove key and return its value (default when absent; KeyError without one)."""
-        cdef bint removed = False
         cdef uint64_t h = stable_hash_c(key)
         v = _find(self.root, key, h, self.loader)
         if v is _MISSING:
             if default is _MISSING:
                 raise KeyError(key)
             return default
-        self.root = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
-        self.count -= 1
+        _transient_drop(self, key, h, True)
         return v
 
     def update(self, other=(), **kwargs):
         """Set every pair of a mapping or an iterable of pairs, then the keyword pairs."""
-        cdef bint added
-        cdef uint64_t h
-        cdef Node root = self.root
-        cdef object token = self.token
-        try:
-            for k, v in _pairs(other):
-                added = False
-                h = stable_hash_c(k)
-                root = _mut_assoc(root, h, k, v, token, self.loader, &added)
-                self.count += added
-            for k, v in kwargs.items():
-                added = False
-                root = _mut_assoc(root, stable_hash_c(k), k, v, token, self.loader, &added)
-                self.count += added
-        finally:
-            self.root = root
+        _add_all(self, _pairs(other), True)
+        _add_all(self, kwargs.items(), True)
 
-    def finish(self):
-        """An immutable snapshot; this mutation goes on with a fresh owner token."""
-        cdef Map m = _make_map(self.root, self.count, self.loader)
-        self.token = object()
-        return m
-
-    def __iter__(self):
-        # Iterate a snapshot: the nodes become shared, so edits during iteration copy them.
-        self.token = object()
-        return _iterate(self.root, self.loader, 0, self)
-
-    def keys(self):
-        return _KeysView(self)
-
-    def values(self):
-        return _ValuesView(self)
-
-    def items(self):
-        return _ItemsView(self)
-
-    def _iter_mode(self, int mode):
-        self.token = object()
-        return _iterate(self.root, self.loader, mode, self)
-
-    def __eq__(self, other):
-        return _map_eq(self, other)
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"MapMutation({{{_repr_items(self._iter_mode(2), False)}}})"
-
-    def _check(self):
-        """Walk every node and raise AssertionError on a broken invariant (ownership too)."""
-        _check(self.root, self.count, self.token, self.loader)
+    keys = _keys
+    values = _values
+    items = _items
 
 
 class _KeysView(KeysView):
@@ -1784,185 +1858,44 @@ class _ItemsView(ItemsView):
         return self._mapping._iter_mode(2)
 
 
-cdef object _set_eq(object self, object other):
-    if isinstance(other, (HashSet, HashSetMutation, set, frozenset)):
-        if len(other) != len(self):
-            return False
-        for x in other:
-            try:
-                if x not in self:
-                    return False
-            except TypeError:
-                return False
-        return True
-    return NotImplemented
-
-
-cdef class HashSet:
+cdef class HashSet(_Persistent):
     """An immutable hash set: updates return new sets sharing structure with the old one."""
 
     def __init__(self, iterable=None):
-        cdef HashSetMutation m
-        self.root_ptr = -1
-        self.header_ptr = -1
-        if iterable is None:
-            self.root = _empty()
-            return
-        m = HashSetMutation.__new__(HashSetMutation)
-        m.update(iterable)
-        self.root = m.root
-        self.count = m.count
-
-    def __len__(self):
-        return self.count
-
-    def __contains__(self, key):
-        return _find(_set_root(self), key, stable_hash_c(key), self.loader) is not _MISSING
+        _init_persistent(self, iterable, True)
 
     def add(self, key):
         """A set with key (this set itself when key is present)."""
-        cdef bint added = False
-        cdef uint64_t h = stable_hash_c(key)
-        cdef Node root = _set_root(self)
-        cdef Node r2 = _persistent_assoc(root, h, key, None, self.loader, &added)
-        if r2 is root:
-            return self
-        return _make_set(r2, self.count + added, self.loader)
+        return _frozen_put(self, key, None, True)
 
     def discard(self, key):
         """A set without key (this set itself when key is absent)."""
-        cdef bint removed = False
-        cdef uint64_t h = stable_hash_c(key)
-        cdef Node r2 = _dissoc(_set_root(self), 0, h, key, None, self.loader, &removed)
-        if not removed:
-            return self
-        return _make_set(r2, self.count - 1, self.loader)
+        return _frozen_drop(self, key, False, True)
 
     def remove(self, key):
         """A set without key; KeyError when key is absent."""
-        cdef bint removed = False
-        cdef uint64_t h = stable_hash_c(key)
-        cdef Node r2 = _dissoc(_set_root(self), 0, h, key, None, self.loader, &removed)
-        if not removed:
-            raise KeyError(key)
-        return _make_set(r2, self.count - 1, self.loader)
-
-    def mutate(self):
-        """A HashSetMutation starting from this set (which never changes)."""
-        cdef HashSetMutation m = HashSetMutation.__new__(HashSetMutation)
-        m.root = _set_root(self)
-        m.count = self.count
-        m.token = object()
-        m.loader = self.loader
-        return m
-
-    def __iter__(self):
-        return _iterate(_set_root(self), self.loader, 0, self)
-
-    def __eq__(self, other):
-        return _set_eq(self, other)
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"HashSet({{{_repr_items(iter(self), True)}}})"
+        return _frozen_drop(self, key, True, True)
 
     def __reduce__(self):
         return (HashSet, (list(self),))
 
-    def _check(self):
-        """Walk every node (loading lazy ones) and raise AssertionError on a broken invariant."""
-        _check(_set_root(self), self.count, None, self.loader)
 
-    def _persist(self, io):
-        """Write every unwritten node and a header atom; return the header's pointer."""
-        cdef Node root = _set_root(self)
-        if root.ptr >= 0 and self.header_ptr >= 0:
-            return self.header_ptr
-        root_ptr = _persist_node(root, io, True)
-        self.header_ptr = io.write_atom(io.encode([K_SET_HEADER, self.count, root_ptr]))
-        return self.header_ptr
-
-    @classmethod
-    def _load(cls, ptr, io):
-        """The set whose header atom is at ptr; nodes load lazily on first touch."""
-        ld, count, root_ptr = _read_header(ptr, io, True)
-        cdef HashSet s = _make_set(None, count, ld)
-        s.root_ptr = root_ptr
-        s.header_ptr = ptr
-        return s
-
-
-cdef class HashSetMutation:
+cdef class HashSetMutation(_Transient):
     """A set edited in place; finish() returns an immutable snapshot of it."""
 
-    def __cinit__(self):
-        self.root = _empty()
-        self.token = object()
-
-    def __len__(self):
-        return self.count
-
-    def __contains__(self, key):
-        return _find(self.root, key, stable_hash_c(key), self.loader) is not _MISSING
-
     def add(self, key):
-        cdef bint added = False
-        cdef uint64_t h = stable_hash_c(key)
-        self.root = _mut_assoc(self.root, h, key, None, self.token, self.loader, &added)
-        self.count += added
+        _transient_put(self, key, None)
 
     def discard(self, key):
-        cdef bint removed = False
-        cdef uint64_t h = stable_hash_c(key)
-        self.root = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
-        self.count -= removed
+        _transient_drop(self, key, stable_hash_c(key), False)
 
     def remove(self, key):
         """Remove key; KeyError when it is absent."""
-        cdef bint removed = False
-        cdef uint64_t h = stable_hash_c(key)
-        r2 = _dissoc(self.root, 0, h, key, self.token, self.loader, &removed)
-        if not removed:
-            raise KeyError(key)
-        self.root = r2
-        self.count -= 1
+        _transient_drop(self, key, stable_hash_c(key), True)
 
     def update(self, iterable):
         """Add every element of iterable."""
-        cdef bint added
-        cdef Node root = self.root
-        cdef object token = self.token
-        try:
-            for k in iterable:
-                added = False
-                root = _mut_assoc(root, stable_hash_c(k), k, None, token, self.loader, &added)
-                self.count += added
-        finally:
-            self.root = root
-
-    def finish(self):
-        """An immutable snapshot; this mutation goes on with a fresh owner token."""
-        cdef HashSet s = _make_set(self.root, self.count, self.loader)
-        self.token = object()
-        return s
-
-    def __iter__(self):
-        # Iterate a snapshot: the nodes become shared, so edits during iteration copy them.
-        self.token = object()
-        return _iterate(self.root, self.loader, 0, self)
-
-    def __eq__(self, other):
-        return _set_eq(self, other)
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"HashSetMutation({{{_repr_items(iter(self), True)}}})"
-
-    def _check(self):
-        """Walk every node and raise AssertionError on a broken invariant (ownership too)."""
-        _check(self.root, self.count, self.token, self.loader)
+        _add_all(self, iterable, False)
 
 
 Mapping.register(Map)

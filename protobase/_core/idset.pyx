@@ -71,6 +71,15 @@ Results are normalized to the switch rule (a bitmap AND of few bits becomes an a
 ``intersect_many`` intersects smallest first and stops at the first empty result;
 ``union_many`` groups all containers by key and ORs each group into one bitmap.
 
+Bulk construction: ``IdSet.from_groups(lists)`` builds one set per list in a single C
+loop (an index build makes one posting per distinct field value, most of them a single
+id: one array container of one entry, no Python call per posting).
+
+Containers, sets and their iterators are not tracked by Python's cyclic garbage
+collector (``no_gc``): they reference only containers and plain ``object()`` owner
+tokens, so they can never be part of a reference cycle, and a loaded index leaf holds
+dozens of them; tracking them would only make every collection walk them.
+
 Complexity (n ids, C containers, w = 1024 words): membership O(log C + log 4096);
 ``add``/``discard`` O(C) pointer copy + one container copy (<= 8 KiB); AND/OR of two
 dense sets O(C * w) word operations; AND of m ids against a large set O(m) probes plus
@@ -101,7 +110,7 @@ count cannot cause a large allocation: it is checked against the bytes actually 
 (each container needs at least 14) before anything is allocated.
 """
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, memmove
@@ -478,6 +487,7 @@ cdef int _cmp_i64(const void *x, const void *y) noexcept nogil:
 
 @cython.final
 @cython.freelist(64)
+@cython.no_gc
 cdef class _Cont:
     def __dealloc__(self):
         free(self.arr)
@@ -847,8 +857,12 @@ cdef int64_t _total(list conts):
     return t
 
 
+# Passed by _make to skip the empty container list __cinit__ would build and drop.
+cdef object _FILLED_BY_MAKE = object()
+
+
 cdef IdSet _make(list conts, int64_t count):
-    cdef IdSet s = IdSet.__new__(IdSet)
+    cdef IdSet s = IdSet.__new__(IdSet, _FILLED_BY_MAKE)
     s.conts = conts
     s.count = count
     return s
@@ -967,6 +981,8 @@ cdef int _check_conts(list conts, int64_t count) except -1:
 # ---------------------------------------------------------------------------------------
 
 @cython.final
+@cython.freelist(8)
+@cython.no_gc
 cdef class _IdIter:
     cdef list conts
     cdef Py_ssize_t ci
@@ -1017,6 +1033,7 @@ cdef _IdIter _iter(list conts):
 # ---------------------------------------------------------------------------------------
 
 @cython.final
+@cython.no_gc
 cdef class IdSet:
     """An immutable set of row ids (ints in [0, 2**63)). Updates return new sets that
     share every untouched container with the old one."""
@@ -1026,6 +1043,8 @@ cdef class IdSet:
         # set cannot change it.
         cdef IdSet built
         self.hash_cache = -1
+        if iterable is _FILLED_BY_MAKE:
+            return
         if iterable is None:
             self.conts = []
             return
@@ -1099,6 +1118,45 @@ cdef class IdSet:
             c.card = <int32_t>(b - a)
             out.append(c)
         return _make(out, last - start + 1)
+
+    @staticmethod
+    def from_groups(groups):
+        """``[IdSet(g) for g in groups]`` for a sequence of lists of ids (any order,
+        duplicates allowed), built in one C loop: an index build makes one posting per
+        distinct field value, most of them a single id."""
+        cdef list out = []
+        cdef list g
+        cdef Py_ssize_t n, i, cap = 0
+        cdef int64_t *ids = NULL
+        cdef int64_t *grown
+        cdef int64_t v
+        cdef _Cont c
+        try:
+            for obj in groups:
+                g = <list?>obj
+                n = len(g)
+                if n == 0:
+                    out.append(_make([], 0))
+                    continue
+                if n == 1:          # one id: one array container of one entry
+                    v = _as_id(g[0])
+                    c = _new_array(v >> 16, 1)
+                    c.arr[0] = <uint16_t>(v & 0xFFFF)
+                    c.card = 1
+                    out.append(_make([c], 1))
+                    continue
+                if n > cap:
+                    cap = n if n > 64 else 64
+                    grown = <int64_t *>realloc(ids, <size_t>cap * sizeof(int64_t))
+                    if grown == NULL:
+                        raise MemoryError()
+                    ids = grown
+                for i in range(n):
+                    ids[i] = _as_id(g[i])
+                out.append(_from_id_buffer(ids, n))
+        finally:
+            free(ids)
+        return out
 
     @staticmethod
     def from_bytes(b):
@@ -1451,12 +1509,17 @@ cdef bytes _encode(list conts, int64_t count):
 
 cdef IdSet _decode(object data):
     cdef const unsigned char[::1] view
-    try:
-        view = memoryview(data).cast("B")
-    except TypeError:
-        raise TypeError(f"IdSet.from_bytes takes bytes, not {type(data).__name__}") from None
-    cdef Py_ssize_t n = view.shape[0], pos, ncont, i
-    cdef const unsigned char *p
+    cdef Py_ssize_t n, pos, ncont, i
+    cdef const unsigned char *p = NULL
+    if type(data) is bytes:      # the common case (a loaded node), without a memoryview
+        n = PyBytes_GET_SIZE(data)
+        p = <const unsigned char *>PyBytes_AS_STRING(data)
+    else:
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:
+            raise TypeError(f"IdSet.from_bytes takes bytes, not {type(data).__name__}") from None
+        n = view.shape[0]
     cdef uint64_t count, key, total = 0
     cdef int64_t prev = -1
     cdef uint32_t card
@@ -1466,7 +1529,8 @@ cdef IdSet _decode(object data):
     cdef list out = []
     if n < HEADER:
         raise DecodeError(f"IdSet blob is {n} bytes, shorter than its {HEADER}-byte header", offset=0)
-    p = &view[0]
+    if p == NULL:
+        p = &view[0]
     if memcmp(p, <const char *>MAGIC, 4) != 0:
         raise DecodeError("not an IdSet blob (bad magic)", offset=0)
     if p[4] != VERSION:

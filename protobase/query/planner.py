@@ -259,14 +259,19 @@ def few_rows(source, pred):
         if type(term) is not Term:
             return None
         if term.op == EQ and term.operand_class is not None:
-            index = indexes.get(term.path)
+            parts = term.parts   # Term.path, without the property call
+            index = indexes.get(parts[0] if len(parts) == 1 else ".".join(parts))
             if index is not None:
                 postings.append((term, index.lookup(term.operand)))
                 continue
         rest.append(term)
-    if not postings:
+    n = len(postings)
+    if not n:
         return None
-    if len(postings) > 1:
+    if n == 2:
+        if len(postings[1][1]) < len(postings[0][1]):
+            postings.reverse()
+    elif n > 2:
         postings.sort(key=_posting_size)
     ids = postings[0][1]
     used = 1
@@ -275,9 +280,10 @@ def few_rows(source, pred):
             break
         ids = ids & other
         used += 1
-    if len(ids) > _FEW:
+    n = len(ids)
+    if n > _FEW:
         return None
-    rows = list(source.rows(ids)) if len(ids) else []
+    rows = list(source.rows(ids)) if n else []
     fetched = len(rows)
     if rest and rows:
         # A handful of rows: testing each term directly beats compiling a matcher.
@@ -296,9 +302,10 @@ _NUMBERS = frozenset((int, float, bool))
 
 
 def _check_of(term):
-    """``(parts, fast, operand, general)``: ``fast(x, operand)`` is Python's own operator,
+    """``(parts, fast, operand, term)``: ``fast(x, operand)`` is Python's own operator,
     used when it agrees with the rule (the fast paths of ``Term._emit``): operand and
-    field both plain str, or both non-NaN plain numbers; ``general`` decides otherwise."""
+    field both plain str, or both non-NaN plain numbers; ``term.general_test()`` decides
+    otherwise (built only when a row needs it: most never do)."""
     fast = _OPERATORS.get(term.op)
     v = term.operand
     if fast is not None:
@@ -308,11 +315,11 @@ def _check_of(term):
             fast = (fast, float)
         else:
             fast = None
-    return term.parts, fast, v, term.general_test()
+    return term.parts, fast, v, term
 
 
 def _holds(value, checks):
-    for parts, fast, v, general in checks:
+    for parts, fast, v, term in checks:
         x = value.get(parts[0], MISSING) if type(value) is dict and len(parts) == 1 \
             else extract(value, parts)
         if x is MISSING:
@@ -321,7 +328,7 @@ def _holds(value, checks):
                                  else type(x) in _NUMBERS and x == x):
             if not fast[0](x, v):
                 return False
-        elif not general(x):
+        elif not term.general_test()(x):
             return False
     return True
 

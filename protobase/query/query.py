@@ -44,6 +44,10 @@ class QuerySource(Protocol):
     def count(self) -> int:
         """Number of entries, O(1)."""
 
+    # Optional, used by protobase.vector when present: ``key(rowid)`` (the key alone, no
+    # value decoded), ``value_reader()`` (key -> value as of now, or None), and
+    # ``vector_spec/vector_index/snapshot_seq/written_ids`` (see collections._Source).
+
 
 def make_predicate(*preds, **equalities):
     """AND of ``preds`` and of ``field == value`` for each keyword; All() when empty."""

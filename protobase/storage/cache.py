@@ -17,7 +17,12 @@ ENTRY_OVERHEAD = 64  # rough per-entry cost of the key, the dict slot and the by
 
 
 class AtomBytesCache:
-    """LRU cache of atom bytes bounded by ``max_bytes`` (payload + ENTRY_OVERHEAD each)."""
+    """LRU cache of atom bytes bounded by ``max_bytes`` (payload + ENTRY_OVERHEAD each).
+
+    The store's C read path (frame.AtomReader) serves hits and inserts misses itself,
+    following ``get`` and ``put`` step for step on ``_d`` under ``_lock``."""
+
+    ENTRY_OVERHEAD = ENTRY_OVERHEAD
 
     def __init__(self, max_bytes=64 << 20):
         if max_bytes < 0:

@@ -11,11 +11,13 @@ byte-for-byte untouched; only then is the file opened for writing and locked.
 import logging
 import os
 import struct
+import weakref
 import zlib
 
+from .._core import load as _load_core
 from ..errors import CorruptionError, DatabaseClosedError, ReadOnlyError, StorageError
 from .cache import AtomBytesCache
-from .fileio import os_file_layer
+from .fileio import OSFile, os_file_layer
 from .log import (EMPTY, ATOM_PREFIX, ATOM_PREFIX_SIZE, FOOTER_SIZE, HEADER_SIZE, build_header,
                   find_last_commit, parse_header, walk_commits)
 from .writer import Writer
@@ -29,6 +31,19 @@ DEFAULT_CACHE_BYTES = 64 << 20
 _FIRST_READ = 4096   # one pread usually brings the whole (small) atom with its prefix
 _unpack_prefix = ATOM_PREFIX.unpack_from
 _crc32 = zlib.crc32
+AtomReader = _load_core("frame").AtomReader
+
+
+def _fallback(store_ref):
+    """The reader's way back to ``_read_from_file``, through a weak reference so that the
+    store and its reader form no cycle (an unclosed store is freed, and its file closed,
+    by reference counting alone)."""
+    def fallback(ptr):
+        store = store_ref()
+        if store is None:
+            raise DatabaseClosedError("the store is closed")
+        return store._read_from_file(ptr)
+    return fallback
 
 
 class Problem:
@@ -83,6 +98,13 @@ class LogStore:
         self._writer = None
         if not readonly:
             self._writer = Writer(file, salt, durability, cache, head_footer, self._stats)
+        # read_atom is the C reader's method, so the kernels reach it with no Python frame;
+        # anything but a clean read of a real file falls back to _read_from_file. The
+        # reader maps the part of the file a footer says was fsynced (never cut back).
+        self._reader = AtomReader(cache, file._fd if type(file) is OSFile else -1, salt,
+                                  _fallback(weakref.ref(self)), self._stats, self._writer,
+                                  self._end, head_footer.synced)
+        self.read_atom = self._reader.read
 
     @classmethod
     def open(cls, path, durability="full", readonly=False, bytes_cache_size=DEFAULT_CACHE_BYTES,
@@ -138,13 +160,16 @@ class LogStore:
         w = self._writer
         return w.head if w is not None else self._head
 
-    def read_atom(self, ptr):
-        """The bytes of the atom at ``ptr``; CorruptionError(offset=ptr) if they fail
-        their checksum or ``ptr`` is not inside the committed log."""
-        data = self._cache.get(ptr)
-        if data is not None:
-            return data
-        return self._read_from_file(ptr)
+    @property
+    def rollbacks(self):
+        """How many times a failed write or fsync moved the head back (0 when read-only)."""
+        w = self._writer
+        return w.rollbacks if w is not None else 0
+
+    # read_atom(ptr) (set per instance in __init__): the bytes of the atom at ``ptr``;
+    # CorruptionError(offset=ptr) if they fail their checksum or ``ptr`` is not inside the
+    # committed log. The cache and clean reads of real files are served in C (frame.pyx,
+    # AtomReader); every other case comes here.
 
     def _read_from_file(self, ptr):
         if self._closed:
@@ -211,12 +236,16 @@ class LogStore:
             salt = parse_header(self._file.read(0, HEADER_SIZE), self.path)
             if salt is None:
                 return self._head
-            self._salt = salt
+            self._salt = self._reader.salt = salt
         ft = find_last_commit(self._file, self._file.size(), self._salt, strict=True)
         if ft.end < self._end:
             # The writer cut back an unsynced tail (its fsync failed): forget those atoms.
             self._cache.discard_from(ft.end)
         self._head, self._end = (ft.seq, ft.root), ft.end
+        r = self._reader
+        if ft.synced < r.mapped:       # only a damaged log is ever cut below a synced point
+            r.unmap()
+        r.limit, r.durable = ft.end, ft.synced
         return self._head
 
     # ---- maintenance -------------------------------------------------------------
@@ -288,7 +317,8 @@ class LogStore:
         StorageError if that final write or fsync failed (the store is closed anyway)."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._reader.closed = True
+        self._reader.unmap()
         try:
             if self._writer is not None:
                 self._writer.close()

@@ -1,7 +1,8 @@
 """The background writer: group commit, durability futures, and failure recovery.
 
 Callers build a commit on their own thread (``begin_commit`` -> ``write_atom``... ->
-``finish``) and get a Future; one writer thread owns every write to the file::
+``finish``) and get a CommitFuture (a light stand-in for concurrent.futures.Future); one
+writer thread owns every write to the file::
 
     caller threads                       writer thread
     --------------                       -------------
@@ -18,14 +19,17 @@ contiguous and ordered: a commit's atoms start where the previous queued commit 
 While the writer is busy with one group's fsync, the next commits pile up in the queue
 and share the next write and fsync: that is the whole of group commit.
 
-Who writes: in "full" mode always the background thread, so that finish() returns at
-once and the layer above can build the next commit during the fsync (it calls finish()
-under its own commit lock). In "normal" and "none" modes a write to the OS costs a few
-microseconds, less than the two thread switches of a hand-off, so the committing thread
-writes its group itself when no write is in progress (the ``_writing`` flag); commits
-that arrive meanwhile queue up and the background thread writes them as one group. The
-background thread also does the once-a-second fsync of "normal" mode, checkpoints and
-close.
+Who writes: in "full" mode finish() only queues, so that it returns at once and the
+layer above can build the next commit during the fsync (it calls finish() under its own
+commit lock); then, outside that lock, the committer's ``future.result()`` writes and
+fsyncs the queue itself if no write is in progress, and the background thread writes
+whatever nobody waiting took (commits queued during someone's fsync, callers that do not
+wait). In "normal" and "none" modes a write to the OS costs a few microseconds, less
+than the two thread switches of a hand-off, so the committing thread writes its group
+itself inside finish() when no write is in progress. Either way the ``_writing`` flag
+names the one thread writing (a caller's flag is its batch), commits that arrive
+meanwhile queue up and form the next group. The background thread also does the
+once-a-second fsync of "normal" mode, checkpoints and close.
 
 On a failed write or fsync the writer fails the group and everything queued after it
 (their pointers assumed the failed bytes), bumps the epoch so a commit being built right
@@ -33,11 +37,12 @@ now fails at finish too, rolls the state back to the last *fsynced* commit, and 
 file back to it. It never trusts that a failed fsync's data reached the disk. If the cut
 itself fails, the next group retries it before writing anything.
 """
+import errno
 import logging
 import threading
 import time
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 
 from .._core import load as _load_core
 from ..errors import (CorruptionError, DatabaseClosedError, StorageError,
@@ -45,7 +50,7 @@ from ..errors import (CorruptionError, DatabaseClosedError, StorageError,
 from .log import (FLAG_SYNC_MARK, FOOTER_SIZE, HEADER_SIZE,
                   find_last_commit, make_footer, pack_footer)
 
-__all__ = ["Writer", "Commit", "NORMAL_SYNC_INTERVAL"]
+__all__ = ["Writer", "Commit", "CommitFuture", "NORMAL_SYNC_INTERVAL"]
 
 AtomBatch = _load_core("frame").AtomBatch
 
@@ -55,6 +60,114 @@ NORMAL_SYNC_INTERVAL = 1.0   # seconds between background fsyncs in "normal" mod
 _ZERO_FOOTER = bytes(FOOTER_SIZE)
 _BIG = 1 << 16       # above this a commit is written as body + footer, not concatenated
 _crc32 = zlib.crc32
+_allocate_lock = threading.Lock
+_callbacks_lock = threading.Lock()   # add_done_callback against settling: rare, brief
+
+
+class CommitFuture:
+    """A commit's durability signal: the part of ``concurrent.futures.Future`` that
+    callers use (``result``, ``exception``, ``done``, ``add_done_callback``...).
+
+    Why not a Future: a Future builds a Condition on an RLock, and every result(),
+    done() and set_result() goes through it: several microseconds per small commit.
+    Here the wait is one plain lock, held from creation until the future settles, so a
+    waiter blocks on it in C and passes it on at once; a commit that its own thread wrote
+    (normal/none modes) is settled before finish() returns and nobody waits at all.
+    In "full" mode ``result()`` first offers to write the queue on the calling thread
+    (Writer._help): one thread instead of a hand-off to the writer thread and back.
+    Instances take attributes like a Future (callers may tag them)."""
+
+    def __init__(self):
+        self._done = False
+        self._value = None
+        self._error = None
+        self._callbacks = None
+        self._writer = None      # full mode: the writer this commit's waiter may write for
+        self._gate = _allocate_lock()
+        self._gate.acquire()
+
+    def _settle(self, value, error):
+        # The writer settles each future exactly once: value first, then _done (under
+        # the callbacks lock, so no callback is added after the list is taken), then the
+        # gate. Whoever sees _done, or gets through the gate, sees the value.
+        self._value = value
+        self._error = error
+        with _callbacks_lock:
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
+        self._gate.release()
+        if callbacks:
+            for fn in callbacks:
+                try:
+                    fn(self)
+                except Exception:
+                    logger.exception("a commit future's done callback raised")
+
+    def set_result(self, value):
+        self._settle(value, None)
+
+    def set_exception(self, error):
+        self._settle(None, error)
+
+    def _wait(self, timeout):
+        if self._done:
+            return
+        w = self._writer
+        if w is not None:
+            w._nudge()
+        gate = self._gate
+        if not gate.acquire(True, -1 if timeout is None else max(timeout, 0)):
+            raise FutureTimeoutError()
+        gate.release()              # let the next waiter through
+
+    def result(self, timeout=None):
+        """(seq, root_ptr) once the commit is as durable as the mode promises; raises
+        the commit's error (StorageError, DatabaseClosedError) if it failed."""
+        if not self._done:
+            w = self._writer
+            if w is not None and timeout is None:   # an fsync may outlast any timeout
+                w._help()
+            self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self, timeout=None):
+        if not self._done:
+            self._wait(timeout)
+        return self._error
+
+    def done(self):
+        return self._done
+
+    def cancelled(self):
+        return False
+
+    def cancel(self):
+        return False      # a queued commit cannot be taken back: its pointers are in use
+
+    def add_done_callback(self, fn):
+        """Call fn(future) once settled (at once if it already is); on the thread that
+        settles it otherwise."""
+        with _callbacks_lock:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                w = self._writer
+            else:
+                w = False
+        if w is False:
+            fn(self)
+        elif w is not None:
+            w._nudge()          # nobody may wait for it: the writer thread must write it
+
+    def __repr__(self):
+        if not self._done:
+            return "<CommitFuture pending>"
+        if self._error is not None:
+            return f"<CommitFuture failed: {self._error!r}>"
+        return f"<CommitFuture done: {self._value!r}>"
 
 
 class Commit:
@@ -91,8 +204,9 @@ class Commit:
         return self._atoms.extend(datas)
 
     def finish(self, root_ptr):
-        """Queue the commit with ``root_ptr`` as its root; returns a Future whose result is
-        (seq, root_ptr) once the commit is as durable as the store's mode promises."""
+        """Queue the commit with ``root_ptr`` as its root; returns a CommitFuture whose
+        result is (seq, root_ptr) once the commit is as durable as the store's mode
+        promises."""
         atoms = self._atoms
         if atoms.closed:
             raise TransactionClosedError("this commit was already finished or aborted")
@@ -107,11 +221,15 @@ class Commit:
         except BaseException:
             self.abort()
             raise
-        fut = self.future = Future()     # before close: a closed batch without a
-        atoms.close()                    # future is an aborted one (see lookup_unwritten)
+        fut = self.future = CommitFuture()     # before close: a closed batch without a
+        if w._full:                            # future is an aborted one (see
+            fut._writer = w                    # lookup_unwritten)
+        atoms.close()
         batch = w._enqueue(self)
         if batch is not None:
-            w._lead(batch)
+            # "normal"/"none": this thread writes its group itself (see _enqueue); the
+            # future is settled before we return.
+            w._write_here(batch)
         return fut
 
     def abort(self):
@@ -160,7 +278,11 @@ class Writer:
         self._marked = bool(head_footer.flags & FLAG_SYNC_MARK) or end == HEADER_SIZE
         self._damaged = False
         self._damage_cause = None
-        self._caller_writes = durability != "full"
+        # Times the head was moved back (a failed write or fsync): the layer above
+        # compares it to drop any state built on commits that are gone.
+        self.rollbacks = 0
+        self._full = durability == "full"
+        self._caller_writes = not self._full
         self._writing = False        # a thread (caller or background) is writing the file
         self._timing = False         # the background thread waits for the next normal fsync
         # Only "normal" mode has work after a write (arming the fsync timer); in "none"
@@ -189,7 +311,10 @@ class Writer:
 
     def _enqueue(self, c):
         """Queue a finished commit and release the commit lock. Returns the group to
-        write when the calling thread should write it itself (see _lead), else None."""
+        write when the calling thread should write it itself, else None: in "normal" and
+        "none" modes a write to the OS is cheap, so the committing thread does it instead
+        of paying two thread switches; commits that arrive meanwhile queue up for the
+        background thread (still one write per group)."""
         lead = None
         with self._mutex:
             ok = c._epoch == self._epoch and not self._closing
@@ -200,24 +325,78 @@ class Writer:
                 if not self._writing:
                     if self._caller_writes:
                         lead, self._queue = self._queue, []
-                        self._writing = True
-                    else:
-                        self._cond.notify_all()
+                        self._writing = lead      # the owner: see _write_here
+                    # else (full mode) the committer writes it itself when it waits
+                    # (CommitFuture.result -> _help), or wakes the writer thread when
+                    # it cannot (_nudge): no thread switch when nobody else writes.
         if not ok:
             c.future.set_exception(self._not_written_error(c))
-        self._release(c, queued=ok)
+            self._release(c, queued=False)
+            return None
+        if self._building is c:
+            self._building = None
+        self._commit_lock.release()
         return lead
 
-    def _lead(self, batch):
-        # "normal"/"none": a write to the OS is cheap, so the committing thread does it
-        # itself instead of paying two thread switches; commits that arrive meanwhile
-        # queue up for the background thread (still one write per group).
-        released = False
+    def _help(self):
+        """Full mode, from a committer about to wait: if no write is in progress, write
+        and fsync the queued group on this thread. The commits queued meanwhile form the
+        next group (written by the next waiter that finds the file free, or by the
+        writer thread), so group commit is unchanged; what goes is the hand-off to the
+        writer thread and back, two thread switches per group."""
+        with self._mutex:
+            if self._writing or not self._queue or self._closing:
+                return
+            batch, self._queue = self._queue, []
+            self._writing = batch
+        self._write_here(batch)
+
+    def _nudge(self):
+        """Full mode: someone waits for (or reads) a queued commit without writing it
+        itself; make sure a writer is on the queue."""
+        with self._mutex:
+            if not self._writing and self._queue:
+                self._cond.notify_all()
+
+    def _write_here(self, batch):
+        """Write a group on the calling thread, which owns the _writing flag (set to the
+        batch itself), and settle its futures. An exception raised into this thread
+        part way (KeyboardInterrupt) must not leave the group's waiters hanging: the
+        group is settled as written if it was, else failed as a failed write is (and
+        the file cut back)."""
         try:
-            released = self._write_group(batch)
+            ok = self._write_group(batch)
+        except BaseException as exc:
+            self._interrupted(batch, exc)
+            raise
+        if ok:
+            self._settle_written(batch)
+        else:
+            self._done_writing()
+
+    def _interrupted(self, batch, exc):
+        last = batch[-1]
+        with self._mutex:
+            ours = self._writing is batch
+            written = not ours or self.head == (last.seq, last.root)
+            if written and ours:
+                self._release_writing()
+        if written:
+            self._settle_written(batch)
+            return
+        left = [c for c in batch if not c.future._done]
+        try:
+            if left:
+                self._fail(left, OSError(errno.EINTR, f"writing was interrupted ({exc!r})"))
         finally:
-            if not released:
-                self._done_writing()
+            self._done_writing()
+
+    @staticmethod
+    def _settle_written(batch):
+        for c in batch:
+            fut = c.future
+            if not fut._done:
+                fut._settle((c.seq, c.root), None)
 
     def _done_writing(self):
         with self._mutex:
@@ -263,6 +442,8 @@ class Writer:
                     raise CorruptionError(
                         f"pointer {ptr} is past the end of the log ({self._tail}); was it "
                         f"written by a commit that failed?", offset=ptr)
+                if not self._writing and self._queue:
+                    self._cond.notify_all()      # queued in full mode: nobody writing yet
                 self._readers_waiting += 1
                 try:
                     self._cond.wait()
@@ -277,7 +458,7 @@ class Writer:
         """Block until every queued commit is written and fsynced and a sync mark closes
         the log (the next open reads one footer)."""
         with self._commit_lock:
-            fut = Future()
+            fut = CommitFuture()
             with self._mutex:
                 if self._closing:
                     raise DatabaseClosedError("the store is closed")
@@ -337,6 +518,8 @@ class Writer:
             try:
                 if batch is not None:
                     released = self._write_group(batch)
+                    if released:
+                        self._settle_written(batch)
                     continue
                 if not (closing or checkpoints):
                     self._sync()
@@ -357,10 +540,11 @@ class Writer:
                     self._done_writing()
 
     def _write_group(self, batch):
-        """Write one group (the caller holds the _writing flag). Returns True when it
-        released the flag itself: on success it does so *before* resolving the futures,
-        so a woken committer finds the file free and writes its next commit itself
-        rather than queueing behind this thread."""
+        """Write one group (the caller holds the _writing flag). Returns True on success,
+        having released the flag but not yet settled the futures (the caller does:
+        _settle_written), so a woken committer finds the file free and writes its next
+        commit itself rather than queueing behind this thread. On failure the group's
+        futures have failed (_fail) and the caller still holds the flag."""
         if self._damaged and not self._repair():
             self._fail(batch, self._damage_cause)
             return False
@@ -394,7 +578,7 @@ class Writer:
                     c._body = None
             bufs = (buf,)
         off = batch[0]._start
-        full = self.durability == "full"
+        full = self._full
         try:
             at = off
             for b in bufs:
@@ -415,13 +599,13 @@ class Writer:
                 self._synced_end = self._written_end
                 self._synced_head = self.head
             self._marked = False
-            st["commits"] += len(batch)
+            n = len(batch)
+            st["commits"] += n
             st["groups"] += 1
-            st["max_group"] = max(st["max_group"], len(batch))
+            if n > st["max_group"]:
+                st["max_group"] = n
             st["bytes_written"] += buf_len
             self._release_writing()
-        for c in batch:
-            c.future.set_result((c.seq, c.root))
         return True
 
     def _write_all(self, off, data):
@@ -507,6 +691,7 @@ class Writer:
             self.stats["failed_commits"] += len(failed)
             self.stats["lost_commits"] += max(lost, 0)
             self.stats["errors"] += 1
+            self.rollbacks += 1
             self._cond.notify_all()
         if lost > 0:
             logger.error("fsync failed (%s): %d commit(s) acknowledged in %r mode since the "
@@ -545,6 +730,7 @@ class Writer:
                 self._synced_end = self._tail = self._written_end = self.end = ft.end
                 self.head = self._synced_head = (ft.seq, ft.root)
                 self._next_seq = ft.seq
+                self.rollbacks += 1
                 self._epoch += 1     # last: see begin()
         self._damaged = False
         return True

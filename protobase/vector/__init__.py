@@ -77,8 +77,11 @@ def as_vector(value, dim=None):
             raise VectorError(f"a vector must be 1-D, not an array of shape {value.shape}")
         if value.dtype.kind not in "iuf":
             raise VectorError(f"a vector must hold real numbers, not {value.dtype}")
-        with np.errstate(over="ignore"):
-            arr = value.astype(np.float32)
+        if value.dtype == np.float32:
+            arr = value.copy()                 # the caller may change theirs later
+        else:
+            with np.errstate(over="ignore"):   # too large for float32: refused below
+                arr = value.astype(np.float32)
     else:
         if (isinstance(value, (str, bytes, bytearray, dict, set, frozenset))
                 or not hasattr(value, "__len__")):

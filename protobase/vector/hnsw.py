@@ -7,9 +7,20 @@ microseconds per id while an exact scan of an admitted id set needs a numpy gath
     rowid --_pos--> slot --_vecs--> float32[dim]        (hnswlib graph: label = rowid)
             (-1: no vector)   _ids[slot] = rowid (-1: free slot, reused by later rows)
 
+``_pos`` always ends with a -1 no row id reaches, so a gather clips any row id beyond it
+onto "no vector" in one ``np.take``.
+
+An exact scan of an id set keeps the vectors it gathered (``_gathered``: a few sets, a
+quarter of the rows at most in all) until the next change to any vector: the same filter
+asked again with another query vector then costs one matrix-vector product, not a gather.
+
 The index follows the newest committed state, so a reader's snapshot may be older. Each
 change is logged with the commit sequence that made it (``changed_since``), so a search
-knows which rows it must read from its own snapshot instead of trusting the index.
+knows which rows it must read from its own snapshot instead of trusting the index. A search
+holds ``lock`` from ``changed_since`` until it has read the vectors it trusts, so no change
+slips in between. A commit whose write fails has already been followed here, and the
+database then reuses its sequence; ``begin`` sees the reuse and keeps the rows that commit
+changed suspect for every snapshot (``_unsure``) until a later commit writes them again.
 
 Checkpoint file (written whole, then renamed over the old one)::
 
@@ -38,6 +49,9 @@ _U64 = struct.Struct("<Q")
 _CHUNK = 4096
 _DEFAULT_EF = 64
 _BLOCK = 2048
+_GATHERED = 4
+_NONE = np.empty(0, dtype=np.int64)
+_NONE.flags.writeable = False
 
 
 def normalize(mat):
@@ -52,6 +66,11 @@ def distances(mat, q, metric):
 
     Works in blocks of _BLOCK rows: a larger matrix-vector product makes OpenBLAS start
     its threads, which on a busy machine costs far more than the product itself."""
+    if len(mat) <= _BLOCK:
+        if metric == "l2":
+            diff = mat - q
+            return np.einsum("ij,ij->i", diff, diff)
+        return np.float32(1.0) - mat.dot(q)
     out = np.empty(len(mat), dtype=np.float32)
     for lo in range(0, len(mat), _BLOCK):
         block = mat[lo:lo + _BLOCK]
@@ -72,8 +91,8 @@ class HnswIndex:
         self.dim = spec["dim"]
         self.metric = spec["metric"]
         self._hnsw = hnswlib.Index(space=self.metric, dim=self.dim)
-        self._lock = threading.RLock()
-        self._pos = np.full(0, -1, dtype=np.int64)
+        self._lock = self.lock = threading.RLock()
+        self._pos = np.full(1, -1, dtype=np.int64)
         self._ids = np.full(0, -1, dtype=np.int64)
         self._vecs = np.zeros((0, self.dim), dtype=np.float32)
         self._free = []
@@ -82,6 +101,12 @@ class HnswIndex:
         self._live = 0
         self._log_seq = []
         self._log_ids = []
+        self._log_last = -1.0      # the newest sequence in the log (inf: a change without one)
+        self._changes = 0          # bumped by every log entry and begin(): names the log
+        self._version = 0          # bumped by every change to _pos or _vecs
+        self._gathered = {}        # hash(id set) -> (id set, _version, rowids, vectors)
+        self._since = None         # ((seq, _changes), answer) of the last changed_since
+        self._unsure = set()       # rows last changed by a commit that failed
         self._floor = 0            # changes at or before this sequence are not in the log
         self.seq = 0
         self.origin = "empty"      # how open() obtained it: checkpoint | rebuilt | empty
@@ -224,15 +249,19 @@ class HnswIndex:
             vecs = np.zeros((cap, self.dim), dtype=np.float32)
             vecs[:len(self._vecs)] = self._vecs
             self._ids, self._vecs = ids, vecs
-        if rowids > len(self._pos):
-            cap = max(rowids, 2 * len(self._pos), 64)
+        if rowids >= len(self._pos):             # keep the last entry -1 (see above)
+            cap = max(rowids + 1, 2 * len(self._pos), 64)
             pos = np.full(cap, -1, dtype=np.int64)
             pos[:len(self._pos)] = self._pos
             self._pos = pos
 
     def _log(self, rowid, seq):
-        self._log_seq.append(float("inf") if seq is None else seq)
+        self._unsure.discard(rowid)
+        at = float("inf") if seq is None else seq
+        self._log_seq.append(at)
         self._log_ids.append(rowid)
+        self._log_last = max(self._log_last, at)
+        self._changes += 1
         if seq is not None and seq > self.seq:
             self.seq = seq
         if len(self._log_ids) > max(4096, self._live // 4):
@@ -258,6 +287,7 @@ class HnswIndex:
             self._live += 1
         self._dead.discard(rowid)
         self._vecs[slot] = v
+        self._version += 1
         self._hnsw.add_items(v[None, :], np.array([rowid], dtype=np.int64), num_threads=1)
 
     def _drop(self, rowid):
@@ -270,7 +300,20 @@ class HnswIndex:
         self._ids[slot] = -1
         self._free.append(slot)
         self._live -= 1
+        self._version += 1
         return True
+
+    def begin(self, seq):
+        """A commit with sequence ``seq`` is about to be followed (called once per commit).
+        Sequences only grow, so one already logged means the commits that logged it failed
+        after changing rows here: those rows may now hold vectors of no committed state."""
+        with self._lock:
+            if seq <= self._floor:             # some of their rows left the log already:
+                self._floor = float("inf")     # no snapshot can trust the index any more
+            if seq <= self._log_last:
+                failed = [rid for rid, at in zip(self._log_ids, self._log_seq) if at >= seq]
+                self._unsure.update(failed)
+                self._changes += 1             # the answers of changed_since change
 
     def upsert(self, rowid, vector, seq=None):
         """Add or replace the vector of ``rowid``; ``seq`` is the commit making the change
@@ -297,27 +340,65 @@ class HnswIndex:
         return type(rowid) is int and self._slot(rowid) >= 0
 
     def changed_since(self, seq):
-        """Row ids (int64 array) whose vector changed in a commit after ``seq``, or None
-        when the log does not reach back that far (then every row is suspect)."""
+        """Row ids (int64 array) whose vector changed in a commit after ``seq`` or in a
+        commit that failed, or None when the log does not reach back that far (then every
+        row is suspect)."""
         with self._lock:
             if seq is None or seq < self._floor:
                 return None
+            if seq >= self._log_last and not self._unsure:     # the usual case
+                return _NONE
+            key = (seq, self._changes)
+            if self._since is not None and self._since[0] == key:
+                return self._since[1]              # every reader of one snapshot asks alike
             log = np.asarray(self._log_seq, dtype=np.float64)
-            return np.unique(np.asarray(self._log_ids, dtype=np.int64)[log > seq])
+            found = np.asarray(self._log_ids, dtype=np.int64)[log > seq]
+            if self._unsure:
+                found = np.concatenate([found, np.fromiter(self._unsure, np.int64)])
+            found = np.unique(found)
+            self._since = (key, found)
+            return found
 
     def scan(self, rowids, q):
-        """``(ids, dist)``: the rows of ``rowids`` (int64 array) that have a vector here,
-        with their exact distance to ``q`` (in index space), gathered block by block."""
+        """``(ids, dist)``: the rows of ``rowids`` (int64 array of ids >= 0) that have a
+        vector here, with their exact distance to ``q`` (in index space), gathered block by
+        block."""
         with self._lock:
-            ok = (rowids >= 0) & (rowids < len(self._pos))
-            slots = np.full(len(rowids), -1, dtype=np.int64)
-            slots[ok] = self._pos[rowids[ok]]
-            present = slots >= 0
-            slots = slots[present]
+            slots = np.take(self._pos, rowids, mode="clip")
+            if len(slots) and slots.min() < 0:
+                present = slots >= 0
+                slots, rowids = slots[present], rowids[present]
+            if len(slots) <= _BLOCK:
+                return rowids, distances(self._vecs[slots], q, self.metric)
             dist = np.empty(len(slots), dtype=np.float32)
             for lo in range(0, len(slots), _BLOCK):
                 dist[lo:lo + _BLOCK] = distances(self._vecs[slots[lo:lo + _BLOCK]], q, self.metric)
-            return rowids[present], dist
+            return rowids, dist
+
+    def scan_set(self, ids, q):
+        """scan() for the rows of the IdSet ``ids``, reusing the vectors gathered for an
+        equal set since the last change (see the module's docstring)."""
+        with self._lock:
+            key = hash(ids)
+            hit = self._gathered.get(key)
+            if hit is not None and hit[1] == self._version and hit[0] == ids:
+                return hit[2], distances(hit[3], q, self.metric)
+            rowids = ids.to_numpy()
+            budget = self._live // 4           # rows kept, over every set kept
+            if len(rowids) > budget:
+                return self.scan(rowids, q)
+            slots = np.take(self._pos, rowids, mode="clip")
+            if len(slots) and slots.min() < 0:
+                present = slots >= 0
+                slots, rowids = slots[present], rowids[present]
+            mat = self._vecs[slots]
+            kept = {h: e for h, e in self._gathered.items() if e[1] == self._version}
+            while kept and (len(kept) >= _GATHERED
+                            or sum(len(e[2]) for e in kept.values()) + len(rowids) > budget):
+                del kept[next(iter(kept))]     # the oldest first
+            kept[key] = (ids, self._version, rowids, mat)
+            self._gathered = kept
+            return rowids, distances(mat, q, self.metric)
 
     def knn(self, vector, k, ef=None, filter=None):
         """``(labels, distances)`` of up to ``k`` nearest live rows, ascending distance;

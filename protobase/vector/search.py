@@ -7,15 +7,25 @@ snapshot plus its own writes. So the index only *proposes*: the snapshot decides
     suspect  = admitted & (own writes | rows the index changed after the snapshot)
     trusted  = admitted - suspect                    (index vector == snapshot vector)
 
-    trusted --plan by selectivity--> top-k candidates  --+
-    suspect --read from the snapshot, exact-----------> --+--> best k, re-ranked with the
-                                                             vectors of the snapshot's rows
+    trusted --plan by selectivity--> top-k, distances from the index's copy --+
+    suspect --read from the snapshot, distances from the snapshot's vectors --+--> best k
+
+The change log proves a trusted row's vector in the index equal to the snapshot's (the
+index stores it as the snapshot path computes it: float32, normalized for cosine), so its
+distance is the snapshot's exactly and only the k rows returned are read: their keys at
+once, their values on first use (``keys()`` decodes none). The values are read from the
+structure the snapshot had when the query ran, so reading them later gives the same
+answer (a collection with writes of its own in the transaction is decoded at once, its
+working copy moving under later writes); after the transaction ends, reading them raises
+TransactionClosedError as any read does. The index's lock is held from reading the change
+log to the last vector read from the index.
 
 Plans for the trusted set, chosen by estimated cost from its size ``s`` against the
 index's ``n`` rows (selectivity ``s/n``; constants below):
 
-- ``ExactVectorScan``: gather the admitted vectors from the index's dense copy and rank
-  them all with numpy (exact), when ``s`` rows cost less than the graph walk would;
+- ``ExactVectorScan``: gather the admitted vectors from the index's dense copy (or reuse
+  those gathered for the same set, see hnsw.py) and rank them all with numpy (exact), when
+  ``s`` rows cost less than the graph walk would;
 - ``VectorSearch`` over-fetch: ask hnswlib for ``k / selectivity * OVERFETCH_MARGIN``
   neighbours, keep the admitted ones, double until ``k`` are found or the index is
   exhausted (then scan exactly);
@@ -40,15 +50,17 @@ from .hnsw import distances, normalize
 __all__ = ["nearest", "Hits", "EXACT_ROW_COST", "CANDIDATE_COST", "OVERFETCH_MARGIN",
            "MAX_OVERFETCH", "DEFAULT_EF"]
 
-# Calibrated with benchmarks/vector_benchmark.py at 100k x 128 on 2 shared cores: an exact
-# scan costs about EXACT_ROW_COST microseconds per admitted row (mostly gathering its vector
-# from the index's dense copy), a graph walk about CANDIDATE_COST per neighbour asked for
-# (the larger of ef and the over-fetch). Over-fetching beat hnswlib's filter callable at
-# every selectivity measured, 0.1% to 100% (the callable pays a Python call per visited
-# node), so the callable is used only where over-fetching would ask for more than
-# MAX_OVERFETCH neighbours and an exact scan would still cost more.
-EXACT_ROW_COST = 0.25
-CANDIDATE_COST = 4.0
+# Calibrated with benchmarks/vector_benchmark.py at 100k x 128 on 2 shared cores, each plan
+# forced at 1% to 30%: an exact scan costs about EXACT_ROW_COST microseconds per admitted
+# row (gathering its vector from the index's dense copy, then one matrix-vector product), a
+# graph walk about CANDIDATE_COST per neighbour asked for (the larger of ef and the
+# over-fetch; 1.5-2us each plus the walk's fixed cost, folded in). They cross near 6%
+# there, where the forced plans cost the same. Over-fetching beat hnswlib's filter callable
+# at every selectivity measured (the callable pays a Python call per visited node), so the
+# callable is used only where over-fetching would ask for more than MAX_OVERFETCH
+# neighbours and an exact scan would still cost more.
+EXACT_ROW_COST = 0.13
+CANDIDATE_COST = 3.0
 OVERFETCH_MARGIN = 1.5
 MAX_OVERFETCH = 4096
 DEFAULT_EF = 64
@@ -70,10 +82,11 @@ def nearest(query, field, vector, k=10, ef=None, metric=None):
 
 class Hits:
     """The result of ``nearest()``, computed on first use: iterating yields values in
-    ascending distance; ``scored()`` yields ``(key, value, distance)``."""
+    ascending distance; ``scored()`` yields ``(key, value, distance)``. Values are decoded
+    on first use, each row once."""
 
     __slots__ = ("_query", "_field", "_spec", "_vector", "_k", "_ef", "_metric", "_results",
-                 "_explain")
+                 "_read", "_explain")
 
     def __init__(self, query, field, vector, k, ef, metric):
         self._query = query
@@ -84,20 +97,33 @@ class Hits:
         self._ef = ef
         self._metric = metric
         self._results = None
+        self._read = None        # key -> value for the rows whose value is _UNREAD
         self._explain = None
 
     def _run(self):
+        """``(key, value, distance)`` triples; a value may still be _UNREAD."""
         if self._results is None:
-            self._results, self._explain = _search(self._query, self._field, self._spec,
-                                                   self._vector, self._k, self._ef, self._metric)
+            self._results, self._read, self._explain = _search(
+                self._query, self._field, self._spec, self._vector, self._k, self._ef,
+                self._metric)
         return self._results
 
+    def _decoded(self):
+        """The triples with every value decoded (each row once, kept)."""
+        results = self._run()
+        read = self._read
+        if read is not None:
+            self._results = results = [(key, read(key) if value is _UNREAD else value, d)
+                                       for key, value, d in results]
+            self._read = None
+        return results
+
     def __iter__(self):
-        return (value for _, value, _ in self._run())
+        return (value for _, value, _ in self._decoded())
 
     def scored(self):
         """``(key, value, distance)`` triples, ascending distance."""
-        return iter(list(self._run()))
+        return iter(list(self._decoded()))
 
     def keys(self):
         """The keys, ascending distance."""
@@ -105,7 +131,7 @@ class Hits:
 
     def values(self):
         """The values, ascending distance."""
-        return [value for _, value, _ in self._run()]
+        return [value for _, value, _ in self._decoded()]
 
     def distances(self):
         """The distances, ascending."""
@@ -120,6 +146,8 @@ class Hits:
     def explain(self):
         """The plan chosen and why, as text."""
         self._run()
+        if callable(self._explain):          # written out on demand, not on every query
+            self._explain = self._explain()
         return self._explain
 
     def __repr__(self):
@@ -138,9 +166,8 @@ def _spec(source, field):
 def _search(query, field, spec, q, k, ef, metric):
     source = query._source
     metric = metric or (spec["metric"] if spec else "cosine")
-    qs = normalize(q[None, :])[0] if metric == "cosine" else q
+    qs = _unit(q) if metric == "cosine" else q
     parts = split_path(field)
-    head = f"nearest {field!r} k={k} metric={metric}"
     index = None
     if spec is None:
         why = "no vector index on this field"
@@ -149,78 +176,104 @@ def _search(query, field, spec, q, k, ef, metric):
     else:
         index = source.vector_index(field)
         why = "hnswlib is not installed"
+    head = f"nearest {field!r} k={k} metric={metric}"
     if index is None:
         results, ranked = _scan_items(query, parts, qs, metric, k)
-        return results, (f"ExactVectorScan {head}\n  strategy: exact numpy scan of the query's "
-                         f"rows\n  why: {why}\n  rows ranked: {ranked}")
-    return _indexed(query, source, index, parts, qs, metric, k, ef, head)
+        return results, None, (f"ExactVectorScan {head}\n  strategy: exact numpy scan of the "
+                               f"query's rows\n  why: {why}\n  rows ranked: {ranked}")
+    results, read, why = _indexed(query, source, index, parts, qs, metric, k, ef)
+    return results, read, lambda: f"{why[0]} {head}\n{_why(*why[1:])}"
 
 
-def _indexed(query, source, index, parts, q, metric, k, ef, head):
+def _indexed(query, source, index, parts, q, metric, k, ef):
+    """``(results, read, why)`` for a query on an indexed field (as _finish gives them);
+    ``_why(*why)`` explains."""
     admitted = query.matching_ids()
     no_filter = isinstance(query._pred, All)
     written = source.written_ids() if hasattr(source, "written_ids") else None
     seq = source.snapshot_seq() if hasattr(source, "snapshot_seq") else None
-    changed = index.changed_since(seq)
-    ids_type = type(admitted)
-    if changed is None:
-        suspect, trusted = admitted, ids_type()
+    ef = ef or DEFAULT_EF
+    # Held from the change log to the last vector read from the index: a commit that moved
+    # a trusted row in between would make its vector differ from the snapshot's.
+    with index.lock:
+        changed = index.changed_since(seq)
+        if changed is None:
+            suspect, trusted = admitted, type(admitted)()
+        else:
+            moved = type(admitted).from_numpy(changed) if len(changed) else None
+            if written is not None and len(written):
+                moved = written if moved is None else moved | written
+            suspect = admitted & moved if moved is not None else None
+            trusted = admitted - suspect if suspect is not None else admitted
+        if suspect is not None and not len(suspect):
+            suspect = None                 # the usual case: the index is trusted throughout
+        read = 0 if suspect is None else len(suspect)
+        n = len(index)
+        s = len(trusted)
+        sel = s / max(n, 1)
+        fetch = _fetch(k, sel)
+        if k == 0 or s == 0:
+            cand_ids, cand_d = _NO_IDS, _NO_DIST
+            name = "ExactVectorScan"
+            plan = f"exact numpy scan of the {read} admitted rows read from the snapshot"
+        elif no_filter and changed is not None and suspect is None:
+            cand_ids, cand_d, plan = _overfetch(index, trusted, q, k, ef, 1.0)
+            name, plan = "VectorSearch", "hnsw without filter; " + plan
+        elif s * EXACT_ROW_COST <= max(ef, fetch) * CANDIDATE_COST:
+            cand_ids, cand_d = _top(*index.scan_set(trusted, q), k)
+            name, plan = "ExactVectorScan", f"exact numpy scan of {s} admitted vectors"
+        elif fetch > MAX_OVERFETCH:
+            cand_ids, cand_d = _rescore(index, _filtered(index, trusted, q, k, ef), q, k)
+            name, plan = "VectorSearch", f"hnsw with a filter callable (ef={max(ef, k)})"
+        else:
+            cand_ids, cand_d, plan = _overfetch(index, trusted, q, k, ef, sel)
+            name = "VectorSearch"
+    results, later = _finish(source, parts, q, metric, k, cand_ids, cand_d, suspect)
+    return results, later, (name, plan, s, n, sel, max(ef, fetch), read, changed is None)
+
+
+def _why(plan, s, n, sel, walk, read, blind):
+    """The explanation of a plan chosen by _indexed (written only when asked for)."""
+    if blind:
         note = "the index's change log does not reach this snapshot: every admitted row read"
     else:
-        moved = ids_type.from_numpy(changed) if len(changed) else ids_type()
-        if written is not None and len(written):
-            moved = moved | written
-        suspect = admitted & moved if len(moved) else ids_type()
-        trusted = admitted - suspect if len(suspect) else admitted
-        note = f"{len(suspect)} admitted rows read from the snapshot (own or later writes)"
-    n = max(len(index), 1)
-    s = len(trusted)
-    sel = s / n
-    ef = ef or DEFAULT_EF
-    if k == 0 or s == 0:
-        cand_ids, cand_d = np.empty(0, np.int64), np.empty(0, np.float32)
-        name = "ExactVectorScan"
-        plan = f"exact numpy scan of the {len(suspect)} admitted rows read from the snapshot"
-    elif no_filter and changed is not None and not len(suspect):
-        cand_ids, cand_d, plan = _overfetch(index, trusted, q, k, ef, 1.0)
-        name, plan = "VectorSearch", "hnsw without filter; " + plan
-    elif s * EXACT_ROW_COST <= max(ef, _fetch(k, sel)) * CANDIDATE_COST:
-        cand_ids, cand_d = _exact_index(index, trusted, q, metric, k)
-        name, plan = "ExactVectorScan", f"exact numpy scan of {s} admitted vectors"
-    elif _fetch(k, sel) > MAX_OVERFETCH:
-        cand_ids, cand_d = _filtered(index, trusted, q, k, ef)
-        name, plan = "VectorSearch", f"hnsw with a filter callable (ef={max(ef, k)})"
-    else:
-        cand_ids, cand_d, plan = _overfetch(index, trusted, q, k, ef, sel)
-        name = "VectorSearch"
-    results = _finish(source, parts, q, metric, k, cand_ids, cand_d, suspect)
-    text = (f"{name} {head}\n  strategy: {plan}\n"
-            f"  why: {s} admitted of {len(index)} indexed rows (estimated selectivity "
-            f"{100 * sel:.2f}%): exact scan ~{s * EXACT_ROW_COST:.0f}us vs graph walk "
-            f"~{max(ef, _fetch(k, sel)) * CANDIDATE_COST:.0f}us"
-            f"\n  snapshot: {note}")
-    return results, text
+        note = f"{read} admitted rows read from the snapshot (own or later writes)"
+    return (f"  strategy: {plan}\n  why: {s} admitted of {n} indexed rows (estimated "
+            f"selectivity {100 * sel:.2f}%): exact scan ~{s * EXACT_ROW_COST:.0f}us vs graph "
+            f"walk ~{walk * CANDIDATE_COST:.0f}us\n  snapshot: {note}")
+
+
+_UNREAD = object()       # a returned row's value, not decoded yet
+_SORT_ALL = 256          # up to this many candidates one lexsort beats a partition first
+_NO_IDS = np.empty(0, np.int64)
+_NO_DIST = np.empty(0, np.float32)
+
+
+def _unit(q):
+    """The query at unit length (zero stays zero), as hnswlib's cosine space takes it; the
+    norm in float64, where no float32 vector's squares overflow."""
+    wide = q.astype(np.float64)
+    return q * np.float32(1.0 / (math.sqrt(wide.dot(wide)) + 1e-30))
 
 
 def _top(ids, dist, k):
     """The k smallest by (distance, id), sorted."""
-    if len(dist) > k:
-        cut = np.argpartition(dist, k - 1)[:k]
-        bound = dist[cut].max()
-        keep = np.flatnonzero(dist <= bound)        # keep ties at the bound for the id order
+    if len(dist) > max(k, _SORT_ALL):
+        bound = np.partition(dist, k - 1)[k - 1]
+        keep = dist <= bound                        # keep ties at the bound for the id order
         ids, dist = ids[keep], dist[keep]
     order = np.lexsort((ids, dist))[:k]
     return ids[order], dist[order]
 
 
-def _exact_index(index, trusted, q, metric, k):
-    ids, dist = index.scan(trusted.to_numpy(), q)
-    return _top(ids, dist, k)
+def _rescore(index, labels, q, k):
+    """The best k of hnswlib's candidates with numpy's distances from the index's copy, the
+    same figures an exact scan gives (so ties and the suspect rows compare alike)."""
+    return _top(*index.scan(np.asarray(labels, np.int64), q), k)
 
 
 def _filtered(index, trusted, q, k, ef):
-    labels, dist = index.search(q, k, ef=max(ef, k), filter=trusted.__contains__)
-    return labels, dist
+    return index.search(q, k, ef=max(ef, k), filter=trusted.__contains__)[0]
 
 
 def _fetch(k, sel):
@@ -232,14 +285,14 @@ def _overfetch(index, trusted, q, k, ef, sel):
     n = len(index)
     fetch = min(n, _fetch(k, sel))
     while True:
-        labels, dist = index.search(q, fetch, ef=max(ef, fetch))
+        labels = index.search(q, fetch, ef=max(ef, fetch))[0]
         keep = np.fromiter(map(trusted.__contains__, labels.tolist()), dtype=bool,
                            count=len(labels))
         if keep.sum() >= k or len(labels) < fetch:
             plan = f"hnsw over-fetching {fetch} then filtering (ef={max(ef, fetch)})"
-            return labels[keep], dist[keep], plan
+            return (*_rescore(index, labels[keep], q, k), plan)
         if fetch >= n:
-            ids, d = _exact_index(index, trusted, q, index.metric, k)
+            ids, d = _top(*index.scan(trusted.to_numpy(), q), k)
             return ids, d, f"over-fetch exhausted the index at {fetch}: exact scan"
         fetch = min(n, fetch * 2)
 
@@ -290,20 +343,36 @@ def _stack(raw, keys, ok, dim):
 
 
 def _finish(source, parts, q, metric, k, cand_ids, cand_d, suspect):
-    """Merge the trusted candidates with the suspect rows, then rank the best with the
-    snapshot's own vectors."""
-    cand_ids, _ = _top(np.asarray(cand_ids, np.int64), np.asarray(cand_d, np.float32), k)
-    ids = np.concatenate([cand_ids, suspect.to_numpy()]) if len(suspect) else cand_ids
-    if not len(ids):
-        return []
-    ids = np.unique(ids)
-    # One row per id, in the order of ids (rows() may follow key order, as a SortedDict does).
-    keys, values, mat, ok = _snapshot_vectors((source.row(rid) for rid in ids.tolist()),
-                                              parts, metric, len(q))
-    rows = np.flatnonzero(ok)
-    dist = distances(mat, q, metric)
-    order = np.lexsort((ids[rows], dist))[:k]
-    return [(keys[rows[j]], values[rows[j]], float(dist[j])) for j in order.tolist()]
+    """Merge the trusted candidates (ids and exact distances from the index's copy, which
+    equals the snapshot's vector for rows unchanged since the snapshot) with the suspect
+    rows (an IdSet, or None), ranked with the snapshot's own vectors. ``(results, read)``:
+    the k rows returned as ``(key, value, distance)``, a trusted row's value _UNREAD when
+    the source can read it later through ``read`` (key -> value; None: all decoded)."""
+    if k == 0:
+        return [], None
+    rows = {}
+    if suspect is not None:
+        pairs = [source.row(rid) for rid in suspect]
+        keys, values, mat, ok = _snapshot_vectors(pairs, parts, metric, len(q))
+        have = np.flatnonzero(ok)
+        sus_ids = suspect.to_numpy()[have]
+        for j, rid in zip(have.tolist(), sus_ids.tolist()):
+            rows[rid] = (keys[j], values[j])
+        cand_ids = np.concatenate([cand_ids, sus_ids])
+        cand_d = np.concatenate([cand_d, distances(mat, q, metric)])
+        cand_ids, cand_d = _top(cand_ids, cand_d, k)
+    reader = getattr(source, "value_reader", None)
+    read = reader() if reader is not None else None
+    out = []
+    for rid, d in zip(cand_ids.tolist(), cand_d.tolist()):
+        if rid in rows:
+            key, value = rows[rid]
+        elif read is not None:
+            key, value = source.key(rid), _UNREAD
+        else:
+            key, value = source.row(rid)
+        out.append((key, value, d))
+    return out, (read if any(value is _UNREAD for _, value, _ in out) else None)
 
 
 def _scan_items(query, parts, q, metric, k):
