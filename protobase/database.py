@@ -295,7 +295,7 @@ class Database:
                 readonly = True
             if store is not None:
                 self._refresh()
-        elif store is not None and store._writer.rollbacks != self._rollbacks_seen:
+        elif store is not None and store.rollbacks != self._rollbacks_seen:
             with self._commit_lock:   # acknowledged commits were lost: not from them
                 self._catch_up_rollback()
         with self._live_lock:     # a compaction retires the old file only after the switch
