@@ -818,3 +818,70 @@ def test_keys_and_values_are_released_exactly_once():
     gc.collect()
     after = [sys.getrefcount(k) for k in keys] + [sys.getrefcount(v) for v in vals]
     assert after == before
+
+
+# -- garbage collection: atomic tries leave their nodes untracked ------------------------
+
+def _tracked_nodes():
+    import gc
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == "Node" and type(o).__module__.endswith("hamt"))
+
+
+class _Box:
+    """A GC-tracked value that can point back at the structure holding it."""
+
+
+def test_atomic_tries_leave_their_nodes_untracked_until_a_tracked_value_arrives():
+    import gc
+    gc.collect()
+    before = _tracked_nodes()
+    m = hamt.MapMutation()
+    for i in range(5000):
+        m[f"k{i}"] = b"v%d" % i
+    m._check()
+    assert _tracked_nodes() - before <= 2      # the empty roots made before the first insert
+    snap = m.finish()
+    p = snap.set("x", b"y")
+    p._check()
+    assert _tracked_nodes() - before <= 2
+    m["box"] = _Box()                          # the mutation stops being atomic: all tracked
+    m._check()
+    assert _tracked_nodes() - before > 100
+    q = snap.set("box", _Box())               # a persistent set tracks just its new path
+    q._check()
+
+
+@pytest.mark.parametrize("how", ["mutation", "persistent", "constructor"])
+def test_a_cycle_through_a_value_is_collected(how):
+    import gc
+    import weakref
+    box = _Box()
+    ref = weakref.ref(box)
+    if how == "mutation":
+        m = hamt.MapMutation()
+        for i in range(3000):                  # owned untracked nodes edited in place next
+            m[i] = str(i)
+        m[1500] = box
+        box.back = m
+    elif how == "persistent":
+        base = hamt.Map({i: str(i) for i in range(3000)})
+        m = base.set(1500, box)
+        box.back = m
+    else:
+        m = hamt.Map({**{i: str(i) for i in range(3000)}, 1500: box})
+        box.back = m
+    m._check()
+    del m, box
+    if how == "persistent":
+        del base
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_tracked_key_makes_a_set_mutation_track_its_nodes():
+    m = hamt.HashSetMutation()
+    for i in range(3000):
+        m.add(i)
+    m.add(tuple([1, "a"]))                    # a fresh tuple is tracked until a collection
+    m._check()                                # nothing tracked below an untracked node
+    assert tuple([1, "a"]) in m and len(m) == 3001

@@ -33,6 +33,7 @@ cdef class _TrieBase:
     cdef Node root                 # None until a lazily loaded root is first touched
     cdef Py_ssize_t count
     cdef _Loader loader
+    cdef bint atomic               # no key or value is GC-tracked: its new nodes stay untracked
 
 
 cdef class _Persistent(_TrieBase):

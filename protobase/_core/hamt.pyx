@@ -78,6 +78,16 @@ hashes. Cycles through values are visible to the garbage collector through a han
 tp_traverse/tp_clear; tp_dealloc is hand-written too (it only drops the slot references,
 with no exception save/restore around it).
 
+Garbage collection: a trie is *atomic* while none of its keys or values is tracked by the
+cycle collector (str, int, bytes, float... the database stores only such keys and encoded
+bytes). No reference cycle can pass through an atomic trie's nodes, so the nodes its
+operations allocate are left untracked: building 100k entries then costs the collector
+nothing (it halved the write path of a transaction). The first tracked key or value
+makes a mutation non-atomic and tracks its whole tree once; a persistent `set` with one
+tracks only the new path (the shared rest holds nothing tracked); a structure loaded from
+disk is never atomic and loaded nodes are always tracked. `_check()` verifies that no
+tracked key or value sits below an untracked node.
+
 Invariants (checked by `_check()`)
 ---------------------------------
 - datamap & nodemap == 0; n == 2*popcount(datamap) + popcount(nodemap).
@@ -284,6 +294,14 @@ cdef extern from *:
        read once, under the GIL). Only the header is zeroed: see the module docstring. */
     static Py_ssize_t pb_next_node_cap = 0;
     static Py_ssize_t pb_next_node_hcap = 0;
+    /* Set while an operation of an atomic trie runs (see "Garbage collection" in the module
+       docstring): the nodes it allocates are left untracked by the cycle collector. */
+    static int pb_untracked_alloc = 0;
+    static inline int pb_swap_untracked_alloc(int on) {
+        int prev = pb_untracked_alloc;
+        pb_untracked_alloc = on;
+        return prev;
+    }
     static PyObject *pb_node_tp_alloc(PyTypeObject *t, Py_ssize_t unused) {
         Py_ssize_t items = pb_next_node_cap
             + pb_next_node_hcap * (Py_ssize_t)(sizeof(uint64_t) / sizeof(PyObject *));
@@ -293,7 +311,7 @@ cdef extern from *:
         if (o == NULL) return NULL;
         memset((char *)o + sizeof(PyVarObject), 0,
                (size_t)(t->tp_basicsize - sizeof(PyVarObject)));
-        PyObject_GC_Track((PyObject *)o);
+        if (!pb_untracked_alloc) PyObject_GC_Track((PyObject *)o);
         return (PyObject *)o;
     }
     static inline void pb_set_next_node_cap(Py_ssize_t cap, Py_ssize_t hcap) {
@@ -328,6 +346,7 @@ cdef extern from *:
     int pb_same_type(PyObject *o, PyObject *t)
     int pb_is_nan_double(double d)
     void pb_set_next_node_cap(Py_ssize_t cap, Py_ssize_t hcap)
+    int pb_swap_untracked_alloc(int on)
     void pb_incref_slots(PyObject **slots, Py_ssize_t n)
     void pb_prefetch_node(PyObject *o)
     PyObject **pb_trailing_slots(PyObject *o)
@@ -350,6 +369,8 @@ cdef extern from "Python.h":
     ctypedef void (*destructor)(PyObject *) noexcept
     ctypedef void (*freefunc)(void *) noexcept
     void PyObject_GC_UnTrack(void *o)
+    void PyObject_GC_Track(void *o)
+    bint PyObject_GC_IsTracked(PyObject *o)
     _PBTypeSlots *pb_type "Py_TYPE"(PyObject *o)
     ctypedef struct _PBTypeSlots "PyTypeObject":
         Py_ssize_t tp_basicsize
@@ -895,6 +916,8 @@ cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
     for i in range(nc):
         _put(node, 2 * nd + i, children[i])
     node.ptr = ptr
+    if not PyObject_GC_IsTracked(<PyObject *>node):
+        PyObject_GC_Track(<PyObject *>node)
     return node
 
 
@@ -1470,7 +1493,44 @@ cdef int _check(Node root, Py_ssize_t count, object token, _Loader ld) except -1
     cdef Py_ssize_t total = _check_node(root, 0, 0, True, token, True, False, ld)
     if not (total == count):
         raise AssertionError(f"count {count} but the trie holds {total} keys")
+    _check_gc(root, False)
     return 0
+
+
+cdef int _check_gc(Node node, bint hidden) except -1:
+    """No GC-tracked key or value below an untracked node (the collector cannot see past
+    one, so a cycle through such an entry could never be collected)."""
+    cdef Py_ssize_t i, nd
+    cdef PyObject *o
+    hidden = hidden or not PyObject_GC_IsTracked(<PyObject *>node)
+    nd = node.n >> 1 if node.collision else pb_popcount(node.datamap)
+    for i in range(2 * nd):
+        o = node.slots[i]
+        if hidden and o != NULL and PyObject_GC_IsTracked(o):
+            raise AssertionError("a GC-tracked key or value below an untracked node")
+    for i in range(2 * nd, node.n):
+        o = node.slots[i]
+        if pb_same_type(o, <PyObject *>Node):
+            _check_gc(<Node>o, hidden)
+    return 0
+
+
+cdef void _track_all(Node node):
+    """Track every node of the (fully loaded) subtree: its trie stops being atomic."""
+    cdef Py_ssize_t i
+    cdef PyObject *o
+    if not PyObject_GC_IsTracked(<PyObject *>node):
+        PyObject_GC_Track(<PyObject *>node)
+    if node.collision:
+        return
+    for i in range(2 * pb_popcount(node.datamap), node.n):
+        o = node.slots[i]
+        if pb_same_type(o, <PyObject *>Node):
+            _track_all(<Node>o)
+
+
+cdef inline bint _atomic_entry(object key, object value):
+    return not PyObject_GC_IsTracked(<PyObject *>key) and not PyObject_GC_IsTracked(<PyObject *>value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1492,7 +1552,7 @@ cdef inline Node _root(_Persistent p):
 
 
 cdef inline _Persistent _new_persistent(Node root, Py_ssize_t count, _Loader loader,
-                                        bint is_set):
+                                        bint is_set, bint atomic):
     # Every Map/HashSet not made by __init__ comes from here (no __cinit__: `set` makes one
     # per call). The casts skip a subtype test that a typed assignment would make.
     cdef _Persistent p
@@ -1505,6 +1565,7 @@ cdef inline _Persistent _new_persistent(Node root, Py_ssize_t count, _Loader loa
     p.header_ptr = -1
     p.count = count
     p.loader = loader
+    p.atomic = atomic
     return p
 
 
@@ -1534,22 +1595,36 @@ cdef inline object _frozen_put(_Persistent p, object key, object value, bint is_
     cdef bint added = False
     cdef uint64_t h = stable_hash_c(key)
     cdef Node root = _root(p)
-    cdef Node r2 = _persistent_assoc(root, h, key, value, p.loader, &added)
+    cdef Node r2
+    # New path nodes only: with a tracked entry they are tracked (the shared rest holds
+    # nothing tracked), so the result needs no walk.
+    cdef bint atomic = p.atomic and _atomic_entry(key, value)
+    cdef int prev = pb_swap_untracked_alloc(atomic)
+    try:
+        r2 = _persistent_assoc(root, h, key, value, p.loader, &added)
+    finally:
+        pb_swap_untracked_alloc(prev)
     if r2 is root:
         return p
-    return _new_persistent(r2, p.count + added, p.loader, is_set)
+    return _new_persistent(r2, p.count + added, p.loader, is_set, atomic)
 
 
 cdef object _frozen_drop(_Persistent p, object key, bint strict, bint is_set):
     """p without key; when key is absent, KeyError if strict, else p itself."""
     cdef bint removed = False
     cdef uint64_t h = stable_hash_c(key)
-    cdef Node r2 = _dissoc(_root(p), 0, h, key, None, p.loader, &removed)
+    cdef Node root = _root(p)
+    cdef Node r2
+    cdef int prev = pb_swap_untracked_alloc(p.atomic)
+    try:
+        r2 = _dissoc(root, 0, h, key, None, p.loader, &removed)
+    finally:
+        pb_swap_untracked_alloc(prev)
     if not removed:
         if strict:
             raise KeyError(key)
         return p
-    return _new_persistent(r2, p.count - 1, p.loader, is_set)
+    return _new_persistent(r2, p.count - 1, p.loader, is_set, p.atomic)
 
 
 cdef inline int _transient_put(_Transient m, object key, object value) except -1:
@@ -1557,7 +1632,17 @@ cdef inline int _transient_put(_Transient m, object key, object value) except -1
     # before anything is touched.
     cdef bint added = False
     cdef uint64_t h = stable_hash_c(key)
-    m.root = _mut_assoc(m.root, h, key, value, m.token, m.loader, &added)
+    cdef int prev
+    if m.atomic and not _atomic_entry(key, value):
+        # The first tracked entry: the owned nodes edited in place from here on may be
+        # untracked, so track the whole (in-memory) trie once.
+        m.atomic = False
+        _track_all(m.root)
+    prev = pb_swap_untracked_alloc(m.atomic)
+    try:
+        m.root = _mut_assoc(m.root, h, key, value, m.token, m.loader, &added)
+    finally:
+        pb_swap_untracked_alloc(prev)
     m.count += added
     return 0
 
@@ -1565,7 +1650,12 @@ cdef inline int _transient_put(_Transient m, object key, object value) except -1
 cdef int _transient_drop(_Transient m, object key, uint64_t h, bint strict) except -1:
     """Remove key (of hash h) in place; when it is absent, KeyError if strict, else nothing."""
     cdef bint removed = False
-    cdef Node r2 = _dissoc(m.root, 0, h, key, m.token, m.loader, &removed)
+    cdef Node r2
+    cdef int prev = pb_swap_untracked_alloc(m.atomic)
+    try:
+        r2 = _dissoc(m.root, 0, h, key, m.token, m.loader, &removed)
+    finally:
+        pb_swap_untracked_alloc(prev)
     if not removed:
         if strict:
             raise KeyError(key)
@@ -1594,11 +1684,13 @@ cdef int _init_persistent(_Persistent p, object src, bint is_set) except -1:
     if src is None:
         p.root = _empty()
         p.count = 0
+        p.atomic = True
         return 0
     m = _new_transient(is_set)
     _add_all(m, src if is_set else _pairs(src), not is_set)
     p.root = m.root
     p.count = m.count
+    p.atomic = m.atomic
     return 0
 
 
@@ -1683,6 +1775,7 @@ cdef class _Persistent(_TrieBase):
         m.root = _root(self)
         m.count = self.count
         m.loader = self.loader
+        m.atomic = self.atomic
         return m
 
     def __iter__(self):
@@ -1711,7 +1804,7 @@ cdef class _Persistent(_TrieBase):
         """The structure whose header atom is at ptr; nodes load lazily on first touch."""
         cdef bint is_set = issubclass(cls, HashSet)
         ld, count, root_ptr = _read_header(ptr, io, is_set)
-        cdef _Persistent p = _new_persistent(None, count, ld, is_set)
+        cdef _Persistent p = _new_persistent(None, count, ld, is_set, False)   # contents unknown
         p.root_ptr = root_ptr
         p.header_ptr = ptr
         return p
@@ -1723,13 +1816,14 @@ cdef class _Transient(_TrieBase):
     def __cinit__(self):
         self.root = _empty()
         self.token = object()
+        self.atomic = True
 
     def __contains__(self, key):
         return _find(self.root, key, stable_hash_c(key), self.loader) is not _MISSING
 
     def finish(self):
         """An immutable snapshot; this mutation goes on with a fresh owner token."""
-        p = _new_persistent(self.root, self.count, self.loader, _is_set(self))
+        p = _new_persistent(self.root, self.count, self.loader, _is_set(self), self.atomic)
         self.token = object()
         return p
 
