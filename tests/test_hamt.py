@@ -885,3 +885,24 @@ def test_a_tracked_key_makes_a_set_mutation_track_its_nodes():
     m.add(tuple([1, "a"]))                    # a fresh tuple is tracked until a collection
     m._check()                                # nothing tracked below an untracked node
     assert tuple([1, "a"]) in m and len(m) == 3001
+
+
+def test_loaded_leaves_holding_nothing_tracked_stay_untracked_and_the_rest_is_tracked():
+    import gc
+    io = AtomIO()
+    src = {f"k{i}": b"v" for i in range(4000)}
+    src.update({f"t{i}": [i, i] for i in range(50)})     # decoded lists are tracked values
+    ptr = Map(src)._persist(io)
+    gc.collect()
+    before = _tracked_nodes()
+    loaded = Map._load(ptr, io)
+    loaded._check()                                          # loads every node, checks GC rule
+    assert dict(loaded.items()) == src
+    tracked = _tracked_nodes() - before
+    # the internal nodes and the leaves holding a list are tracked, the other leaves not
+    assert 50 <= tracked < 400
+    m = loaded.mutate()
+    m["box"] = _Box()
+    m["k1"] = b"changed"
+    m._check()
+    assert m["k1"] == b"changed" and len(m) == len(src) + 1

@@ -85,8 +85,9 @@ operations allocate are left untracked: building 100k entries then costs the col
 nothing (it halved the write path of a transaction). The first tracked key or value
 makes a mutation non-atomic and tracks its whole tree once; a persistent `set` with one
 tracks only the new path (the shared rest holds nothing tracked); a structure loaded from
-disk is never atomic and loaded nodes are always tracked. `_check()` verifies that no
-tracked key or value sits below an untracked node.
+disk is never atomic, and of its nodes only leaves holding nothing tracked are left
+untracked (loaded nodes are never edited in place). `_check()` verifies that no tracked
+key or value sits below an untracked node.
 
 Invariants (checked by `_check()`)
 ---------------------------------
@@ -873,6 +874,7 @@ cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
             _put(node, 2 * i + 1, None if values is None else values[i])
             node.hashes[i] = chash
         node.ptr = ptr
+        _settle_loaded(node, True)
         return node
     if kind != node_kind or type(kind) is not int:
         raise _corrupt(ptr, f"unexpected node kind {kind!r}")
@@ -916,9 +918,24 @@ cdef Node _load_node(_Loader ld, object ptr, int shift, uint64_t prefix):
     for i in range(nc):
         _put(node, 2 * nd + i, children[i])
     node.ptr = ptr
-    if not PyObject_GC_IsTracked(<PyObject *>node):
-        PyObject_GC_Track(<PyObject *>node)
+    _settle_loaded(node, nc == 0)
     return node
+
+
+cdef void _settle_loaded(Node node, bint leaf):
+    # Loaded nodes are never edited in place (only copied), so a leaf holding nothing
+    # tracked can stay untracked for good; any other node is tracked, whatever operation
+    # (maybe another trie's atomic one) the load happens in.
+    cdef Py_ssize_t i
+    if leaf:
+        for i in range(node.n):
+            if node.slots[i] != NULL and PyObject_GC_IsTracked(node.slots[i]):
+                leaf = False
+                break
+    if leaf:
+        PyObject_GC_UnTrack(<PyObject *>node)
+    elif not PyObject_GC_IsTracked(<PyObject *>node):
+        PyObject_GC_Track(<PyObject *>node)
 
 
 cdef inline Node _child(Node node, Py_ssize_t slot, int shift, uint64_t prefix, _Loader ld):
