@@ -269,21 +269,26 @@ def test_checkpoint_round_trip_catch_up_and_damage(tmp_path):
 
 # ------------------------------------------------------------------------------ nearest()
 
-@pytest.fixture(scope="module")
-def big():
-    """20k x 32 clustered vectors with a ``band`` field, built once for the recall tests."""
-    n, dim = 20_000, 32
-    X = clustered(11, n, dim, clusters=64)
-    band = np.random.default_rng(12).integers(0, 1000, n)
+def banded(seed, n, dim, clusters, metric):
+    """A database whose Dict "docs" holds n clustered vectors "e" and an indexed "band"
+    field in 0..999 (selectivity per mille: band < t); returns (db, vectors, bands)."""
+    X = clustered(seed, n, dim, clusters=clusters)
+    band = np.random.default_rng(seed + 1).integers(0, 1000, n)
     db = pb.open()
     with db.transaction() as tx:
         tx["docs"] = pb.Dict()
         docs = tx["docs"]
         docs.create_index("band")
-        docs.create_vector_index("e", dim=dim, metric="cosine", M=16, ef_construction=100)
+        docs.create_vector_index("e", dim=dim, metric=metric, M=16, ef_construction=100)
         for i in range(n):
             docs[i] = {"band": int(band[i]), "e": X[i].tolist()}
     return db, X, band
+
+
+@pytest.fixture(scope="module")
+def big():
+    """20k x 32 clustered vectors with a ``band`` field, built once for the recall tests."""
+    return banded(11, 20_000, 32, 64, "cosine")
 
 
 @pytest.mark.parametrize("per_mille", [1000, 300, 150, 50, 5, 1])
@@ -764,16 +769,7 @@ def test_without_hnswlib_indexes_are_refused_and_nearest_is_exact(tmp_path, chil
 @pytest.mark.slow
 def test_recall_at_ten_holds_at_a_larger_size():
     n, dim = 50_000, 64
-    X = clustered(81, n, dim, clusters=100)
-    band = np.random.default_rng(82).integers(0, 1000, n)
-    db = pb.open()
-    with db.transaction() as tx:
-        tx["docs"] = pb.Dict()
-        docs = tx["docs"]
-        docs.create_index("band")
-        docs.create_vector_index("e", dim=dim, metric="l2", ef_construction=100)
-        for i in range(n):
-            docs[i] = {"band": int(band[i]), "e": X[i].tolist()}
+    db, X, band = banded(81, n, dim, 100, "l2")
     rng = np.random.default_rng(83)
     with db.transaction(readonly=True) as tx:
         for per_mille in (1000, 300, 100, 50, 10, 5, 1):
