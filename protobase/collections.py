@@ -17,7 +17,8 @@ from collections.abc import ItemsView, KeysView, MutableMapping, MutableSequence
 import math
 from fractions import Fraction
 from functools import cmp_to_key
-from itertools import islice
+from itertools import islice, repeat
+import operator
 
 from .errors import ConflictError, ReadOnlyError, TransactionClosedError
 from . import vector
@@ -429,6 +430,9 @@ class _MapBase(_Queryable, _Collection, MutableMapping):
         return head.replace(data=m.finish())
 
 
+_WHOLE = object()   # decode_field's answer for a stored value that is not a plain dict
+
+
 class _Rows:
     """What the indexed map and the indexed list share: row ids, the set of live ids, one
     IndexMutation per index and the vector index settings, built from a CollState.
@@ -438,7 +442,7 @@ class _Rows:
     never hand out the same id and merges keep the ids they chose."""
 
     __slots__ = ("kind", "meta", "data", "ids", "indexes", "vectors", "owner", "next_rowid",
-                 "_decoded", "_spare", "_spare_end")
+                 "_row_cache", "_spare", "_spare_end")
     ROW_ID_BLOCK = 256     # ids reserved at a time for single inserts (the lock is not free)
 
     def __init__(self, cs, data_mut, owner):
@@ -447,7 +451,7 @@ class _Rows:
         self.data = data_mut
         self.owner = owner
         self.next_rowid = self.meta.get("next_rowid", 0)
-        self._decoded = None       # [(rowid, value)] while several indexes are being built
+        self._row_cache = None # (row ids, stored values) while indexes are being built
         self._spare = self._spare_end = 0
         self.vectors = dict(self.meta.get("vectors", {}))
         if self.meta.get("rowids"):
@@ -474,6 +478,27 @@ class _Rows:
         if n == 1:
             self._spare, self._spare_end = rid + 1, rid + block
         return rid
+
+    def add_index(self, field):
+        """Index ``field`` over every row, reading only that field of each stored value
+        (``Decoder.decode_fields``: no row is decoded whole unless it is not a plain dict)."""
+        parts = IndexSpec(field).parts
+        decode = self.owner._tx._decode
+        decoder = decode.__self__                    # the transaction's Decoder
+        with Index.bulk:
+            if self._row_cache is None:            # kept for the next index built
+                self._row_cache = self._row_raws()
+            rowids, raws = self._row_cache
+            values = decoder.decode_fields(raws, parts[0], FIELD_MISSING, _WHOLE)
+            if len(parts) > 1:
+                rest = parts[1:]
+                values = [v if v is _WHOLE or v is FIELD_MISSING else extract(v, rest)
+                          for v in values]
+            if any(map(operator.is_, values, repeat(_WHOLE))):
+                values = [extract(decode(raw), parts) if v is _WHOLE else v
+                          for v, raw in zip(values, raws)]
+            index = Index.from_field_values(field, rowids, values)
+        self.indexes[field] = index.mutate()
 
     def drop_index(self, field):
         del self.indexes[field]
@@ -502,7 +527,7 @@ class _Rows:
                 del meta[name]
         if not (self.indexes or self.vectors):
             del meta["rowids"]
-        self._decoded = None
+        self._row_cache = None
         return CollState(self.kind, parts, meta)
 
 
@@ -522,6 +547,8 @@ class _Indexed(_Rows):
         for rid, key in enumerate(self.data, first):
             rowid[key] = rid
             keyof[rid] = key
+        # Row ids follow the data's own order, which its values() walk repeats.
+        self._row_cache = list(range(first, first + len(keyof))), list(self.data.values())
 
     def _row_parts(self):
         return {"rowid": self.rowid.finish(), "keyof": self.keyof.finish()}
@@ -531,7 +558,7 @@ class _Indexed(_Rows):
 
     def put(self, key, raw, value, rid=None):
         """Set key to (raw, value), or delete it when raw is MISSING; indexes follow."""
-        self._decoded = None
+        self._row_cache = None
         if raw is not MISSING:
             for field, spec in self.vectors.items():   # refuse a bad vector before any change
                 _check_vector(value, field, spec)
@@ -564,12 +591,8 @@ class _Indexed(_Rows):
                 ix.update(rid, old, value)
             self.data[key] = raw
 
-    def add_index(self, field):
-        if self._decoded is None:      # decode each row once for all indexes built in a row
-            decode, rowid = self.owner._decode, self.rowid
-            with Index.bulk:
-                self._decoded = [(rowid[key], decode(raw)) for key, raw in self.data.items()]
-        self.indexes[field] = Index.build(field, self._decoded).mutate()
+    def _row_raws(self):
+        return list(map(self.rowid.__getitem__, self.data)), list(self.data.values())
 
 
 
@@ -640,7 +663,7 @@ class _IndexedList(_Rows):
 
     def insert(self, pos, raw, value, rid=None):
         """Insert (raw, value) as the row at position pos (0 <= pos <= len)."""
-        self._decoded = None
+        self._row_cache = None
         for field, spec in self.vectors.items():     # refuse a bad vector before any change
             _check_vector(value, field, spec)
         if rid is None:
@@ -660,7 +683,7 @@ class _IndexedList(_Rows):
         self.touched.add(rid)
 
     def set(self, pos, raw, value):
-        self._decoded = None
+        self._row_cache = None
         for field, spec in self.vectors.items():
             _check_vector(value, field, spec)
         rid = self.rowid_at(pos)
@@ -672,7 +695,7 @@ class _IndexedList(_Rows):
 
     def delete(self, pos):
         """Remove the row at position pos and return its raw value."""
-        self._decoded = None
+        self._row_cache = None
         rid = self.rowid_at(pos)
         raw = self.data.pop(pos)
         old = self.owner._decode(raw)
@@ -683,11 +706,8 @@ class _IndexedList(_Rows):
         self.touched.add(rid)
         return raw
 
-    def add_index(self, field):
-        if self._decoded is None:
-            decode = self.owner._decode
-            self._decoded = [(rid, decode(raw)) for rid, raw in zip(self.order.values(), self.data)]
-        self.indexes[field] = Index.build(field, self._decoded).mutate()
+    def _row_raws(self):
+        return list(self.order.values()), list(self.data)
 
     def _row_parts(self):
         return {"order": self.order.finish(), "label": self.label.finish()}

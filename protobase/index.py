@@ -27,7 +27,9 @@ the index equals one rebuilt from scratch.
 Maintenance API (called by the collection layer)
 ------------------------------------------------
 ``Index.empty(field)`` / ``Index.build(field, entries)`` where ``entries`` iterates
-``(rowid, value)`` pairs (whole entry values; the index extracts its field);
+``(rowid, value)`` pairs (whole entry values; the index extracts its field) /
+``Index.from_field_values(field, rowids, values)`` (fields already read: a collection
+reads one field of each stored row without decoding the rest);
 ``index.mutate() -> IndexMutation`` with ``insert(rowid, value)``,
 ``delete(rowid, value)``, ``update(rowid, old_value, new_value)`` and ``finish() ->
 Index``. A mutation keeps one ``IdSetMutation`` per touched posting until ``finish()``, so
@@ -145,43 +147,35 @@ class Index:
 
     @classmethod
     def build(cls, field, entries):
-        """An index over ``entries``, an iterable of ``(rowid, value)``.
-
-        Built in bulk: row ids are grouped per field value in a dict of lists (plain
-        hashable values, whose dict equality is the tree's); the groups become IdSets in
-        one C loop (``IdSet.from_groups``) and the tree is built bottom-up from the sorted
-        keys (``SortedMap.from_sorted``), all with the cyclic GC paused (nothing built
-        here is garbage). Only NaNs and other keys (dates, tuples...) and unorderable
-        values go through the per-row mutation path."""
-        with gc_paused:
-            return cls._build(IndexSpec(field), entries)
-
-    bulk = gc_paused
-    """``with Index.bulk:`` around work that feeds a build (decoding every row, numbering
-    them): it allocates only objects that survive, so the cyclic GC is paused."""
+        """An index over ``entries``, an iterable of ``(rowid, value)`` (whole values)."""
+        spec = IndexSpec(field)
+        rowids, values = [], []
+        for rowid, value in entries:
+            rowids.append(rowid)
+            values.append(spec.extract(value))
+        return cls.from_field_values(field, rowids, values)
 
     @classmethod
-    def _build(cls, spec, entries):
-        groups, odd, missing = {}, [], []
-        hashable = _HASHABLE
-        parts = spec.parts
-        part = parts[0] if len(parts) == 1 else None
-        for rowid, value in entries:
-            # IndexSpec.extract, inlined: this loop runs once per row and index.
-            if part is not None and type(value) is dict:
-                fv = value.get(part, MISSING)
-            else:
-                fv = extract(value, parts)
-            if type(fv) in hashable and fv == fv:
-                ids = groups.get(fv)
-                if ids is None:
-                    groups[fv] = [rowid]
-                else:
-                    ids.append(rowid)
-            elif fv is MISSING:
-                missing.append(rowid)
-            else:
-                odd.append((rowid, fv))
+    def from_field_values(cls, field, rowids, values):
+        """An index over rows whose field values are already extracted: two lists of
+        equal length, ``values[i]`` the field of row ``rowids[i]`` or MISSING.
+
+        Built in bulk: row ids are grouped per field value in one C pass
+        (``IdSet.group_values``: plain hashable values, whose dict equality is the
+        tree's); the groups become IdSets in one C loop (``IdSet.from_groups``) and the
+        tree is built bottom-up from the sorted keys (``SortedMap.from_sorted``), all
+        with the cyclic GC paused (nothing built here is garbage). Only NaNs, other keys
+        (dates, tuples...) and unorderable values go through the per-row mutation path."""
+        with gc_paused:
+            return cls._build(IndexSpec(field), rowids, values)
+
+    bulk = gc_paused
+    """``with Index.bulk:`` around work that feeds a build (reading every row's field,
+    numbering rows): it allocates only objects that survive, so the cyclic GC is paused."""
+
+    @classmethod
+    def _build(cls, spec, rowids, values):
+        groups, missing, odd = IdSet.group_values(rowids, values, MISSING)
         keys = _btree_sorted(groups)
         postings = IdSet.from_groups([groups[key] for key in keys])
         try:

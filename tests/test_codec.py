@@ -973,3 +973,56 @@ def test_fuzzed_bytes_only_ever_raise_decode_error():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_fuzzed_bytes_only_ever_raise_decode_error_long_run():
     _fuzz(500_000, seed=7)
+
+
+# ----------------------------------------------------------------------------- one field
+
+_NAMES = st.sampled_from(["a", "b", "value", "é", "x" * 40])
+_MISSING, _OTHER = object(), object()
+
+
+@settings(derandomize=True, max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.dictionaries(st.one_of(_NAMES, HASHABLE), VALUES, max_size=6), _NAMES)
+def test_decode_field_reads_one_entry_of_a_dict_as_a_whole_decode_would(d, name):
+    dec = codec.Decoder()
+    got = dec.decode_field(codec.dumps(d), name, _MISSING, _OTHER)
+    want = d.get(name, _MISSING)
+    assert got is _MISSING if want is _MISSING else same(got, want)
+
+
+@settings(derandomize=True, max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(VALUES.filter(lambda v: type(v) is not dict))
+def test_decode_field_answers_other_for_anything_but_a_plain_dict(value):
+    assert codec.Decoder().decode_field(codec.dumps(value), "a", _MISSING, _OTHER) is _OTHER
+
+
+def test_decode_field_resolves_refs_with_its_decoder_and_skips_the_rest_unresolved():
+    handles = {3: Handle(3), 4: Handle(4)}
+    data = codec.dumps({"skip": [handles[4], {"deep": 2}], "a": [handles[3]]},
+                       ref_hook=lambda o: o.cid if type(o) is Handle else None)
+    resolved = []
+    dec = codec.Decoder(ref_resolver=lambda cid: resolved.append(cid) or handles[cid])
+    got = dec.decode_field(data, "a", _MISSING, _OTHER)
+    assert got == [handles[3]] and got[0] is handles[3] and resolved == [3]
+    with pytest.raises(DecodeError, match="ref_resolver"):
+        codec.Decoder().decode_field(data, "a", _MISSING, _OTHER)
+    assert codec.Decoder().decode_field(codec.dumps({"\udc80": 1}), "\udc80", _MISSING, _OTHER) \
+        is _OTHER     # a lone surrogate key: the caller decodes the whole value
+
+
+@settings(derandomize=True, max_examples=200, deadline=None)
+@given(st.data())
+def test_decode_field_on_damaged_bytes_raises_decode_error_or_answers(data):
+    value = {"pre": [1, 2.5, "s" * 40, {"n": None}], "a": "target", "post": b"x" * 300}
+    raw = bytearray(codec.dumps(value))
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    if data.draw(st.booleans()):
+        raw = raw[:cut]
+    else:
+        raw[cut] = data.draw(st.integers(0, 255))
+    try:
+        codec.Decoder().decode_field(bytes(raw), "a", _MISSING, _OTHER)
+    except DecodeError:
+        pass

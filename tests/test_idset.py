@@ -620,3 +620,48 @@ def test_from_bytes_takes_any_buffer_and_checks_it_the_same_way():
             IdSet.from_bytes(buf)
     with pytest.raises(DecodeError):
         IdSet.from_bytes(b"")
+
+
+
+# ---------------------------------------------------------------------------------------
+# group_values: an index build's grouping pass, against the same grouping in Python
+
+_FIELD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, width=16),
+    st.sampled_from(["a", "b", ""]), st.sampled_from([b"a", b"b"]),
+    st.tuples(st.integers(0, 2)), st.lists(st.integers(0, 2), max_size=2),
+    st.just("MISSING"))
+
+
+def _group_in_python(rowids, values, missing):
+    plain = (type(None), bool, int, float, str, bytes)
+    groups, absent, odd = {}, [], []
+    for rowid, value in zip(rowids, values):
+        if type(value) in plain and value == value:
+            groups.setdefault(value, []).append(rowid)
+        elif value is missing:
+            absent.append(rowid)
+        else:
+            odd.append((rowid, value))
+    return groups, absent, odd
+
+
+@SETTINGS
+@given(st.lists(_FIELD_VALUES, max_size=40))
+def test_group_values_matches_a_python_grouping(drawn):
+    missing = object()
+    values = [missing if v == "MISSING" else v for v in drawn]
+    rowids = list(range(7, 7 + len(values)))
+    got = IdSet.group_values(rowids, values, missing)
+    want = _group_in_python(rowids, values, missing)
+    # Same keys by dict equality (1 == 1.0 == True share a group), same ids in order.
+    assert list(got[0].items()) == list(want[0].items())
+    assert [type(k) for k in got[0]] == [type(k) for k in want[0]]
+    assert got[1:] == want[1:]   # a NaN is the same object on both sides
+
+
+def test_group_values_refuses_lists_of_different_lengths_and_non_lists():
+    with pytest.raises(ValueError):
+        IdSet.group_values([1, 2], [None], object())
+    with pytest.raises(TypeError):
+        IdSet.group_values((1,), [None], object())

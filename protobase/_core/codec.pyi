@@ -41,6 +41,13 @@ class Decoder:
     def decode(self, data: Buffer, /) -> Any:
         """The same value and errors as loads(data) with this decoder's hooks."""
 
+    def decode_field(self, data: Buffer, name: str, missing: Any, other: Any, /) -> Any:
+        """decode(data).get(name, missing) for a plain dict, building only that entry;
+        `other` when data encodes anything else."""
+
+    def decode_fields(self, datas: list[Buffer], name: str, missing: Any, other: Any, /) -> list[Any]:
+        """[decode_field(d, name, missing, other) for d in datas], in one C loop."""
+
 def dumps_key(key: Any) -> bytes:
     """Canonical bytes of a key: equal keys (as in a dict) give identical bytes. Non-key types
     raise SerializationError (a TypeError)."""

@@ -68,6 +68,11 @@ all ``DecodeError``; any other failure while building a value from forged fields
 invalid date, an unhashable key) is converted to ``DecodeError`` too. Exceptions raised by
 the caller's own hooks (``ref_resolver``, ``ext_hook``) pass through unchanged.
 
+``Decoder.decode_field(data, name, ...)`` reads one entry of an encoded plain dict: it walks
+the map's keys, skipping every other value by its header (``_skip`` checks the same bounds
+and nesting limit as ``_dec`` but builds nothing), and decodes only the value under
+``name``. An index build reads one field of every row this way.
+
 Two small caches make repeated shapes cheap: short ASCII map keys are looked up in a
 direct-mapped table of 1024 interned-like ``str`` objects (hit verified by memcmp, so a
 collision only costs a miss), and a class name equal to the last class decoded is matched
@@ -1586,6 +1591,15 @@ cdef object _dec_of(_Decoder d, int depth, type t, str what):
     return x
 
 
+cdef int _dec_ints(_Decoder d, int depth, int n, str what, int *out) except -1:
+    # The int fields of a date/time/datetime as C ints: one out of C range raises
+    # OverflowError, as the Python constructors would.
+    cdef int i
+    for i in range(n):
+        out[i] = _dec_of(d, depth, int, what)
+    return 0
+
+
 cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
     cdef int code = <signed char>_rd(d, 1)
     _need(d, n)
@@ -1594,6 +1608,7 @@ cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
     cdef Py_ssize_t i, m
     cdef uint64_t bits
     cdef double re, im
+    cdef int fi[8]
     # Raw big ints and surrogate strs are leaves to the encoder: no level of their own.
     if depth >= DEPTH_LIMIT and code != EXT_BIGINT and code != EXT_SURROGATE_STR:
         _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
@@ -1638,18 +1653,18 @@ cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
         out = _Decimal(text)
     elif code == EXT_DATETIME:
         _fields(d, 9, 9, "datetime")
-        f = [_dec_of(d, depth + 1, int, "a datetime field") for i in range(8)]
+        _dec_ints(d, depth + 1, 8, "a datetime field", fi)
         tz = _dec_tz(d, depth)
-        out = _dt.datetime(f[0], f[1], f[2], f[3], f[4], f[5], f[6], tz, fold=f[7])
+        out = cdt.datetime_new(fi[0], fi[1], fi[2], fi[3], fi[4], fi[5], fi[6], tz, fi[7])
     elif code == EXT_DATE:
         _fields(d, 3, 3, "date")
-        f = [_dec_of(d, depth + 1, int, "a date field") for i in range(3)]
-        out = _dt.date(f[0], f[1], f[2])
+        _dec_ints(d, depth + 1, 3, "a date field", fi)
+        out = cdt.date_new(fi[0], fi[1], fi[2])
     elif code == EXT_TIME:
         _fields(d, 6, 6, "time")
-        f = [_dec_of(d, depth + 1, int, "a time field") for i in range(5)]
+        _dec_ints(d, depth + 1, 5, "a time field", fi)
         tz = _dec_tz(d, depth)
-        out = _dt.time(f[0], f[1], f[2], f[3], tz, fold=f[4])
+        out = cdt.time_new(fi[0], fi[1], fi[2], fi[3], tz, fi[4])
     elif code == EXT_TIMEDELTA:
         _fields(d, 3, 3, "timedelta")
         f = [_dec_of(d, depth + 1, int, "a timedelta field") for i in range(3)]
@@ -1826,7 +1841,103 @@ cdef object _dec_numpy(_Decoder d, int code, int depth):
 cdef _Decoder _spare_decoder = None
 
 
-cdef object _decode(object data, object ref_resolver, object ext_hook, bint strict):
+# ---------------------------------------------------------------------------------------
+# One field of a map, the rest skipped (index builds read one field of every row)
+
+cdef Py_ssize_t _str_header(_Decoder d) except -2:
+    """The length of the str whose header starts at d.pos, moving past the header; -1
+    (nothing moved) when the next value is not a plain str."""
+    cdef uint8_t b = d.buf[d.pos]
+    if 0xa0 <= b <= 0xbf:
+        d.pos += 1
+        return b & 0x1f
+    if b == 0xd9 or b == 0xda or b == 0xdb:
+        d.pos += 1
+        return <Py_ssize_t>_rd(d, 1 << (b - 0xd9))
+    return -1
+
+
+cdef int _skip(_Decoder d, int depth) except -1:
+    """Move past one value without building it; bounds are checked as _dec checks them."""
+    cdef uint8_t b
+    cdef Py_ssize_t n, i, items = 0
+    if depth >= DEPTH_LIMIT:
+        _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
+    _need(d, 1)
+    b = d.buf[d.pos]
+    d.pos += 1
+    if b < 0x80 or b >= 0xe0 or b == 0xc0 or b == 0xc2 or b == 0xc3:
+        return 0
+    if 0xa0 <= b <= 0xbf:
+        n = b & 0x1f
+    elif 0x80 <= b <= 0x8f:
+        n, items = 0, 2 * (b & 0x0f)
+    elif 0x90 <= b <= 0x9f:
+        n, items = 0, b & 0x0f
+    elif b == 0xcc or b == 0xd0:
+        n = 1
+    elif b == 0xcd or b == 0xd1:
+        n = 2
+    elif b == 0xca or b == 0xce or b == 0xd2:
+        n = 4
+    elif b == 0xcb or b == 0xcf or b == 0xd3:
+        n = 8
+    elif b == 0xd9 or b == 0xc4:
+        n = <Py_ssize_t>_rd(d, 1)
+    elif b == 0xda or b == 0xc5:
+        n = <Py_ssize_t>_rd(d, 2)
+    elif b == 0xdb or b == 0xc6:
+        n = <Py_ssize_t>_rd(d, 4)
+    elif b == 0xdc or b == 0xdd:
+        n, items = 0, <Py_ssize_t>_rd(d, 2 if b == 0xdc else 4)
+    elif b == 0xde or b == 0xdf:
+        n, items = 0, 2 * <Py_ssize_t>_rd(d, 2 if b == 0xde else 4)
+    elif 0xd4 <= b <= 0xd8:
+        n = 1 + (1 << (b - 0xd4))              # the type byte, then the payload
+    elif b == 0xc7 or b == 0xc8 or b == 0xc9:
+        n = 1 + <Py_ssize_t>_rd(d, 1 << (b - 0xc7))
+    else:
+        d.pos -= 1
+        return _fail(d, f"invalid type byte 0x{b:02x}")
+    _need(d, n + items)                        # every item takes at least one byte
+    d.pos += n
+    for i in range(items):
+        _skip(d, depth + 1)
+    return 0
+
+
+cdef object _dec_field(_Decoder d, bytes name, object missing, object other):
+    # The value under the str key `name` (UTF-8) of the map at d.pos, `missing` when the
+    # map has no such key, `other` when the value is not a map at all.
+    cdef Py_ssize_t n, i, k, want = PyBytes_GET_SIZE(name)
+    _need(d, 1)
+    cdef uint8_t b = d.buf[d.pos]
+    if 0x80 <= b <= 0x8f:
+        d.pos += 1
+        n = b & 0x0f
+    elif b == 0xde or b == 0xdf:
+        d.pos += 1
+        n = <Py_ssize_t>_rd(d, 2 if b == 0xde else 4)
+    else:
+        return other
+    _need(d, 2 * n)
+    for i in range(n):
+        _need(d, 1)
+        k = _str_header(d)
+        if k < 0:
+            _skip(d, 1)
+        else:
+            _need(d, k)
+            if k == want and memcmp(d.buf + d.pos, PyBytes_AS_STRING(name), k) == 0:
+                d.pos += k
+                return _dec(d, 1)
+            d.pos += k
+        _skip(d, 1)
+    return missing
+
+
+cdef object _decode(object data, object ref_resolver, object ext_hook, bint strict,
+                    bytes field=None, object missing=None, object other=None):
     global _spare_decoder
     cdef _Decoder d = _spare_decoder
     cdef Py_buffer view
@@ -1849,6 +1960,8 @@ cdef object _decode(object data, object ref_resolver, object ext_hook, bint stri
     d.ext_hook = ext_hook
     d.strict = strict
     try:
+        if field is not None:
+            return _dec_field(d, field, missing, other)
         out = _dec(d, 0)
         if d.pos != d.end:
             _fail(d, f"{d.end - d.pos} trailing bytes after the value")
@@ -1895,3 +2008,26 @@ cdef class Decoder:
     def decode(self, data):
         """Decode `data` exactly as loads() with this decoder's hooks does."""
         return _decode(data, self.ref_resolver, self.ext_hook, self.strict)
+
+    def decode_field(self, data, str name, missing, other):
+        """``decode(data).get(name, missing)`` for `data` encoding a plain dict, building
+        only that one entry's value (the others are skipped, not checked in full);
+        `other` when `data` encodes anything but a plain dict (decode it whole then)."""
+        try:
+            key = name.encode("utf-8")
+        except UnicodeEncodeError:     # a lone surrogate: such keys are stored apart
+            return other
+        return _decode(data, self.ref_resolver, self.ext_hook, self.strict, key, missing,
+                       other)
+
+    def decode_fields(self, list datas, str name, missing, other):
+        """``[decode_field(d, name, missing, other) for d in datas]`` in one C loop."""
+        cdef list out = []
+        try:
+            key = name.encode("utf-8")
+        except UnicodeEncodeError:
+            return [other] * len(datas)
+        for data in datas:
+            out.append(_decode(data, self.ref_resolver, self.ext_hook, self.strict, key,
+                               missing, other))
+        return out
