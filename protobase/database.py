@@ -31,6 +31,14 @@ from .transaction import Transaction
 
 __all__ = ["open", "Database"]
 
+_LIVE_PRUNE = 1024   # open-transaction table size that triggers a sweep of dropped ones
+_weakref = weakref.ref
+_allocate_lock = threading.Lock
+# Above this many writes a commit is written with the cyclic collector paused (State.persist).
+_BULK_WRITES = 256
+_GATHER_MAX = 0.002  # seconds a full-mode group waits at most for more commits (_gather)
+_GATHER_RECENT = 0.05  # ... for written transactions opened at most this long ago
+
 
 def _file_id(store):
     """(device, inode) of the file a store's path names now; None without a real file."""
@@ -45,6 +53,55 @@ def _file_id(store):
 
 def _no_ref(cid):
     return None          # vector extraction never follows references to other collections
+
+
+def _is_bulk(dirty, new):
+    """Does a commit with these written handles count as bulk (State.persist)?"""
+    n = 0
+    for h in dirty:
+        n += len(h._writes)
+    for h in new:
+        n += len(h._writes)
+    return n > _BULK_WRITES
+
+
+class _Waiter:
+    """A committed state queued for the persister (commit combining, Database._hand_over)."""
+
+    __slots__ = ("state", "base", "rollbacks", "bulk", "lead", "fut", "handed", "error", "_gate")
+
+    def __init__(self, state, base, rollbacks, bulk):
+        self.state = state           # the state this transaction's commit built
+        self.base = base             # the state it was built on
+        self.rollbacks = rollbacks   # storage rollback count when it was built
+        self.bulk = bulk
+        self.lead = False            # holds the persister role
+        self.fut = None              # the storage commit that holds the state...
+        self.handed = None           # ... and that commit's state (the newest of its group)
+        self.error = None
+        self._gate = None
+
+    def hold(self):
+        """Caller holds the commit lock: this committer will wait (see wait)."""
+        self._gate = _allocate_lock()
+        self._gate.acquire()
+
+    def wait(self):
+        gate = self._gate
+        if gate is not None:         # None: settled already
+            gate.acquire()
+
+    def settle(self, fut, error):
+        """Caller holds the commit lock: handed over (fut), failed (error), or made the
+        persister (neither)."""
+        if fut is not None:
+            self.fut = fut
+        if error is not None:
+            self.error = error
+        gate = self._gate
+        if gate is not None:
+            self._gate = None
+            gate.release()
 
 
 def _sync_directory(path):
@@ -98,13 +155,23 @@ class Database:
         self._readonly = readonly
         self._closed = False
         self._commit_lock = threading.Lock()
+        self._arrived = threading.Condition(self._commit_lock)   # a commit was queued
+        self._waiting = []           # _Waiter: built states not yet handed to storage
+        self._persister = False      # a committer holds the persister role
+        self._gathering = False      # ... and waits in _gather for more commits
+        self._full = durability == "full"
+        self._fsync_ewma = 0.0       # recent write+fsync time of a group (full mode)
         self._publish_lock = threading.Lock()
         self._id_lock = threading.Lock()
         self._last_future = None
         self._row_ids = {}           # coll id -> next row id to hand out
         self._vectors = {}           # (coll id, field) -> vector.HnswIndex, loaded on first use
         self._retired = []           # (store replaced by compaction, transactions still reading it)
-        self._live = weakref.WeakSet()   # open transactions, to know when a retired store is free
+        # Open transactions (id -> weak reference), to know when a retired store is free.
+        # A transaction removes itself when it ends (Transaction._close); entries of
+        # transactions dropped without ending are pruned now and then (transaction()).
+        self._live = {}
+        self._live_prune_at = _LIVE_PRUNE
         self._live_lock = threading.Lock()
         self._compacting = threading.Lock()
         self._file_id = _file_id(store)
@@ -130,21 +197,30 @@ class Database:
             return None
         return State.load(root_ptr, self._io)
 
-    def _write_state(self, state):
+    def _write_state(self, state, bulk=True, rollbacks=None, carries=1):
         """Hand a state to storage; returns its durability future (storage.CommitFuture).
         Caller holds the commit lock (or is the constructor) and publishes the state once
-        the future succeeds (_publish)."""
-        c = self._store.begin_commit()
+        the future succeeds (_publish). ``bulk``: see State.persist. ``rollbacks``: the
+        storage rollback count the state was built under; if storage has rolled back
+        since (checked once the commit is begun, so a rollback after that fails the
+        commit at finish instead), the state may stand on lost commits and is not
+        written (StorageError). ``carries``: how many transactions the state holds."""
+        store = self._store
+        c = store.begin_commit()
         io = self._io
         io.commit = c
         try:
-            root_ptr = state.persist(io)
+            root_ptr = state.persist(io, bulk)
+            if rollbacks is not None and store.rollbacks != rollbacks:
+                raise StorageError(5, "the commit was not written: an earlier write or fsync "
+                                      "failed while it was being built; the database is "
+                                      "back at its last durable commit, retry")
         except BaseException:
             c.abort()
             raise
         finally:
             io.commit = None
-        return c.finish(root_ptr)
+        return c.finish(root_ptr, carries)
 
     def _publish(self, state, rollbacks):
         """A durable state becomes the head new transactions start from (never an older
@@ -302,14 +378,28 @@ class Database:
             tx = Transaction(self, self._head, readonly=readonly, isolation=isolation)
             if self._retired:
                 self._release_retired()
-            self._live.add(tx)
+            live = self._live
+            live[id(tx)] = _weakref(tx)
+            if len(live) >= self._live_prune_at:
+                self._prune_live()
         return tx
+
+    def _prune_live(self):
+        """Forget transactions that were dropped without ending (caller holds _live_lock)."""
+        live = self._live
+        for key in [k for k, r in live.items() if r() is None]:
+            del live[key]
+        self._live_prune_at = max(_LIVE_PRUNE, 2 * len(live))
+
+    def _open_transactions(self):
+        """The transactions open now (caller holds _live_lock)."""
+        return [t for t in (r() for r in self._live.values()) if t is not None and not t._closed]
 
     def _retire(self, store):
         """A store no longer named by the path: keep it for the transactions that may still
         read through it, close it once they have all ended."""
         with self._live_lock:
-            self._retired.append((store, weakref.WeakSet(t for t in self._live if not t._closed)))
+            self._retired.append((store, weakref.WeakSet(self._open_transactions())))
             self._release_retired()
 
     def _release_retired(self):
@@ -334,10 +424,10 @@ class Database:
         if self._readonly:
             raise ReadOnlyError("the database was opened read-only")
         with self._commit_lock:
-            last = self._last_future
-            if last is not None and last.done() and last.exception() is not None:
-                self._pending = self._head          # never build on a commit that failed
-            if self._store is not None:
+            store = self._store
+            if store is not None and store.rollbacks != self._rollbacks_seen:
+                # A failed write or fsync always rolls storage back: then nothing is built
+                # on the commits that failed (or on anything queued after them).
                 self._catch_up_rollback()
             rollbacks = self._rollbacks_seen
             base = self._pending
@@ -362,8 +452,157 @@ class Database:
                 self._head = self._pending = state
                 self._commits += 1
                 return
-            fut = self._last_future = self._write_state(state)
+            bulk = _is_bulk(dirty, new)
+            if self._full:
+                w = _Waiter(state, base, rollbacks, bulk)
+                self._waiting.append(w)
+                if self._persister:
+                    w.hold()
+                    if self._gathering:
+                        self._arrived.notify()
+                else:
+                    self._persister = w.lead = True
+            else:
+                # "normal"/"none": finish() writes at once on this thread, so there is no
+                # wait for others to share: each transaction is its own storage commit.
+                w = None
+                fut = self._last_future = self._write_state(state, bulk, rollbacks)
             self._pending = state
+        if w is None:
+            self._await_commit(fut, state, rollbacks)
+            self._commits += 1
+            return
+        try:
+            if not w.lead:
+                try:
+                    w.wait()         # until a persister hands it over, or makes us persister
+                except BaseException:
+                    with self._commit_lock:    # interrupted: leave nothing queued behind
+                        if not w.lead and w.fut is None and w.error is None:
+                            self._flush_waiting()
+                    raise
+            if w.fut is None and w.error is None:
+                with self._commit_lock:
+                    self._hand_over()
+            self._await(w)
+        finally:
+            if w.lead:
+                self._pass_role()
+        self._commits += 1
+
+    # -- commit combining ("full" mode): one storage commit for the transactions that
+    # commit together.
+    #
+    # A commit builds its new state under the commit lock, as above, and queues it
+    # (_waiting). One committer at a time holds the persister role: it writes the newest
+    # queued state, which holds every queued one (each was built on the one before), as
+    # a single storage commit, and every queued transaction waits on that commit's
+    # future. The persister waits for its fsync before passing the role on, so the
+    # commits that arrive meanwhile are written together next: persisting and writing
+    # cost once per group instead of once per transaction. Alone, a committer is its own
+    # persister and writes at once, as without combining.
+
+    def _hand_over(self, gather=True):
+        """Caller holds the commit lock (and the persister role, or is flushing). Write the
+        queued states as one storage commit and give each waiter its future (or its
+        error). In "full" mode, first wait a little for committers known to be on their
+        way (_gather)."""
+        if gather and self._full and self._waiting:
+            self._gather()
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            return
+        current = self._rollbacks()
+        if batch[0].rollbacks != current:
+            # Storage rolled back after these states were built: the oldest may stand on
+            # commits that are gone (the newer ones were rebuilt from storage's head).
+            stale = [w for w in batch if w.rollbacks != current]
+            batch = batch[len(stale):]
+            err = StorageError(5, "the commit was not written: an earlier write or fsync "
+                                  "failed while it waited; the database is back at its last "
+                                  "durable commit, retry")
+            for w in stale:
+                w.settle(None, err)
+            if not batch:
+                return
+        last = batch[-1]
+        bulk = False
+        for w in batch:
+            bulk = bulk or w.bulk
+        try:
+            fut = self._write_state(last.state, bulk, last.rollbacks, len(batch))
+        except BaseException as exc:
+            self._pending = batch[0].base        # no state of the batch was written
+            for w in batch:
+                w.settle(None, exc)
+            if self._rollbacks() != last.rollbacks:
+                self._catch_up_rollback()
+            return
+        self._last_future = fut
+        for w in batch:
+            w.handed = last.state
+            w.settle(fut, None)
+
+    def _gather(self):
+        """Caller holds the commit lock. Full mode: before a group is written, wait (at most
+        half the recent write+fsync time, and _GATHER_MAX) until every open transaction
+        that is about to commit has queued its commit. Without this, the committers
+        split into two halves taking turns around each fsync; with it, one fsync serves
+        them all, and the commits of a group are persisted once.
+
+        "About to commit": not read-only, and either written to within _GATHER_RECENT of
+        its start, or younger than the wait itself (a committer that just got its
+        acknowledgement is back within microseconds). A transaction that reads for long
+        without writing is not waited for."""
+        limit = min(self._fsync_ewma * 0.5, _GATHER_MAX)
+        if limit <= 0:
+            return
+        want = 0
+        now = time.monotonic()
+        for r in list(self._live.values()):
+            t = r()
+            if t is None or t._closed or t._readonly:
+                continue
+            age = now - t._started
+            if age < limit or ((t._dirty or t._new) and age < _GATHER_RECENT):
+                want += 1
+        if len(self._waiting) >= want:
+            return
+        deadline = now + limit
+        self._gathering = True
+        try:
+            while len(self._waiting) < want:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._arrived.wait(left):
+                    break
+        finally:
+            self._gathering = False
+
+    def _pass_role(self):
+        """The persister's commit is settled: the next queued committer takes the role
+        (it writes what queued meanwhile), or nobody holds it."""
+        with self._commit_lock:
+            if self._waiting:
+                nxt = self._waiting[0]
+                nxt.lead = True
+                nxt.settle(None, None)
+            else:
+                self._persister = False
+
+    def _await(self, w):
+        """Full mode: wait until w's storage commit is durable; publish it."""
+        if w.error is not None:
+            raise w.error
+        if not w.lead:
+            self._await_commit(w.fut, w.handed, w.rollbacks)
+            return
+        t0 = time.perf_counter()
+        self._await_commit(w.fut, w.handed, w.rollbacks)
+        self._fsync_ewma += (time.perf_counter() - t0 - self._fsync_ewma) * 0.25
+
+    def _await_commit(self, fut, state, rollbacks):
+        """Wait until the storage commit of ``state`` is as durable as the mode promises;
+        publish the state."""
         try:
             fut.result()
         except StorageError:
@@ -377,7 +616,6 @@ class Database:
         if not self._publish(state, rollbacks):
             with self._commit_lock:
                 self._catch_up_rollback()
-        self._commits += 1
 
     @staticmethod
     def _merged_colls(tx, base):
@@ -431,13 +669,30 @@ class Database:
     # -- maintenance -------------------------------------------------------------------
 
     def _wait_pending(self):
-        """Caller holds the commit lock: wait until every handed-over commit is settled."""
+        """Caller holds the commit lock: hand over every queued state, then wait until
+        every handed-over commit is settled."""
+        if self._waiting:
+            self._flush_waiting()
         last = self._last_future
         if last is not None:
             try:
                 last.result()
             except StorageError:
                 self._pending = self._head
+
+    def _settle_pending(self):
+        """Caller holds the commit lock: every handed-over commit is settled and the pending
+        state is one storage holds. After a failed write the published head can lag behind
+        commits that did become durable (their committers have not published yet), so the
+        state is reloaded from storage rather than taken from the head."""
+        self._wait_pending()
+        if self._store is not None:
+            self._catch_up_rollback()
+
+    def _flush_waiting(self):
+        """Caller holds the commit lock: write the queued states now, whoever holds the
+        role (compaction, close and rollback recovery leave none behind)."""
+        self._hand_over(gather=False)
 
     def _write_copy(self, store, state, changed=None):
         """Write a fresh copy of `state` (or only its `changed` collections on top of what
@@ -493,11 +748,11 @@ class Database:
                 raise
             try:
                 with self._commit_lock:
-                    self._wait_pending()
+                    self._settle_pending()
                     first = self._pending
                 copy = self._write_copy(new, first)          # the long part: commits go on
                 with self._commit_lock:
-                    self._wait_pending()
+                    self._settle_pending()
                     last = self._pending
                     if last is not first:
                         changed = [cid for cid, cs in last.colls.items()
@@ -599,6 +854,8 @@ class Database:
             return
         with self._commit_lock:
             self._closed = True
+            if self._waiting:
+                self._flush_waiting()        # queued commits are written before the file closes
             for (cid, field), ix in self._vectors.items():
                 path = self._vector_path(cid, {"field": field})
                 if path is not None and not self._readonly:

@@ -103,7 +103,7 @@ class CollState:
 
     Frozen once created; parts stored on disk load on first use."""
 
-    __slots__ = ("kind", "meta", "_parts", "_ptrs", "_io")
+    __slots__ = ("kind", "meta", "_parts", "_ptrs", "_io", "_enc")
 
     def __init__(self, kind, parts, meta=None):
         self.kind = kind
@@ -111,6 +111,7 @@ class CollState:
         self._parts = dict(parts)
         self._ptrs = {}
         self._io = None
+        self._enc = None     # the encoded descriptor, once every part is stored
 
     @classmethod
     def new(cls, kind):
@@ -134,14 +135,25 @@ class CollState:
         return set(self._parts) | set(self._ptrs)
 
     def replace(self, meta=None, **parts):
-        """A new CollState with some parts replaced (a part set to None is removed)."""
-        merged = {n: self.part(n) for n in self.part_names()}
+        """A new CollState with some parts replaced (a part set to None is removed).
+
+        Parts not named keep what this one has: loaded structures stay loaded, stored
+        ones keep their pointers (nothing is loaded or written again for them)."""
+        new = CollState.__new__(CollState)
+        new.kind = self.kind
+        new.meta = self.meta if meta is None else (meta or {})
+        kept, ptrs = dict(self._parts), dict(self._ptrs)
         for n, s in parts.items():
+            ptrs.pop(n, None)
             if s is None:
-                merged.pop(n, None)
+                kept.pop(n, None)
             else:
-                merged[n] = s
-        return CollState(self.kind, merged, self.meta if meta is None else meta)
+                kept[n] = s
+        new._parts = kept
+        new._ptrs = ptrs
+        new._io = self._io
+        new._enc = None
+        return new
 
     # -- persistence ---------------------------------------------------------------
 
@@ -151,8 +163,19 @@ class CollState:
                 self._ptrs[name] = _persist_part(s, io)
         return [self.kind, self.meta, self._ptrs]
 
+    def _encoded(self, io):
+        """The descriptor's bytes. Every commit rewrites the node of the collections table
+        that holds its collection, with the descriptors of its untouched neighbours: those
+        are encoded once, when their parts were first stored, and reused from then on."""
+        enc = self._enc
+        if enc is None:
+            enc = self._enc = codec.dumps(self._descriptor(io))
+        return enc
+
     @classmethod
-    def _from_descriptor(cls, desc, io):
+    def _from_descriptor(cls, data, io):
+        """The CollState stored as ``data`` (its descriptor's bytes)."""
+        desc = codec.loads(data)
         try:
             kind, meta, ptrs = desc
             if kind not in _EMPTY or not isinstance(meta, dict) or not isinstance(ptrs, dict):
@@ -162,6 +185,7 @@ class CollState:
         except (TypeError, ValueError, IndexError) as exc:
             raise CorruptionError(f"damaged collection descriptor: {desc!r:.80}") from exc
         cs._io = io
+        cs._enc = data
         return cs
 
 
@@ -181,8 +205,14 @@ class State:
         """An empty database: just the root Dict, collection 0."""
         return cls(hamt.Map({0: CollState.new("dict")}), 1)
 
-    def persist(self, io):
-        with gc_paused:
+    def persist(self, io, bulk=True):
+        """Write every node not stored yet and the state header; returns the header's
+        pointer. ``bulk``: pause the cyclic collector meanwhile (see _GCPause); a small
+        commit allocates too little to set it off, so there the pause is pure cost."""
+        if bulk:
+            with gc_paused:
+                colls_ptr = self.colls._persist(io)
+        else:
             colls_ptr = self.colls._persist(io)
         self.ptr = io.write_atom(io.encode([FORMAT, colls_ptr, self.next_coll_id, self.seq]))
         return self.ptr
@@ -254,15 +284,16 @@ class StoreIO:
     def _default(self, obj):
         if type(obj) is _IdSet:        # one per posting of an index leaf: the common case
             return EXT_IDSET, obj.to_bytes()
-        if type(obj) is CollState:
-            return EXT_COLLSTATE, codec.dumps(obj._descriptor(self))
+        if type(obj) is CollState:     # every collection in a rewritten table node
+            enc = obj._enc
+            return EXT_COLLSTATE, enc if enc is not None else obj._encoded(self)
         return None
 
     def _ext_hook(self, code, data):
         if code == EXT_IDSET:          # dozens per index leaf: the common case first
             return _idset_from_bytes(data)
         if code == EXT_COLLSTATE:
-            return CollState._from_descriptor(codec.loads(data), self)
+            return CollState._from_descriptor(data, self)
         raise CorruptionError(f"unknown extension type {code} in a stored node")
 
 

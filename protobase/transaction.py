@@ -10,6 +10,7 @@ Isolation: "snapshot" (default) checks write sets only; "serializable" also reco
 every key read (and whole-collection reads: iteration, len, queries) and fails the commit
 when a concurrent commit changed any of them, which rules out write skew.
 """
+from time import monotonic as _monotonic
 from types import MappingProxyType
 
 from .collections import Dict, List, Set, SortedDict, _Collection
@@ -30,7 +31,8 @@ class Transaction:
     commit()/abort() yourself."""
 
     __slots__ = ("_db", "_snapshot", "_readonly", "_serializable", "_closed", "_handles",
-                 "_dirty", "_new", "_hook", "_resolver", "_encode", "_decode", "__weakref__")
+                 "_dirty", "_new", "_hook", "_resolver", "_encode", "_decode", "_started",
+                 "__weakref__")
 
     def __init__(self, db, snapshot, readonly=False, isolation="snapshot"):
         if isolation not in ISOLATION_LEVELS:
@@ -40,6 +42,7 @@ class Transaction:
         self._readonly = bool(readonly)
         self._serializable = isolation == "serializable"
         self._closed = False
+        self._started = _monotonic()   # a full-mode commit group waits for young ones only
         self._handles = {}    # coll id -> handle (also the working copy)
         self._dirty = []      # handles written in this transaction, in first-write order
         self._new = []        # handles of collections created in this transaction
@@ -92,7 +95,8 @@ class Transaction:
                                          "start a new one with db.transaction()")
 
     def _handle(self, cid):
-        self._check_open()
+        if self._closed:
+            self._check_open()
         h = self._handles.get(cid)
         if h is None:
             cs = self._snapshot.colls.get(cid)
@@ -147,6 +151,7 @@ class Transaction:
         # cycles keep each transaction, its snapshot and its handles alive until the cyclic
         # collector runs, and with small commits that collector becomes the main cost.
         self._closed = True
+        self._db._live.pop(id(self), None)
         self._handles = _NO_HANDLES
         self._dirty = self._new = ()
         self._hook = self._resolver = self._encode = self._decode = self._ended

@@ -9,6 +9,7 @@ commits that were rolled back.
 """
 import errno
 import gc
+import random
 import threading
 import time
 import weakref
@@ -174,6 +175,78 @@ def test_full_mode_committers_share_fsyncs_and_lose_nothing(tmp_path):
         with db.transaction(readonly=True) as tx:
             assert dict(tx["c"]) == {(t, i): i for t in range(threads) for i in range(per_thread)}
         assert db.check().problems == []
+
+
+class _SlowFaultyLayer(FaultInjector):
+    """A FaultInjector whose fsyncs also take a few milliseconds (commits pile up)."""
+
+    def __call__(self, path, *, readonly=False):
+        f = super().__call__(path, readonly=readonly)
+        inner_sync = f.sync
+
+        def slow_sync():
+            time.sleep(0.003)
+            inner_sync()
+        f.sync = slow_sync
+        return f
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_combined_commits_survive_failing_fsyncs_and_lose_nothing_acknowledged(tmp_path, seed):
+    """Full mode, 6 committers: commits that arrive together are written as one storage
+    commit. An fsync fails part way: every transaction of the failed group (and any
+    built on it) fails with StorageError, every acknowledged one survives a power cut,
+    and no failed one shows up, not even inside a later combined commit."""
+    rng = random.Random(seed)
+    path = str(tmp_path / "k.pb")
+    inj = _SlowFaultyLayer(fail_kinds=("sync",))
+    db = pb.open(path, durability="full", file_layer=inj)
+    with db.transaction() as tx:
+        tx["c"] = pb.Dict()
+    before = db.stats()
+    inj.fail_at, inj.fail_count = inj.ops + rng.randrange(4, 14), 2   # one fsync of the two
+    threads, per_thread = 6, 15
+    acked, failed = set(), set()
+    lock = threading.Lock()
+
+    def worker(t):
+        for i in range(per_thread):
+            try:
+                with db.transaction() as tx:
+                    tx["c"][(t, i)] = i
+            except StorageError:
+                with lock:
+                    failed.add((t, i))
+            else:
+                with lock:
+                    acked.add((t, i))
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    stats = db.stats()
+    assert len(acked) + len(failed) == threads * per_thread
+    assert failed and inj.failures == 1
+    commits = stats["commits"] - before["commits"]   # transactions made durable
+    assert commits == len(acked)
+    assert stats["groups"] - before["groups"] < commits      # commits did share writes
+    with db.transaction(readonly=True) as tx:
+        assert set(tx["c"].keys()) == acked
+    disk = inj.crash()                               # power cut: only fsynced bytes remain
+    try:
+        db.close()
+    except OSError:                                  # the machine is "down"
+        pass
+    copy = str(tmp_path / "after-crash.pb")
+    with open(copy, "wb") as f:
+        f.write(disk)
+    with pb.open(copy) as db2:
+        with db2.transaction(readonly=True) as tx:
+            assert set(tx["c"].keys()) == acked
+            assert {k: tx["c"][k] for k in acked} == {k: k[1] for k in acked}
+        assert db2.check().problems == []
 
 
 # ---- a failed background fsync in "normal" mode -------------------------------------------

@@ -70,9 +70,10 @@ class CommitFuture:
 
     Why not a Future: a Future builds a Condition on an RLock, and every result(),
     done() and set_result() goes through it: several microseconds per small commit.
-    Here the wait is one plain lock, held from creation until the future settles, so a
-    waiter blocks on it in C and passes it on at once; a commit that its own thread wrote
-    (normal/none modes) is settled before finish() returns and nobody waits at all.
+    Here a waiter blocks on one plain lock (the gate), made by the first waiter that
+    finds the future unsettled and released when it settles, so a waiter blocks in C
+    and passes it on at once; a commit that its own thread wrote (normal/none modes)
+    is settled before finish() returns, nobody waits and no gate is ever made.
     In "full" mode ``result()`` first offers to write the queue on the calling thread
     (Writer._help): one thread instead of a hand-off to the writer thread and back.
     Instances take attributes like a Future (callers may tag them)."""
@@ -83,19 +84,20 @@ class CommitFuture:
         self._error = None
         self._callbacks = None
         self._writer = None      # full mode: the writer this commit's waiter may write for
-        self._gate = _allocate_lock()
-        self._gate.acquire()
+        self._gate = None        # made (held) by the first waiter; released on settling
 
     def _settle(self, value, error):
         # The writer settles each future exactly once: value first, then _done (under
-        # the callbacks lock, so no callback is added after the list is taken), then the
+        # the callbacks lock, so no callback or gate is added after it is set), then the
         # gate. Whoever sees _done, or gets through the gate, sees the value.
         self._value = value
         self._error = error
         with _callbacks_lock:
             self._done = True
             callbacks, self._callbacks = self._callbacks, None
-        self._gate.release()
+            gate = self._gate
+        if gate is not None:
+            gate.release()
         if callbacks:
             for fn in callbacks:
                 try:
@@ -115,7 +117,13 @@ class CommitFuture:
         w = self._writer
         if w is not None:
             w._nudge()
-        gate = self._gate
+        with _callbacks_lock:
+            if self._done:
+                return
+            gate = self._gate
+            if gate is None:
+                gate = self._gate = _allocate_lock()
+                gate.acquire()          # held until _settle releases it
         if not gate.acquire(True, -1 if timeout is None else max(timeout, 0)):
             raise FutureTimeoutError()
         gate.release()              # let the next waiter through
@@ -179,7 +187,7 @@ class Commit:
     """
 
     __slots__ = ("_w", "_atoms", "write_atom", "_body", "_start", "_epoch", "seq", "root",
-                 "future")
+                 "future", "carries")
 
     def __init__(self, writer, start, seq, epoch):
         self._w = writer
@@ -193,6 +201,7 @@ class Commit:
         self.seq = seq
         self.root = -1
         self.future = None
+        self.carries = 1
 
     @property
     def _pos(self):
@@ -203,10 +212,12 @@ class Commit:
         write_atom on each)."""
         return self._atoms.extend(datas)
 
-    def finish(self, root_ptr):
+    def finish(self, root_ptr, carries=1):
         """Queue the commit with ``root_ptr`` as its root; returns a CommitFuture whose
         result is (seq, root_ptr) once the commit is as durable as the store's mode
-        promises."""
+        promises. ``carries``: how many commits of the layer above this one holds (the
+        database writes the transactions that commit together as one): the "commits"
+        and group statistics count those."""
         atoms = self._atoms
         if atoms.closed:
             raise TransactionClosedError("this commit was already finished or aborted")
@@ -214,6 +225,7 @@ class Commit:
             self.abort()
             raise ValueError(f"root pointer {root_ptr} is not an atom written so far")
         self.root = root_ptr
+        self.carries = carries
         w = self._w
         try:
             self._body = atoms.frame(w.salt)
@@ -349,7 +361,7 @@ class Writer:
                 return
             batch, self._queue = self._queue, []
             self._writing = batch
-        self._write_here(batch)
+        self._write_here(batch, chain=True)
 
     def _nudge(self):
         """Full mode: someone waits for (or reads) a queued commit without writing it
@@ -358,21 +370,27 @@ class Writer:
             if not self._writing and self._queue:
                 self._cond.notify_all()
 
-    def _write_here(self, batch):
+    def _write_here(self, batch, chain=False):
         """Write a group on the calling thread, which owns the _writing flag (set to the
-        batch itself), and settle its futures. An exception raised into this thread
-        part way (KeyboardInterrupt) must not leave the group's waiters hanging: the
-        group is settled as written if it was, else failed as a failed write is (and
-        the file cut back)."""
-        try:
-            ok = self._write_group(batch)
-        except BaseException as exc:
-            self._interrupted(batch, exc)
-            raise
-        if ok:
+        batch itself), and settle its futures. ``chain`` (full mode): if commits queued
+        during this group's fsync, write them too, as one more group, before returning
+        (see _write_group). An exception raised into this thread part way
+        (KeyboardInterrupt) must not leave the group's waiters hanging: the group is
+        settled as written if it was, else failed as a failed write is (and the file
+        cut back)."""
+        while True:
+            try:
+                ok = self._write_group(batch, chain)
+            except BaseException as exc:
+                self._interrupted(batch, exc)
+                raise
+            if not ok:
+                self._done_writing()
+                return
             self._settle_written(batch)
-        else:
-            self._done_writing()
+            if ok is True:
+                return
+            batch, chain = ok, False
 
     def _interrupted(self, batch, exc):
         last = batch[-1]
@@ -539,12 +557,19 @@ class Writer:
                 if not released:
                     self._done_writing()
 
-    def _write_group(self, batch):
+    def _write_group(self, batch, chain=False):
         """Write one group (the caller holds the _writing flag). Returns True on success,
         having released the flag but not yet settled the futures (the caller does:
         _settle_written), so a woken committer finds the file free and writes its next
         commit itself rather than queueing behind this thread. On failure the group's
-        futures have failed (_fail) and the caller still holds the flag."""
+        futures have failed (_fail) and the caller still holds the flag.
+
+        ``chain``: on success, if commits queued meanwhile, keep the flag and return
+        them (the next group, now the caller's to write). In full mode, with several
+        committers, commits always queue during an fsync; handing them to the writer
+        thread costs a wake-up and a wait for the GIL, which the thread that just
+        finished an fsync already holds. One extra group at most (the caller stops
+        chaining after it), so no committer is kept writing for others for long."""
         if self._damaged and not self._repair():
             self._fail(batch, self._damage_cause)
             return False
@@ -581,8 +606,12 @@ class Writer:
         full = self._full
         try:
             at = off
+            write = self.file.write
             for b in bufs:
-                self._write_all(at, b)
+                n = write(at, b)
+                self.stats["writes"] += 1
+                if n != len(b):
+                    self._write_rest(at, b, n)
                 at += len(b)
             if full:
                 self._fsync()
@@ -599,22 +628,31 @@ class Writer:
                 self._synced_end = self._written_end
                 self._synced_head = self.head
             self._marked = False
-            n = len(batch)
+            n = 0
+            for c in batch:
+                n += c.carries
             st["commits"] += n
             st["groups"] += 1
             if n > st["max_group"]:
                 st["max_group"] = n
             st["bytes_written"] += buf_len
+            if chain and self._queue and not self._closing:
+                nxt, self._queue = self._queue, []
+                self._writing = nxt
+                return nxt
             self._release_writing()
         return True
 
     def _write_all(self, off, data):
-        write = self.file.write
-        n = write(off, data)
+        n = self.file.write(off, data)
         self.stats["writes"] += 1
-        if n == len(data):
-            return
-        with memoryview(data) as mv:   # a short write: finish it (ENOSPC shows up next)
+        if n != len(data):
+            self._write_rest(off, data, n)
+
+    def _write_rest(self, off, data, n):
+        """After a short write of ``n`` bytes: write the rest (ENOSPC shows up next)."""
+        write = self.file.write
+        with memoryview(data) as mv:
             done = n
             while done < len(mv):
                 if n <= 0:
@@ -685,13 +723,15 @@ class Writer:
             self._tail = self._written_end = self.end = good
             self.head = self._synced_head
             self._next_seq = self.head[0]
-            self._epoch += 1     # last: see begin()
+            # Before the epoch: whoever begins a commit in the new epoch sees the rollback
+            # (the database checks the count before finishing a commit).
+            self.rollbacks += 1
+            self._epoch += 1     # see begin()
             self._marked = False
             self.cache.discard_from(good)
-            self.stats["failed_commits"] += len(failed)
+            self.stats["failed_commits"] += sum(c.carries for c in failed)
             self.stats["lost_commits"] += max(lost, 0)
             self.stats["errors"] += 1
-            self.rollbacks += 1
             self._cond.notify_all()
         if lost > 0:
             logger.error("fsync failed (%s): %d commit(s) acknowledged in %r mode since the "
