@@ -17,7 +17,7 @@ from protobase import vector
 from protobase._core import load
 from protobase.errors import VectorError
 from protobase.vector import HnswIndex, as_vector, make_spec
-from protobase.vector import search
+from protobase.vector import hnsw, search
 
 IdSet = load("idset").IdSet
 
@@ -67,6 +67,7 @@ def plans(monkeypatch):
         values = {"exact": (0.0, 1.0, 10**9), "filtered": (10.0**9, 1.0, 0),
                   "overfetch": (10.0**9, 1.0, 10**9)}[name]
         monkeypatch.setattr(search, "EXACT_ROW_COST", values[0])
+        monkeypatch.setattr(search, "EXACT_WARM_ROW_COST", values[0])
         monkeypatch.setattr(search, "CANDIDATE_COST", values[1])
         monkeypatch.setattr(search, "MAX_OVERFETCH", values[2])
     return force
@@ -127,6 +128,62 @@ def test_as_vector_accepts_exactly_the_finite_vectors_of_the_asked_dimension(ite
 
 
 # ------------------------------------------------------------------------------ the index
+
+@settings(derandomize=True, max_examples=300)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                          st.floats(-1e3, 1e3), st.sampled_from([3.4028235e38, 3.40282357e38])),
+                min_size=1, max_size=12),
+       st.sampled_from(["float64", "float32", "list"]), st.sampled_from(["cosine", "l2"]))
+def test_query_vectors_reach_index_space_as_as_vector_then_scaling_would(items, kind, metric):
+    """The query path (one C call for float32/float64 arrays) accepts and refuses exactly
+    what as_vector does, with its message, and gives its vector (scaled for cosine)."""
+    if kind == "list":
+        value = items
+    else:
+        with np.errstate(over="ignore"):
+            value = np.asarray(items, dtype=kind)
+    try:
+        expect = as_vector(value, len(items))
+        if metric == "cosine":
+            wide = expect.astype(np.float64)
+            expect = expect * np.float32(1.0 / (np.sqrt(wide.dot(wide)) + 1e-30))
+        refused = None
+    except VectorError as exc:
+        refused = str(exc)
+    if refused is not None:
+        with pytest.raises(VectorError) as caught:
+            search._in_space(value, len(items), metric)
+        assert str(caught.value) == refused
+        return
+    got = search._in_space(value, len(items), metric)
+    assert got.dtype == np.float32 and got.shape == expect.shape
+    if metric == "l2":
+        assert np.array_equal(got, expect)
+    else:                                 # the norm's sum may round in another order
+        assert np.allclose(got, expect, rtol=4e-7, atol=1e-45)
+    if isinstance(value, np.ndarray):
+        assert got is not value           # a copy: the caller may change theirs
+
+
+@settings(derandomize=True, max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from([-1.0, 0.0, 0.25, 0.5, 2.0, float("nan"),
+                                           float("inf")]), st.integers(0, 10**6)),
+                max_size=40, unique_by=lambda p: p[1]),
+       st.integers(0, 45), st.booleans())
+def test_top_k_kernel_picks_the_smallest_by_distance_then_id(pairs, k, one_minus):
+    """vkernel.top_k against numpy's lexsort on many ties, NaN and infinities, ids in
+    any order: the same ids, the same float32 distances."""
+    top_k = load("vkernel").top_k
+    scores = np.array([p[0] for p in pairs], np.float32)
+    ids = np.array([p[1] for p in pairs], np.int64)
+    with np.errstate(invalid="ignore"):
+        dist = np.float32(1.0) - scores if one_minus else scores
+    order = np.lexsort((ids, dist))[:k]
+    got_ids, got_d = top_k(scores, ids, k, one_minus)
+    assert got_ids == ids[order].tolist()
+    assert np.array_equal(np.array(got_d, np.float32), dist[order], equal_nan=True)
+    assert all(type(d) is float for d in got_d)
+
 
 def test_index_follows_upserts_and_removes_like_brute_force():
     X = clustered(1, 3000, 16)
@@ -194,10 +251,10 @@ def test_a_failed_commit_keeps_its_rows_suspect_until_written_again():
     assert big.changed_since(6) is None and big.changed_since(100) is None
 
 
-def test_scan_set_matches_brute_force_and_reuses_gathered_vectors_only_until_a_change():
-    """Exact scans of an id set agree with brute force after every change, whether they
-    gather afresh or reuse what was gathered for an equal set (asked with a new IdSet
-    object each time), and what they keep stays within a quarter of the rows."""
+def test_top_set_matches_brute_force_and_reuses_gathered_vectors_only_until_a_change():
+    """Exact top-k of an id set agrees with brute force (ties by id) after every change,
+    whether it gathers afresh or reuses what was gathered for an equal set (asked with a
+    new IdSet object each time), and what it keeps stays within a quarter of the rows."""
     X = clustered(3, 400, 8)
     ix = HnswIndex.open(make_spec("e", 8, "l2"), None, lambda: ((i, X[i]) for i in range(400)), 1)
     live = {i: X[i] for i in range(400)}
@@ -206,12 +263,20 @@ def test_scan_set_matches_brute_force_and_reuses_gathered_vectors_only_until_a_c
     for step in range(40):
         q = rng.standard_normal(8).astype(np.float32)
         for arr in sets:
-            for _ in range(2):                   # the second time reuses the gathered vectors
-                rowids, dist = ix.scan_set(IdSet(arr.tolist()), q)
-                expect = [i for i in arr.tolist() if i in live]
-                assert rowids.tolist() == expect
-                assert np.allclose(dist, [float(((live[i] - q) ** 2).sum()) for i in expect],
-                                   rtol=1e-5, atol=1e-5)
+            expect = [i for i in arr.tolist() if i in live]
+            exact = [float(((live[i] - q) ** 2).sum()) for i in expect]
+            # The ranking oracle: each row's float32 distance as the index computes it, so
+            # near ties order alike; the figures themselves are checked against `exact`.
+            same = hnsw.distances(np.array([live[i] for i in expect]).reshape(-1, 8), q, "l2")
+            for k in (3, len(arr)):
+                order = np.lexsort((expect, same))[:k].tolist()
+                for _ in range(2):               # the second time reuses the gathered vectors
+                    ids, dist = ix.top_set(IdSet(arr.tolist()), q, k)
+                    assert ids == [expect[j] for j in order]
+                    assert dist == [float(same[j]) for j in order]
+                    assert np.allclose(dist, [exact[j] for j in order], rtol=1e-5, atol=1e-5)
+            backwards = arr.astype(np.int64)[::-1].copy()         # top() takes any order
+            assert ix.top(backwards, q, 4) == ix.top_set(IdSet(arr.tolist()), q, 4)
         assert sum(len(kept[2]) for kept in ix._gathered.values()) <= len(ix) // 4
         r = int(rng.integers(450))
         if r in live and rng.random() < 0.4:
@@ -314,7 +379,28 @@ def test_recall_at_ten_against_brute_force_at_each_selectivity(big, per_mille):
             total += 10
         explain = hits.explain()
     assert found / total >= 0.95, explain
-    assert ("VectorSearch" if per_mille >= 150 else "ExactVectorScan") in explain
+    # 15% is scanned exactly once the filter repeats (its vectors stay gathered); 30% is
+    # more than the gather budget (a quarter of the rows) and walks the graph.
+    assert ("VectorSearch" if per_mille >= 300 else "ExactVectorScan") in explain
+
+
+def test_a_repeated_filter_is_scanned_exactly_from_its_gathered_vectors(big):
+    """At 20% the first query walks the graph (a gather would cost more); asked again,
+    the same admitted set is gathered once and then scanned exactly, exact every time."""
+    db, X, band = big
+    admitted = {i: X[i] for i in np.flatnonzero(band < 200).tolist()}
+    with db.transaction(readonly=True) as tx:
+        query = tx["docs"].where(pb.F.band < 200)
+        chosen = []
+        for qi in (3, 70, 900, 4000):
+            hits = query.nearest("e", X[qi], k=10)
+            chosen.append(hits.explain().split()[0])
+            if chosen[-1] == "ExactVectorScan":
+                check_exact(hits, brute(admitted, X[qi], "cosine", 10))
+            for key, _, dist in hits.scored():   # the walk's hits: admitted, exact distances
+                assert dist == pytest.approx(brute({key: admitted[key]}, X[qi], "cosine", 1)[0][1],
+                                             abs=1e-5)
+    assert chosen == ["VectorSearch", "ExactVectorScan", "ExactVectorScan", "ExactVectorScan"]
 
 
 @pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch"])
@@ -484,6 +570,68 @@ def test_own_uncommitted_writes_are_found_and_own_deletes_hidden(plans, plan):
         assert "snapshot" in docs.nearest("e", q).explain()
     with db.transaction(readonly=True) as tx:      # and the commit reached the shared index
         check_exact(tx["docs"].nearest("e", q, k=10, ef=200), brute(mine, q, "cosine", 10))
+
+
+@pytest.mark.parametrize("plan", ["exact", "filtered", "overfetch", "thresholds"])
+def test_one_query_object_run_again_follows_own_writes_and_keeps_its_snapshot(plans, plan):
+    """A Query object remembers what its filter selected and its rows' keys only while its
+    collection has no writes in the transaction: run again after own writes (a new nearest
+    row, a deleted one, one whose tag leaves the filter) it answers for the writes, and in
+    a reader it keeps its snapshot while another transaction commits changes."""
+    if plan != "thresholds":
+        plans(plan)
+    X = clustered(43, 2000, 8)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(2000)}, metric="cosine")
+    q = X[10] * 1.0
+    with db.transaction(readonly=True) as reader:
+        frozen = reader["docs"].where(pb.F.tag < 20)
+        before = [(key, d) for key, _, d in frozen.nearest("e", q, k=8, ef=200).scored()]
+        with db.transaction() as tx:
+            docs = tx["docs"]
+            query = docs.where(pb.F.tag < 20)
+            rows = {key: np.asarray(value["e"], np.float32) for key, value in docs.items()
+                    if value["tag"] < 20}
+            check_exact(query.nearest("e", q, k=8, ef=200), brute(rows, q, "cosine", 8))
+            check_exact(query.nearest("e", q, k=8, ef=200), brute(rows, q, "cosine", 8))
+            top = query.nearest("e", q, k=3).keys()
+            del docs[top[0]]
+            docs[top[1]] = {"tag": 50, "e": X[top[1]].tolist()}      # leaves the filter
+            docs[5000] = {"tag": 3, "e": (q * 3.0).tolist()}         # distance 0, admitted
+            for key in (top[0], top[1]):
+                del rows[key]
+            rows[5000] = q * 3.0
+            hits = query.nearest("e", q, k=8, ef=200)
+            check_exact(hits, brute(rows, q, "cosine", 8))
+            assert hits.keys()[0] == 5000 and top[0] not in hits.keys()
+            assert hits.values()[0]["tag"] == 3
+        again = [(key, d) for key, _, d in frozen.nearest("e", q, k=8, ef=200).scored()]
+        assert again == before                    # the commit above is not in this snapshot
+        assert before[0][0] == top[0]
+    with db.transaction(readonly=True) as tx:
+        check_exact(tx["docs"].where(pb.F.tag < 20).nearest("e", q, k=8, ef=200),
+                    brute(rows, q, "cosine", 8))
+
+
+def test_one_query_object_on_a_list_answers_positions_of_its_own_state():
+    """On a List the keys are positions: a Query object run again after an insert at the
+    front answers with the shifted positions, not remembered ones."""
+    X = clustered(44, 300, 8)
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["items"] = pb.List()
+        items = tx["items"]
+        items.create_vector_index("e", dim=8, metric="l2")
+        items.extend({"e": X[i].tolist()} for i in range(300))
+    q = X[7] * 1.0
+    with db.transaction() as tx:
+        items = tx["items"]
+        query = items.where()
+        first = query.nearest("e", q, k=2).keys()
+        assert first[0] == 7 and query.nearest("e", q, k=2).keys() == first
+        items.insert(0, {"e": (X[7] + 100.0).tolist()})
+        assert query.nearest("e", q, k=2).keys() == [first[0] + 1, first[1] + 1]
+        assert [v["e"] for v in query.nearest("e", q, k=1)] == [X[7].tolist()]
 
 
 @pytest.mark.parametrize("seed", [1, 2])

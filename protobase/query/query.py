@@ -76,7 +76,8 @@ class Query:
     ``list(q)`` values, ``q.items()``, ``q.keys()``, ``q.count()``, ``q.first()``,
     ``q.explain()``; ``q.matching_ids()`` is the hook a later ``nearest(...)`` uses."""
 
-    __slots__ = ("_source", "_pred", "_order", "_descending", "_limit", "_offset", "_plan")
+    __slots__ = ("_source", "_pred", "_order", "_descending", "_limit", "_offset", "_plan",
+                 "_memo")
 
     def __init__(self, source, predicate=None):
         self._source = source
@@ -86,12 +87,13 @@ class Query:
         self._limit = None
         self._offset = 0
         self._plan = None  # the tree of the last run, for explain()
+        self._memo = None  # what a layer above keeps between runs of this query (vector)
 
     def _derive(self, **changes):
         q = Query.__new__(Query)
         for name in Query.__slots__:
             setattr(q, name, changes.get(name, getattr(self, name)))
-        q._plan = None
+        q._plan = q._memo = None
         return q
 
     # ------------------------------------------------------------------ building

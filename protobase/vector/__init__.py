@@ -124,6 +124,7 @@ def _item(value, i):
 def nearest(query, field, vector, k=10, ef=None, metric=None):
     """The ``k`` entries of ``query`` whose vector at ``field`` is nearest to ``vector``."""
     from .search import nearest as run
+    Query._nearest = run          # numpy is loaded now: later queries go there directly
     return run(query, field, vector, k=k, ef=ef, metric=metric)
 
 

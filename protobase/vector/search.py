@@ -20,12 +20,21 @@ working copy moving under later writes); after the transaction ends, reading the
 TransactionClosedError as any read does. The index's lock is held from reading the change
 log to the last vector read from the index.
 
+A Query object run again while its collection has no writes in the transaction reuses
+what its first run found in the (then frozen) snapshot: the admitted ids and the keys of
+rows returned, kept on the query (``Query._memo``; a derived query starts without). The
+snapshot is frozen then because a collection's first write makes ``value_reader()`` None
+for the rest of the transaction, and ``where()`` recorded the read already. Every run
+still asks the change log, so rows a later commit moved in the shared index are read from
+the snapshot as above.
+
 Plans for the trusted set, chosen by estimated cost from its size ``s`` against the
 index's ``n`` rows (selectivity ``s/n``; constants below):
 
 - ``ExactVectorScan``: gather the admitted vectors from the index's dense copy (or reuse
-  those gathered for the same set, see hnsw.py) and rank them all with numpy (exact), when
-  ``s`` rows cost less than the graph walk would;
+  those gathered for the same set, see hnsw.py), one matrix-vector product with numpy,
+  the k best picked in one C pass (``_core.vkernel.top_k``), when ``s`` rows cost less
+  than the graph walk would;
 - ``VectorSearch`` over-fetch: ask hnswlib for ``k / selectivity * OVERFETCH_MARGIN``
   neighbours, keep the admitted ones, double until ``k`` are found or the index is
   exhausted (then scan exactly);
@@ -44,22 +53,27 @@ import numpy as np
 from ..errors import QueryError, VectorError
 from ..query import MISSING, extract
 from ..query.expr import All, split_path
+from .._core import load
 from . import METRICS, as_vector
 from .hnsw import distances, normalize
 
-__all__ = ["nearest", "Hits", "EXACT_ROW_COST", "CANDIDATE_COST", "OVERFETCH_MARGIN",
-           "MAX_OVERFETCH", "DEFAULT_EF"]
+_vk = load("vkernel")
+
+__all__ = ["nearest", "Hits", "EXACT_ROW_COST", "EXACT_WARM_ROW_COST", "CANDIDATE_COST",
+           "OVERFETCH_MARGIN", "MAX_OVERFETCH", "DEFAULT_EF"]
 
 # Calibrated with benchmarks/vector_benchmark.py at 100k x 128 on 2 shared cores, each plan
 # forced at 1% to 30%: an exact scan costs about EXACT_ROW_COST microseconds per admitted
-# row (gathering its vector from the index's dense copy, then one matrix-vector product), a
-# graph walk about CANDIDATE_COST per neighbour asked for (the larger of ef and the
-# over-fetch; 1.5-2us each plus the walk's fixed cost, folded in). They cross near 6%
-# there, where the forced plans cost the same. Over-fetching beat hnswlib's filter callable
-# at every selectivity measured (the callable pays a Python call per visited node), so the
-# callable is used only where over-fetching would ask for more than MAX_OVERFETCH
-# neighbours and an exact scan would still cost more.
+# row (gathering its vector from the index's dense copy, then one matrix-vector product;
+# 0.1-0.4us measured), EXACT_WARM_ROW_COST when the set's vectors are gathered already
+# (0.013-0.023us measured, 1k-20k rows), a graph walk about CANDIDATE_COST per neighbour
+# asked for (the larger of ef and the over-fetch; 1.5-2us each plus the walk's fixed cost,
+# folded in). Cold, they cross near 6% there; warm, near 15%. Over-fetching beat hnswlib's
+# filter callable at every selectivity measured (the callable pays a Python call per
+# visited node), so the callable is used only where over-fetching would ask for more than
+# MAX_OVERFETCH neighbours and an exact scan would still cost more.
 EXACT_ROW_COST = 0.13
+EXACT_WARM_ROW_COST = 0.02
 CANDIDATE_COST = 3.0
 OVERFETCH_MARGIN = 1.5
 MAX_OVERFETCH = 4096
@@ -85,57 +99,63 @@ class Hits:
     ascending distance; ``scored()`` yields ``(key, value, distance)``. Values are decoded
     on first use, each row once."""
 
-    __slots__ = ("_query", "_field", "_spec", "_vector", "_k", "_ef", "_metric", "_results",
-                 "_read", "_explain")
+    __slots__ = ("_query", "_field", "_spec", "_vector", "_k", "_ef", "_metric", "_keys",
+                 "_values", "_dists", "_read", "_explain")
 
     def __init__(self, query, field, vector, k, ef, metric):
         self._query = query
         self._field = field
         self._spec = spec = _spec(query._source, field)
-        self._vector = as_vector(vector, spec["dim"] if spec else None)   # refused now if bad
+        self._metric = metric = metric or (spec["metric"] if spec else "cosine")
+        self._vector = _in_space(vector, spec["dim"] if spec else None, metric)  # refused now
         self._k = k
         self._ef = ef
-        self._metric = metric
-        self._results = None
-        self._read = None        # key -> value for the rows whose value is _UNREAD
+        self._keys = None        # set by the run, with _values, _dists, _read, _explain
+        self._values = None      # None: every value still to be read through _read
+        self._dists = None
+        self._read = None        # key -> value for the rows whose value is not decoded yet
         self._explain = None
 
     def _run(self):
-        """``(key, value, distance)`` triples; a value may still be _UNREAD."""
-        if self._results is None:
-            self._results, self._read, self._explain = _search(
-                self._query, self._field, self._spec, self._vector, self._k, self._ef,
-                self._metric)
-        return self._results
+        """The keys, ascending distance (the search runs on the first call)."""
+        if self._keys is None:
+            (self._keys, self._values, self._dists, self._read,
+             self._explain) = _search(self._query, self._field, self._spec, self._vector,
+                                      self._k, self._ef, self._metric)
+        return self._keys
 
     def _decoded(self):
-        """The triples with every value decoded (each row once, kept)."""
-        results = self._run()
+        """The values, each row decoded once and kept."""
+        keys = self._run()
         read = self._read
         if read is not None:
-            self._results = results = [(key, read(key) if value is _UNREAD else value, d)
-                                       for key, value, d in results]
+            values = self._values
+            self._values = ([read(key) for key in keys] if values is None else
+                            [read(key) if value is _UNREAD else value
+                             for key, value in zip(keys, values)])
             self._read = None
-        return results
+        return self._values
 
     def __iter__(self):
-        return (value for _, value, _ in self._decoded())
+        return iter(self._decoded())
 
     def scored(self):
         """``(key, value, distance)`` triples, ascending distance."""
-        return iter(list(self._decoded()))
+        values = self._decoded()
+        return iter(list(zip(self._keys, values, self._dists)))
 
     def keys(self):
         """The keys, ascending distance."""
-        return [key for key, _, _ in self._run()]
+        return list(self._run())
 
     def values(self):
         """The values, ascending distance."""
-        return [value for _, value, _ in self._decoded()]
+        return list(self._decoded())
 
     def distances(self):
         """The distances, ascending."""
-        return [d for _, _, d in self._run()]
+        self._run()
+        return list(self._dists)
 
     def __len__(self):
         return len(self._run())
@@ -151,9 +171,9 @@ class Hits:
         return self._explain
 
     def __repr__(self):
-        if self._results is None:
+        if self._keys is None:
             return f"<Hits nearest {self._field!r} k={self._k} (not run)>"
-        return f"<Hits nearest {self._field!r} k={self._k}: {len(self._results)} found>"
+        return f"<Hits nearest {self._field!r} k={self._k}: {len(self._keys)} found>"
 
 
 def _spec(source, field):
@@ -163,11 +183,25 @@ def _spec(source, field):
 
 # ---------------------------------------------------------------------------- planning
 
-def _search(query, field, spec, q, k, ef, metric):
+def _in_space(vector, dim, metric):
+    """The query vector checked (VectorError when bad) and in index space: a new float32
+    array, at unit length for cosine (``_core.vkernel.to_space``: one C call for a float32
+    vector of the right shape, the usual case)."""
+    out = None
+    if (type(vector) is np.ndarray and vector.dtype == np.float32 and vector.ndim == 1
+            and len(vector) and (dim is None or len(vector) == dim)
+            and vector.flags.c_contiguous):
+        out = np.empty(len(vector), np.float32)
+        if _vk.to_space(vector, out, metric == "cosine"):
+            return out
+    q = as_vector(vector, dim)             # names the bad item, or converts what it may
+    out = np.empty(len(q), np.float32)
+    _vk.to_space(q, out, metric == "cosine")
+    return out
+
+
+def _search(query, field, spec, qs, k, ef, metric):
     source = query._source
-    metric = metric or (spec["metric"] if spec else "cosine")
-    qs = _unit(q) if metric == "cosine" else q
-    parts = split_path(field)
     index = None
     if spec is None:
         why = "no vector index on this field"
@@ -176,21 +210,32 @@ def _search(query, field, spec, q, k, ef, metric):
     else:
         index = source.vector_index(field)
         why = "hnswlib is not installed"
-    head = f"nearest {field!r} k={k} metric={metric}"
     if index is None:
-        results, ranked = _scan_items(query, parts, qs, metric, k)
-        return results, None, (f"ExactVectorScan {head}\n  strategy: exact numpy scan of the "
-                               f"query's rows\n  why: {why}\n  rows ranked: {ranked}")
-    results, read, why = _indexed(query, source, index, parts, qs, metric, k, ef)
-    return results, read, lambda: f"{why[0]} {head}\n{_why(*why[1:])}"
+        keys, values, dists, ranked = _scan_items(query, split_path(field), qs, metric, k)
+        return keys, values, dists, None, (
+            f"ExactVectorScan nearest {field!r} k={k} metric={metric}\n"
+            f"  strategy: exact numpy scan of the query's rows\n"
+            f"  why: {why}\n  rows ranked: {ranked}")
+    keys, values, dists, read, why = _indexed(query, source, index, field, qs, metric, k, ef)
+    return keys, values, dists, read, lambda: (
+        f"{why[0]} nearest {field!r} k={k} metric={metric}\n{_why(*why[1:])}")
 
 
-def _indexed(query, source, index, parts, q, metric, k, ef):
-    """``(results, read, why)`` for a query on an indexed field (as _finish gives them);
-    ``_why(*why)`` explains."""
-    admitted = query.matching_ids()
+def _indexed(query, source, index, field, q, metric, k, ef):
+    """``(keys, values, dists, read, why)`` for a query on an indexed field (the first four
+    as _finish gives them); ``_why(*why)`` explains."""
+    read = source.value_reader() if hasattr(source, "value_reader") else None
+    if read is not None:
+        # No writes of its own (value_reader's contract): the same ids as last time.
+        memo = query._memo
+        if memo is None:
+            memo = query._memo = (query.matching_ids(), {})
+        admitted, keys = memo
+        written = None
+    else:
+        admitted, keys = query.matching_ids(), None
+        written = source.written_ids() if hasattr(source, "written_ids") else None
     no_filter = isinstance(query._pred, All)
-    written = source.written_ids() if hasattr(source, "written_ids") else None
     seq = source.snapshot_seq() if hasattr(source, "snapshot_seq") else None
     ef = ef or DEFAULT_EF
     # Held from the change log to the last vector read from the index: a commit that moved
@@ -207,69 +252,62 @@ def _indexed(query, source, index, parts, q, metric, k, ef):
             trusted = admitted - suspect if suspect is not None else admitted
         if suspect is not None and not len(suspect):
             suspect = None                 # the usual case: the index is trusted throughout
-        read = 0 if suspect is None else len(suspect)
+        reread = 0 if suspect is None else len(suspect)
         n = len(index)
         s = len(trusted)
         sel = s / max(n, 1)
-        fetch = _fetch(k, sel)
         if k == 0 or s == 0:
-            cand_ids, cand_d = _NO_IDS, _NO_DIST
+            cand_ids, cand_d = [], []
             name = "ExactVectorScan"
-            plan = f"exact numpy scan of the {read} admitted rows read from the snapshot"
+            plan = "exact numpy scan of the {read} admitted rows read from the snapshot"
         elif no_filter and changed is not None and suspect is None:
             cand_ids, cand_d, plan = _overfetch(index, trusted, q, k, ef, 1.0)
             name, plan = "VectorSearch", "hnsw without filter; " + plan
-        elif s * EXACT_ROW_COST <= max(ef, fetch) * CANDIDATE_COST:
-            cand_ids, cand_d = _top(*index.scan_set(trusted, q), k)
-            name, plan = "ExactVectorScan", f"exact numpy scan of {s} admitted vectors"
-        elif fetch > MAX_OVERFETCH:
+        elif _exact_wins(index, trusted, s, k, ef, sel):
+            cand_ids, cand_d = index.top_set(trusted, q, k)
+            name, plan = "ExactVectorScan", "exact numpy scan of {s} admitted vectors"
+        elif _fetch(k, sel) > MAX_OVERFETCH:
             cand_ids, cand_d = _rescore(index, _filtered(index, trusted, q, k, ef), q, k)
-            name, plan = "VectorSearch", f"hnsw with a filter callable (ef={max(ef, k)})"
+            name, plan = "VectorSearch", "hnsw with a filter callable (ef={ef})"
         else:
             cand_ids, cand_d, plan = _overfetch(index, trusted, q, k, ef, sel)
             name = "VectorSearch"
-    results, later = _finish(source, parts, q, metric, k, cand_ids, cand_d, suspect)
-    return results, later, (name, plan, s, n, sel, max(ef, fetch), read, changed is None)
+    return (*_finish(source, field, q, metric, k, cand_ids, cand_d, suspect, read, keys),
+            (name, plan, s, n, sel, k, ef, reread, changed is None))
 
 
-def _why(plan, s, n, sel, walk, read, blind):
-    """The explanation of a plan chosen by _indexed (written only when asked for)."""
+def _exact_wins(index, trusted, s, k, ef, sel):
+    """Whether an exact scan of the ``s`` trusted rows costs less than the graph walk: a
+    gather and a product (EXACT_ROW_COST a row), or the product alone when the index
+    expects to have the set gathered (EXACT_WARM_ROW_COST a row)."""
+    walk = max(ef, _fetch(k, sel)) * CANDIDATE_COST
+    if s * EXACT_ROW_COST <= walk:
+        return True
+    return s * EXACT_WARM_ROW_COST <= walk and index.reused(trusted)
+
+
+def _why(plan, s, n, sel, k, ef, read, blind):
+    """The explanation of a plan chosen by _indexed (written only when asked for; ``plan``
+    may name ``{s}``, ``{read}`` and ``{ef}``)."""
+    plan = plan.format(s=s, read=read, ef=max(ef, k))
+    walk = max(ef, _fetch(k, sel))
     if blind:
         note = "the index's change log does not reach this snapshot: every admitted row read"
     else:
         note = f"{read} admitted rows read from the snapshot (own or later writes)"
     return (f"  strategy: {plan}\n  why: {s} admitted of {n} indexed rows (estimated "
-            f"selectivity {100 * sel:.2f}%): exact scan ~{s * EXACT_ROW_COST:.0f}us vs graph "
+            f"selectivity {100 * sel:.2f}%): exact scan ~{s * EXACT_ROW_COST:.0f}us "
+            f"(~{s * EXACT_WARM_ROW_COST:.0f}us with its vectors gathered already) vs graph "
             f"walk ~{walk * CANDIDATE_COST:.0f}us\n  snapshot: {note}")
 
 
 _UNREAD = object()       # a returned row's value, not decoded yet
-_SORT_ALL = 256          # up to this many candidates one lexsort beats a partition first
-_NO_IDS = np.empty(0, np.int64)
-_NO_DIST = np.empty(0, np.float32)
-
-
-def _unit(q):
-    """The query at unit length (zero stays zero), as hnswlib's cosine space takes it; the
-    norm in float64, where no float32 vector's squares overflow."""
-    wide = q.astype(np.float64)
-    return q * np.float32(1.0 / (math.sqrt(wide.dot(wide)) + 1e-30))
-
-
-def _top(ids, dist, k):
-    """The k smallest by (distance, id), sorted."""
-    if len(dist) > max(k, _SORT_ALL):
-        bound = np.partition(dist, k - 1)[k - 1]
-        keep = dist <= bound                        # keep ties at the bound for the id order
-        ids, dist = ids[keep], dist[keep]
-    order = np.lexsort((ids, dist))[:k]
-    return ids[order], dist[order]
 
 
 def _rescore(index, labels, q, k):
-    """The best k of hnswlib's candidates with numpy's distances from the index's copy, the
+    """The best k of hnswlib's candidates with the distances from the index's copy, the
     same figures an exact scan gives (so ties and the suspect rows compare alike)."""
-    return _top(*index.scan(np.asarray(labels, np.int64), q), k)
+    return index.top(np.asarray(labels, np.int64), q, k)
 
 
 def _filtered(index, trusted, q, k, ef):
@@ -286,13 +324,12 @@ def _overfetch(index, trusted, q, k, ef, sel):
     fetch = min(n, _fetch(k, sel))
     while True:
         labels = index.search(q, fetch, ef=max(ef, fetch))[0]
-        keep = np.fromiter(map(trusted.__contains__, labels.tolist()), dtype=bool,
-                           count=len(labels))
-        if keep.sum() >= k or len(labels) < fetch:
+        keep = type(trusted).from_numpy(labels) & trusted     # order is not needed: top()
+        if len(keep) >= k or len(labels) < fetch:             # ranks them again
             plan = f"hnsw over-fetching {fetch} then filtering (ef={max(ef, fetch)})"
-            return (*_rescore(index, labels[keep], q, k), plan)
+            return (*index.top(keep.to_numpy(), q, k), plan)
         if fetch >= n:
-            ids, d = _top(*index.scan(trusted.to_numpy(), q), k)
+            ids, d = index.top(trusted.to_numpy(), q, k)
             return ids, d, f"over-fetch exhausted the index at {fetch}: exact scan"
         fetch = min(n, fetch * 2)
 
@@ -342,45 +379,59 @@ def _stack(raw, keys, ok, dim):
     return np.stack(vecs)
 
 
-def _finish(source, parts, q, metric, k, cand_ids, cand_d, suspect):
+def _finish(source, field, q, metric, k, cand_ids, cand_d, suspect, read, keys):
     """Merge the trusted candidates (ids and exact distances from the index's copy, which
     equals the snapshot's vector for rows unchanged since the snapshot) with the suspect
-    rows (an IdSet, or None), ranked with the snapshot's own vectors. ``(results, read)``:
-    the k rows returned as ``(key, value, distance)``, a trusted row's value _UNREAD when
-    the source can read it later through ``read`` (key -> value; None: all decoded)."""
+    rows (an IdSet, or None), ranked with the snapshot's own vectors. ``read`` is the
+    source's value_reader() (None: decode at once), ``keys`` a rowid -> key memo valid for
+    this snapshot (or None). ``(keys, values, dists, read)`` of the k rows returned, where
+    a trusted row's value is _UNREAD when it can be read later through ``read`` (values
+    None: all of them; read None: none of them)."""
     if k == 0:
-        return [], None
+        return [], [], [], None
+    if suspect is None and keys is not None:      # the usual case: trusted rows, read later
+        found = [keys[rid] if rid in keys else _key(source, keys, rid) for rid in cand_ids]
+        return (found, None, cand_d, read) if found else ([], [], [], None)
     rows = {}
     if suspect is not None:
         pairs = [source.row(rid) for rid in suspect]
-        keys, values, mat, ok = _snapshot_vectors(pairs, parts, metric, len(q))
+        found, values, mat, ok = _snapshot_vectors(pairs, split_path(field), metric, len(q))
         have = np.flatnonzero(ok)
         sus_ids = suspect.to_numpy()[have]
         for j, rid in zip(have.tolist(), sus_ids.tolist()):
-            rows[rid] = (keys[j], values[j])
-        cand_ids = np.concatenate([cand_ids, sus_ids])
-        cand_d = np.concatenate([cand_d, distances(mat, q, metric)])
-        cand_ids, cand_d = _top(cand_ids, cand_d, k)
-    reader = getattr(source, "value_reader", None)
-    read = reader() if reader is not None else None
-    out = []
-    for rid, d in zip(cand_ids.tolist(), cand_d.tolist()):
+            rows[rid] = (found[j], values[j])
+        cand_ids = np.concatenate([np.asarray(cand_ids, np.int64), sus_ids])
+        cand_d = np.concatenate([np.asarray(cand_d, np.float32), distances(mat, q, metric)])
+        cand_ids, cand_d = _vk.top_k(cand_d, cand_ids, k, False)   # suspect and trusted
+    out_keys, out_values = [], []                                  # ids are disjoint
+    lazy = False
+    for rid in cand_ids:
         if rid in rows:
             key, value = rows[rid]
-        elif read is not None:
-            key, value = source.key(rid), _UNREAD
-        else:
+        elif read is None:
             key, value = source.row(rid)
-        out.append((key, value, d))
-    return out, (read if any(value is _UNREAD for _, value, _ in out) else None)
+        else:
+            lazy = True
+            key = (source.key(rid) if keys is None
+                   else keys[rid] if rid in keys else _key(source, keys, rid))
+            value = _UNREAD
+        out_keys.append(key)
+        out_values.append(value)
+    return out_keys, out_values, cand_d, (read if lazy else None)
+
+
+def _key(source, keys, rid):
+    key = keys[rid] = source.key(rid)
+    return key
 
 
 def _scan_items(query, parts, q, metric, k):
     bare = query._derive(_order=None, _limit=None, _offset=0)
     keys, values, mat, ok = _snapshot_vectors(bare.items(), parts, metric, len(q))
     if not len(mat) or k == 0:
-        return [], len(mat)
+        return [], [], [], len(mat)
     rows = np.flatnonzero(ok)
     dist = distances(mat, q, metric)
-    order = np.lexsort((rows, dist))[:k]
-    return [(keys[rows[j]], values[rows[j]], float(dist[j])) for j in order.tolist()], len(mat)
+    order = np.lexsort((rows, dist))[:k].tolist()
+    return ([keys[rows[j]] for j in order], [values[rows[j]] for j in order],
+            dist[order].tolist(), len(mat))
