@@ -23,7 +23,7 @@ from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
 CORE = HERE / "protobase" / "_core"
-MODULES = ["hamt", "pvec", "btree", "idset", "codec", "frame", "vkernel"]
+MODULES = ["hamt", "pvec", "btree", "idset", "codec", "frame", "vkernel", "handle"]
 
 
 def _flag(name):

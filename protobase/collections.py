@@ -27,6 +27,9 @@ from .index import Index, IndexSpec
 from .query import Query, make_predicate
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, CollState, btree, codec, hamt, idset
+from ._core import load as _load_core
+
+_handle = _load_core("handle")
 
 IdSet = idset.IdSet
 
@@ -50,11 +53,11 @@ def _repr_items(items, limit=10):
     return ", ".join(parts)
 
 
-class _Collection:
-    """What every collection kind shares: binding, transaction checks, value coding."""
+class _Collection(_handle.HandleCore):
+    """What every collection kind shares: binding, transaction checks, value coding. The
+    fields (set in __init__ and _bind) are C slots of _core.handle.HandleCore."""
 
-    __slots__ = ("_tx", "_cid", "_base", "_mut", "_writes", "_reads", "_initial", "_ix", "_schema",
-                 "__weakref__")
+    __slots__ = ()
     KIND = None
 
     def __init__(self, initial=None):
@@ -275,7 +278,7 @@ class _Queryable:
         return Query(self._SOURCE(self), make_predicate(*predicates, **equalities))
 
 
-class _MapBase(_Queryable, _Collection, MutableMapping):
+class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
     """Shared by Dict and SortedDict: a mapping from keys to encoded values."""
 
     __slots__ = ()
@@ -287,24 +290,6 @@ class _MapBase(_Queryable, _Collection, MutableMapping):
     def _load_initial(self, initial):
         for k, v in initial.items():
             self[k] = v
-
-    def __getitem__(self, key):
-        tx = self._tx
-        if tx is None:
-            return self._initial[key]
-        if tx._closed:
-            self._struct()                      # raises TransactionClosedError
-        m = self._mut
-        try:                          # subscripting goes straight to the structure's C slot
-            raw = (self._base.data if m is None else m)[key]
-        except KeyError:
-            if self._reads is not None:
-                self._reads.add(key)  # an absent key is a read too (serializable)
-            raise
-        if self._reads is not None:
-            self._reads.add(key)
-        decode = tx._decode           # a slot read, then a call: no method lookup by name
-        return decode(raw)
 
     def get(self, key, default=None):
         tx = self._tx
@@ -333,23 +318,8 @@ class _MapBase(_Queryable, _Collection, MutableMapping):
             self._reads.add(key)
         return found
 
-    def __setitem__(self, key, value):
-        m = self._mut
-        tx = self._tx
-        if m is None or tx._closed:            # first write, free-standing, or ended
-            m = self._writable()
-            if m is None:
-                self._initial[key] = value
-                return
-        encode = tx._encode               # a slot read, then a call: no method lookup by name
-        raw = encode(value)
-        if self._ix is None:
-            m[key] = raw
-        else:
-            self._ix.put(key, raw, value)
-        self._writes.append(key)
-
-    def __delitem__(self, key):
+    # d[k], d[k] = v and del d[k] are _core.handle.MapCore's C slots; del d[k] comes here.
+    def _delete(self, key):
         m = self._writable()
         if m is None:
             del self._initial[key]
