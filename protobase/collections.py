@@ -291,34 +291,8 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
         for k, v in initial.items():
             self[k] = v
 
-    def get(self, key, default=None):
-        tx = self._tx
-        if tx is None:
-            return self._initial.get(key, default)
-        if tx._closed:
-            self._struct()
-        m = self._mut
-        raw = (self._base.data if m is None else m).get(key, MISSING)
-        if self._reads is not None:
-            self._reads.add(key)
-        if raw is MISSING:
-            return default
-        decode = tx._decode
-        return decode(raw)
-
-    def __contains__(self, key):
-        tx = self._tx
-        if tx is None:
-            return key in self._initial
-        if tx._closed:
-            self._struct()                      # raises TransactionClosedError
-        m = self._mut
-        found = key in (self._base.data if m is None else m)
-        if self._reads is not None:             # after the lookup: a refused key is no read
-            self._reads.add(key)
-        return found
-
-    # d[k], d[k] = v and del d[k] are _core.handle.MapCore's C slots; del d[k] comes here.
+    # d[k], d[k] = v, del d[k], get and `in` are _core.handle.MapCore's (C); del d[k]
+    # comes here.
     def _delete(self, key):
         m = self._writable()
         if m is None:
@@ -755,6 +729,19 @@ class _Source:
         """The key of the entry with row id ``rowid``, its value left undecoded."""
         return self._parts()[0][rowid]
 
+    def keys_of(self, rowids):
+        """key() of each row id in the sequence ``rowids``, as a list."""
+        keyof = self._parts()[0]
+        return [keyof[rid] for rid in rowids]
+
+    def unwritten(self):
+        """Whether the transaction is open and the collection has no writes of its own in
+        it: while so, the snapshot this source reads (and value_reader()) stays the same,
+        and once false it stays false for the rest of the transaction."""
+        h = self.h
+        tx = h._tx
+        return tx is not None and h._mut is None and not tx._closed
+
     def value_reader(self):
         """``key -> value`` for the entries as this transaction sees them now (the key as
         ``key``/``row`` give it), or None while the collection has writes of its own: its
@@ -848,6 +835,10 @@ class _ListSource(_Source):
     def key(self, rowid):
         _, order, label, _ = self._rows_parts()
         return order.bisect_left(label[rowid])
+
+    def keys_of(self, rowids):
+        _, order, label, _ = self._rows_parts()
+        return [order.bisect_left(label[rid]) for rid in rowids]
 
     def rows(self, ids):
         data, order, label, _ = self._rows_parts()

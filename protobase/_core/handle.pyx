@@ -34,12 +34,20 @@ Layout and invariants
 ``_cid``, ``_base`` (the snapshot's CollState or None), ``_mut`` (the transient once
 written, else None), ``_writes``, ``_reads`` (a set in serializable transactions, else
 None), ``_initial`` (the contents of a free-standing collection), ``_ix`` and
-``_schema``; all are ``public`` so the Python layer reads and writes them as attributes.
+``_schema``; the Python layer reads and writes them all as attributes.
+
+Five more are C-only caches, each kept with what it was read from and used only while
+that is still the handle's: ``snap`` (``_base.data``, the snapshot's structure: a Python
+property, read once per ``_base``) and ``dec``/``enc`` (the transaction's
+``_decode``/``_encode``, read once per ``_tx``). The codec methods are used only after the
+transaction was seen open: a closed transaction swaps its methods for ones that raise,
+and the open check comes first on every path.
 ``MapCore`` adds no fields, only the slots, so a Python class may inherit from both
 ``collections._Collection`` (a ``HandleCore``) and ``MapCore``: their layouts are the same.
 
-A subclass must not define ``__getitem__``, ``__setitem__`` or ``__delitem__`` in Python:
-that would put Python's generic slot wrapper back in front of these.
+``get`` and ``__contains__`` are here too (C methods, no Python frame). A subclass must
+not define any of the five in Python: for the subscripts that would put Python's generic
+slot wrapper back in front of these.
 
 Complexity: one hamt lookup or insert, O(log32 n); the Python calls are the codec's.
 """
@@ -55,6 +63,31 @@ cdef class HandleCore:
 
     cdef public object _tx, _cid, _base, _mut, _writes, _reads, _initial, _ix, _schema
     cdef object __weakref__
+    # C-only caches, each with what it was read from (compared by identity on use):
+    cdef object snap, snap_of          # _base.data (a Python property) of _base snap_of
+    cdef object dec, enc, codec_of     # _decode/_encode of the transaction codec_of
+
+
+
+cdef object _ABSENT = object()     # get()'s marker for a key the structure lacks
+
+
+# Module functions, not cdef methods: a vtable would change the types' tp_new, and
+# Python's own classes deriving from them are created through object.__new__ checks.
+cdef inline object _snapshot(HandleCore h):
+    base = h._base
+    if h.snap_of is not base:
+        h.snap = base.data
+        h.snap_of = base
+    return h.snap
+
+
+cdef inline int _codec(HandleCore h, tx) except -1:
+    if h.codec_of is not tx:
+        h.dec = tx._decode
+        h.enc = tx._encode
+        h.codec_of = tx
+    return 0
 
 
 cdef class MapCore(HandleCore):
@@ -66,17 +99,20 @@ cdef class MapCore(HandleCore):
             return self._initial[key]
         if tx._closed:
             self._struct()                       # raises TransactionClosedError
-        m = self._mut
+        data = self._mut
+        if data is None:
+            data = _snapshot(self)
         reads = self._reads
         try:
-            raw = (self._base.data if m is None else m)[key]
+            raw = data[key]
         except KeyError:
             if reads is not None:
                 reads.add(key)                   # an absent key is a read too (serializable)
             raise
         if reads is not None:                    # after the lookup: a refused key is no read
             reads.add(key)
-        return tx._decode(raw)
+        _codec(self, tx)                         # the transaction is open: checked above
+        return self.dec(raw)
 
     def __setitem__(self, key, value):
         m = self._mut
@@ -87,7 +123,8 @@ cdef class MapCore(HandleCore):
                 self._initial[key] = value
                 return
             tx = self._tx
-        raw = tx._encode(value)
+        _codec(self, tx)                         # the transaction is open: checked above
+        raw = self.enc(value)
         ix = self._ix
         if ix is None:
             m[key] = raw
@@ -97,3 +134,36 @@ cdef class MapCore(HandleCore):
 
     def __delitem__(self, key):
         self._delete(key)
+
+    def get(self, key, default=None):
+        tx = self._tx
+        if tx is None:
+            return self._initial.get(key, default)
+        if tx._closed:
+            self._struct()                       # raises TransactionClosedError
+        data = self._mut
+        if data is None:
+            data = _snapshot(self)
+        raw = data.get(key, _ABSENT)
+        reads = self._reads
+        if reads is not None:
+            reads.add(key)
+        if raw is _ABSENT:
+            return default
+        _codec(self, tx)
+        return self.dec(raw)
+
+    def __contains__(self, key):
+        tx = self._tx
+        if tx is None:
+            return key in self._initial
+        if tx._closed:
+            self._struct()                       # raises TransactionClosedError
+        data = self._mut
+        if data is None:
+            data = _snapshot(self)
+        found = key in data
+        reads = self._reads
+        if reads is not None:                    # after the lookup: a refused key is no read
+            reads.add(key)
+        return found
