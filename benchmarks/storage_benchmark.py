@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _harness import Row, median_time, print_table, write_json  # noqa: E402
 
-from protobase.storage import LogStore  # noqa: E402
+from protobase.storage import AtomBytesCache, LogStore  # noqa: E402
 
 try:
     import lmdb
@@ -184,6 +184,39 @@ def lmdb_bulk(d, atoms):
 
 # ---- the run -----------------------------------------------------------------------------
 
+def cache_put_many(ptrs, datas):
+    """A fresh commit's atoms into the atom cache (what finish does)."""
+    cache = AtomBytesCache(1 << 30)
+    payload = sum(map(len, datas))
+    t0 = time.perf_counter()
+    cache.put_many(ptrs, datas, payload)
+    return time.perf_counter() - t0
+
+
+def dict_update(ptrs, datas):
+    d = {}
+    t0 = time.perf_counter()
+    d.update(zip(ptrs, datas))
+    return time.perf_counter() - t0
+
+
+def cache_hits(store, ptrs):
+    """Reads of atoms all in the cache, through the store's C read path."""
+    read = store.read_atom
+    t0 = time.perf_counter()
+    for p in ptrs:
+        read(p)
+    return time.perf_counter() - t0
+
+
+def dict_hits(d, ptrs):
+    get = d.get
+    t0 = time.perf_counter()
+    for p in ptrs:
+        get(p)
+    return time.perf_counter() - t0
+
+
 def _paired(repeat, *fns):
     """Medians of each fn, run in turn (ours, baseline, ours, ...) so that both sides
     see the same disk weather: fsync latency on a shared machine drifts by the second."""
@@ -231,6 +264,26 @@ def run(quick=False):
                             lm_bulk[0], 0.5))
         rows.append(Row(f"bulk: {n_bulk} atoms, 1 commit + fsync", bulk, "sqlite 1 txn FULL",
                         sq_bulk))
+
+        ptrs = list(range(16, 16 + 108 * n_bulk, 108))
+        put, upd = _paired(repeat, lambda: cache_put_many(ptrs, atoms),
+                           lambda: dict_update(ptrs, atoms))
+        rows.append(Row(f"atom cache: insert a {n_bulk}-atom commit", put,
+                        "dict.update, same pairs", upd))
+        cpath = d.path("cache")
+        store = LogStore.open(cpath, durability="none", bytes_cache_size=1 << 30)
+        try:
+            c = store.begin_commit()
+            cptrs = c.write_atoms(atoms)
+            c.finish(cptrs[-1]).result()
+            plain = dict(zip(cptrs, atoms))
+            hit, dhit = _paired(repeat, lambda: cache_hits(store, cptrs),
+                                lambda: dict_hits(plain, cptrs))
+        finally:
+            store.close()
+            d.remove(cpath)
+        rows.append(Row(f"atom cache: {n_bulk} hits via read_atom", hit, "dict.get, same keys",
+                        dhit))
 
         large = d.path("large")
         ours_build_large(large, n_large)

@@ -260,14 +260,18 @@ class StoreIO:
     The kernels call these once per node, so each is bound straight to its C function
     (no Python frame in between): ``write_atom`` follows ``commit``, ``encode`` and
     ``decode`` are the methods of a codec Encoder/Decoder holding our hooks (no keyword
-    handling per node)."""
+    handling per node; id sets are encoded through codec.ExtDefault, with no Python
+    frame either)."""
 
     __slots__ = ("store", "_commit", "write_atom", "read_atom", "encode", "decode")
 
     def __init__(self, store):
         self.store = store
         self.read_atom = store.read_atom
-        self.encode = codec.Encoder(default=self._default).encode
+        # Id sets (one per posting of an index leaf) are written by the codec in C; only
+        # collection descriptors reach the Python hook.
+        self.encode = codec.Encoder(default=codec.ExtDefault(
+            _IdSet, EXT_IDSET, _IdSet.to_bytes, self._default)).encode
         self.decode = codec.Decoder(ext_hook=self._ext_hook).decode
         self.commit = None
 
@@ -282,8 +286,6 @@ class StoreIO:
         self.write_atom = c.write_atom if c is not None else _no_commit
 
     def _default(self, obj):
-        if type(obj) is _IdSet:        # one per posting of an index leaf: the common case
-            return EXT_IDSET, obj.to_bytes()
         if type(obj) is CollState:     # every collection in a rewritten table node
             enc = obj._enc
             return EXT_COLLSTATE, enc if enc is not None else obj._encoded(self)

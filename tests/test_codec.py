@@ -1026,3 +1026,102 @@ def test_decode_field_on_damaged_bytes_raises_decode_error_or_answers(data):
         codec.Decoder().decode_field(bytes(raw), "a", _MISSING, _OTHER)
     except DecodeError:
         pass
+
+
+# ---- ExtDefault: one exact type encoded in C, everything else to the fallback hook ----------
+
+class _Blob:
+    """A user type with a C-free to_bytes, and a subclass the fast path must not take."""
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def to_bytes(self):
+        return b"B" + self.payload
+
+
+class _SubBlob(_Blob):
+    pass
+
+
+class _Other:
+    pass
+
+
+def _plain_default(obj):
+    """The hook written the ordinary way: what ExtDefault must reproduce byte for byte."""
+    if type(obj) is _Blob:
+        return 70, obj.to_bytes()
+    if type(obj) is _SubBlob:
+        return 71, b"sub"
+    return None
+
+
+def _fallback(obj):
+    return (71, b"sub") if type(obj) is _SubBlob else None
+
+
+_blob_values = st.recursive(
+    st.one_of(st.integers(), st.text(max_size=5), st.none(),
+              st.binary(max_size=8).map(_Blob), st.binary(max_size=3).map(_SubBlob)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=3), inner, max_size=4),
+                            st.tuples(inner, inner)),
+    max_leaves=20)
+
+
+@settings(derandomize=True, max_examples=200, deadline=None)
+@given(_blob_values)
+def test_ext_default_encodes_exactly_like_the_python_hook(value):
+    fast = codec.ExtDefault(_Blob, 70, _Blob.to_bytes, _fallback)
+    want = codec.dumps(value, default=_plain_default)
+    assert codec.Encoder(default=fast).encode(value) == want
+    assert codec.dumps(value, default=fast) == want
+    back = codec.loads(want, ext_hook=lambda code, data: (code, data))
+    assert codec.loads(codec.Encoder(default=fast).encode(value),
+                       ext_hook=lambda code, data: (code, data)) == back
+
+
+def test_ext_default_called_from_python_answers_as_the_encoder_does():
+    fast = codec.ExtDefault(_Blob, 70, _Blob.to_bytes, _fallback)
+    assert fast(_Blob(b"x")) == (70, b"Bx")
+    assert fast(_SubBlob(b"x")) == (71, b"sub")          # exact type only: subclass falls back
+    assert fast(_Other()) is None
+    assert codec.ExtDefault(_Blob, 70, _Blob.to_bytes)(_Other()) is None
+    assert (fast.cls, fast.code, fast.to_bytes, fast.fallback) == (_Blob, 70, _Blob.to_bytes,
+                                                                   _fallback)
+
+
+def test_ext_default_refuses_bad_arguments_and_bad_bytes():
+    with pytest.raises(ValueError):
+        codec.ExtDefault(_Blob, 63, _Blob.to_bytes)
+    with pytest.raises(ValueError):
+        codec.ExtDefault(_Blob, 128, _Blob.to_bytes)
+    with pytest.raises(TypeError):
+        codec.ExtDefault(_Blob(b""), 70, _Blob.to_bytes)
+    with pytest.raises(TypeError):
+        codec.ExtDefault(_Blob, 70, None)
+    with pytest.raises(TypeError):
+        codec.ExtDefault(_Blob, 70, _Blob.to_bytes, 5)
+    bad = codec.ExtDefault(_Blob, 70, lambda b: bytearray(b.payload))
+    with pytest.raises(SerializationError) as info:
+        codec.Encoder(default=bad).encode({"k": [_Blob(b"x")]})
+    assert info.value.type_name == "_Blob"
+    with pytest.raises(SerializationError):
+        bad(_Blob(b"x"))
+    no_fallback = codec.Encoder(default=codec.ExtDefault(_Blob, 70, _Blob.to_bytes))
+    with pytest.raises(SerializationError):     # other values go on to the class path, which
+        no_fallback.encode(threading.Lock())    # still refuses what cannot be stored
+    boom = codec.ExtDefault(_Blob, 70, lambda b: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        codec.Encoder(default=boom).encode([_Blob(b"")])
+
+
+def test_ext_default_with_a_c_method_writes_id_sets_without_a_python_hook():
+    idset = load("idset")
+    ids = [idset.IdSet(range(i, 3 * i + 5, 2)) for i in range(10)]
+    fast = codec.ExtDefault(idset.IdSet, 65, idset.IdSet.to_bytes)
+    got = codec.Encoder(default=fast).encode({"p": ids})
+    assert got == codec.dumps({"p": ids}, default=lambda o: (65, o.to_bytes()))
+    back = codec.loads(got, ext_hook=lambda c, d: idset.IdSet.from_bytes(d))
+    assert [list(s) for s in back["p"]] == [list(s) for s in ids]

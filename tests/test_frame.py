@@ -154,7 +154,7 @@ def test_reader_returns_checked_atoms_from_the_mapping_or_pread(tmp_path, durabl
         second = 0 if durable == "all" else sum(len(d) > 4088 for d in datas)
         assert stats["reads"] == len(datas) + second and cache.misses == len(datas)
         if durable == "all":
-            assert r.mapped == end and len(cache) == 0     # mapped atoms skip the LRU
+            assert r.mapped == end and len(cache) == 0     # mapped atoms skip the cache
         else:
             assert r.mapped == 0 and len(cache) == len(datas)
             assert [r.read(p) for p in ptrs] == datas and cache.hits == len(datas)

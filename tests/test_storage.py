@@ -6,7 +6,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections import OrderedDict
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -423,52 +422,110 @@ def test_stats_report_the_figures_the_layer_above_shows(path):
     assert st_["file_size"] == st_["end"]
 
 
-# ---- AtomBytesCache: differential against a plain OrderedDict model --------------------
+# ---- AtomBytesCache: differential against a list-and-set model of second chance -----------
+
+class ClockModel:
+    """The cache's policy written the slow, obvious way: a list of pointers oldest first, a
+    set of reference bits, and a hand that takes the front entry, spares it (clears its
+    bit, sends it to the back) if referenced, else evicts it, until the low water mark."""
+
+    def __init__(self, max_bytes):
+        self.max = max_bytes
+        self.order, self.vals, self.ref = [], {}, set()
+        self.hits = self.misses = 0
+
+    def cost(self):
+        return sum(len(v) + ENTRY_OVERHEAD for v in self.vals.values())
+
+    def drop(self, p):
+        if p in self.vals:
+            self.order.remove(p)
+            del self.vals[p]
+            self.ref.discard(p)
+
+    def evict(self):
+        if self.cost() <= self.max:
+            return
+        while self.cost() > self.max - self.max // 8:
+            p = self.order.pop(0)
+            if p in self.ref:
+                self.ref.remove(p)
+                self.order.append(p)
+            else:
+                del self.vals[p]
+
+    def put(self, p, data):
+        self.drop(p)
+        if len(data) + ENTRY_OVERHEAD <= self.max:
+            self.order.append(p)
+            self.vals[p] = data
+            self.evict()
+
+    def get(self, p):
+        if p in self.vals:
+            self.hits += 1
+            self.ref.add(p)
+            return self.vals[p]
+        self.misses += 1
+        return None
+
+    def items(self):
+        return [(p, self.vals[p]) for p in self.order]
+
 
 class CacheMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.max = 1000
-        self.cache = AtomBytesCache(self.max)
-        self.model = OrderedDict()
-        self.hits = self.misses = 0
-
-    def _evict(self):
-        while sum(len(v) + ENTRY_OVERHEAD for v in self.model.values()) > self.max:
-            self.model.popitem(last=False)
+        self.cache = AtomBytesCache(1000)
+        self.model = ClockModel(1000)
+        self.next_ptr = 100
 
     @rule(ptr=st.integers(0, 30), n=st.integers(0, 1100))
     def put(self, ptr, n):
         data = bytes([ptr % 256]) * n
         self.cache.put(ptr, data)
-        self.model.pop(ptr, None)
-        if n + ENTRY_OVERHEAD <= self.max:
-            self.model[ptr] = data
-            self._evict()
+        self.model.put(ptr, data)
 
-    @rule(ptr=st.integers(0, 30))
+    @rule(sizes=st.lists(st.integers(0, 200), max_size=6))
+    def put_many(self, sizes):
+        # a fresh commit's atoms: pointers never cached before
+        ptrs = list(range(self.next_ptr, self.next_ptr + len(sizes)))
+        self.next_ptr += len(sizes)
+        datas = [bytes([p % 256]) * n for p, n in zip(ptrs, sizes)]
+        self.cache.put_many(ptrs, datas, sum(sizes))
+        m = self.model
+        if sum(sizes) + ENTRY_OVERHEAD * len(sizes) > m.max:
+            # the batch alone overflows: only its newest atoms that fit stay
+            m.order, m.vals, m.ref = [], {}, set()
+            while sum(n + ENTRY_OVERHEAD for n in sizes) > m.max:
+                sizes, ptrs, datas = sizes[1:], ptrs[1:], datas[1:]
+        m.order += ptrs
+        m.vals.update(zip(ptrs, datas))
+        m.evict()
+
+    @rule(ptr=st.integers(0, 130))
     def get(self, ptr):
-        got = self.cache.get(ptr)
-        want = self.model.get(ptr)
-        assert got == want
-        if want is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-            self.model.move_to_end(ptr)
+        assert self.cache.get(ptr) == self.model.get(ptr)
 
-    @rule(lo=st.integers(0, 30))
-    def discard(self, lo):
+    @rule(lo=st.integers(0, 130))
+    def discard_from(self, lo):
         self.cache.discard_from(lo)
-        for p in [p for p in self.model if p >= lo]:
-            del self.model[p]
+        for p in [p for p in self.model.order if p >= lo]:
+            self.model.drop(p)
+
+    @rule(ptrs=st.lists(st.integers(0, 130), max_size=4))
+    def discard(self, ptrs):
+        self.cache.discard(ptrs)
+        for p in ptrs:
+            self.model.drop(p)
 
     @invariant()
     def same_state(self):
-        assert list(self.cache._d.items()) == list(self.model.items())
-        assert self.cache.bytes == sum(len(v) + ENTRY_OVERHEAD for v in self.model.values())
-        assert self.cache.bytes <= self.max
-        assert (self.cache.hits, self.cache.misses) == (self.hits, self.misses)
+        assert list(self.cache._d.items()) == self.model.items()
+        assert self.cache._ref == self.model.ref
+        assert self.cache.bytes == self.model.cost() <= self.model.max
+        assert (self.cache.hits, self.cache.misses) == (self.model.hits, self.model.misses)
+        assert len(self.cache) == len(self.model.vals)
 
 
 TestCacheMachine = CacheMachine.TestCase
@@ -482,11 +539,71 @@ def test_put_many_keeps_the_newest_atoms_within_the_budget(datas, max_bytes):
     cache.put(-1, b"stale")
     ptrs = list(range(len(datas)))
     cache.put_many(ptrs, datas, sum(map(len, datas)))
-    model = OrderedDict([(-1, b"stale")] + list(zip(ptrs, datas)))
-    while sum(len(v) + ENTRY_OVERHEAD for v in model.values()) > max_bytes:
-        model.popitem(last=False)
-    assert list(cache._d.items()) == list(model.items())
-    assert cache.bytes == sum(len(v) + ENTRY_OVERHEAD for v in model.values())
+    batch = sum(len(v) + ENTRY_OVERHEAD for v in datas)
+    if batch > max_bytes:
+        # the batch alone overflows: the newest atoms that fit, within max_bytes itself
+        want = list(zip(ptrs, datas))
+        while sum(len(v) + ENTRY_OVERHEAD for _, v in want) > max_bytes:
+            want.pop(0)
+    else:
+        model = ClockModel(max_bytes)
+        model.put(-1, b"stale")
+        model.order += ptrs
+        model.vals.update(zip(ptrs, datas))
+        model.evict()
+        want = model.items()
+    assert list(cache._d.items()) == want
+    assert cache.bytes == sum(len(v) + ENTRY_OVERHEAD for _, v in want) <= max_bytes
+
+
+def test_an_entry_hit_since_the_last_sweep_outlives_older_and_newer_unhit_ones():
+    cache = AtomBytesCache(10 * (100 + ENTRY_OVERHEAD))
+    for p in range(10):
+        cache.put(p, bytes(100))
+    assert cache.get(0) == bytes(100) and cache.get(2) == bytes(100)
+    cache.put(10, bytes(100))           # over budget: sweep down to the low water mark
+    assert list(cache._d) == [5, 6, 7, 8, 9, 10, 0, 2] and not cache._ref
+    assert cache.bytes == 8 * (100 + ENTRY_OVERHEAD) <= cache.max_bytes * 7 // 8
+    for p in range(11, 40):             # never hit again: their second chance is spent
+        cache.put(p, bytes(100))
+    assert 0 not in cache and 2 not in cache
+
+
+def test_a_sweep_over_entries_all_hit_ends_and_then_evicts_in_age_order():
+    cache = AtomBytesCache(4 * (10 + ENTRY_OVERHEAD))
+    for p in range(4):
+        cache.put(p, bytes(10))
+        cache.get(p)
+    cache.put(4, bytes(10))             # the only unhit entry goes first, then the oldest
+    assert list(cache._d) == [1, 2, 3] and not cache._ref
+    assert cache.bytes == 3 * (10 + ENTRY_OVERHEAD)
+
+
+def test_hits_racing_inserts_and_sweeps_keep_the_byte_count_exact():
+    cache = AtomBytesCache(50 * (40 + ENTRY_OVERHEAD))
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            for p in range(0, 400, 7):
+                got = cache.get(p)
+                assert got is None or got == bytes([p % 256]) * 40
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for rnd in range(20):
+            for p in range(400):
+                cache.put(p, bytes([p % 256]) * 40)
+            cache.put_many(list(range(1000 + rnd * 10, 1010 + rnd * 10)), [bytes(40)] * 10, 400)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert cache.bytes == sum(len(v) + ENTRY_OVERHEAD for v in cache._d.values())
+    assert cache.bytes <= cache.max_bytes
+    assert cache.hits + cache.misses > 0
 
 
 # ---- the store against a model: random commits, aborts, reopens -------------------------

@@ -1,7 +1,8 @@
 """The value codec: Python values <-> MessagePack bytes with extension types (docs/format.md)."""
 from typing import Any, Callable, Final, Optional, Tuple, Union
 
-__all__ = ["dumps", "loads", "Encoder", "Decoder", "dumps_key", "register_class", "MAX_DEPTH"]
+__all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "dumps_key", "register_class",
+           "MAX_DEPTH"]
 
 __source_digest__: str
 
@@ -31,6 +32,20 @@ class Encoder:
 
     def encode(self, obj: Any, /) -> bytes:
         """The same bytes and errors as dumps(obj) with this encoder's hooks."""
+
+class ExtDefault:
+    """A `default` hook with one exact type handled in C: values of exactly `cls` become
+    extension `code` (64..127) holding `to_bytes(value)` (bytes); every other value goes to
+    `fallback` (None: not handled). Calling it answers as the encoder would."""
+
+    cls: type
+    code: int
+    to_bytes: Callable[[Any], bytes]
+    fallback: Optional[Default]
+
+    def __init__(self, cls: type, code: int, to_bytes: Callable[[Any], bytes],
+                 fallback: Optional[Default] = ...) -> None: ...
+    def __call__(self, obj: Any) -> Optional[Tuple[int, bytes]]: ...
 
 class Decoder:
     """loads() with its hooks bound once (the layers above keep one per transaction)."""

@@ -50,7 +50,7 @@ paths). Through Python each miss cost five frames (the store, the cache, the fil
 struct unpack, the cache insert): several microseconds a node, more than decoding it.
 ``AtomReader.read`` is the whole hot path as one C method the kernels call directly::
 
-    read(ptr) --hit--> cache dict (move to the LRU end)              -> bytes
+    read(ptr) --hit--> cache dict, reference bit set                  -> bytes
         |
         +--miss, real file, atom inside the part known fsynced (mapped read-only)
         |       prefix {n, crc} and n bytes copied from the mapping
@@ -243,7 +243,9 @@ cdef class AtomReader:
     live) and ``closed`` current."""
 
     cdef object cache
-    cdef object _d
+    cdef dict _d                  # the cache's entries and reference bits, reached through
+    cdef set _ref                 # the C API (a lookup and a set add per hit)
+    cdef long long[::1] _counts   # the cache's hit and miss counters, counted in place
     cdef object _lock
     cdef Py_ssize_t _overhead
     cdef object fallback
@@ -264,6 +266,8 @@ cdef class AtomReader:
                   Py_ssize_t durable=0):
         self.cache = cache
         self._d = cache._d
+        self._ref = cache._ref
+        self._counts = cache._counts
         self._lock = cache._lock
         self._overhead = cache.ENTRY_OVERHEAD
         self.fd = fd
@@ -315,16 +319,12 @@ cdef class AtomReader:
         cdef bytes data
         cdef char *out
         cdef uint32_t crc
-        cache = self.cache
         hit = self._d.get(ptr)
         if hit is not None:
-            try:
-                self._d.move_to_end(ptr)
-            except KeyError:      # evicted by another thread meanwhile: still a hit
-                pass
-            cache.hits += 1
+            self._ref.add(ptr)
+            self._counts[0] += 1
             return hit
-        cache.misses += 1
+        self._counts[1] += 1
         if self.fd < 0 or self.closed or self.salt is None or type(ptr) is not int:
             return self.fallback(ptr)
         try:
@@ -376,7 +376,7 @@ cdef class AtomReader:
         self.stats["reads"] += reads
         if p + ATOM_PREFIX > self.mapped:
             # A pread costs a system call: keep the bytes. A mapped atom is a copy from
-            # the OS page cache, no dearer than a hit, so it stays out of the LRU.
+            # the OS page cache, no dearer than a hit, so it stays out of the cache.
             self._put(ptr, data, n)
         return data
 
@@ -389,6 +389,7 @@ cdef class AtomReader:
         try:
             old = self._d.pop(ptr, None)
             if old is not None:
+                self._ref.discard(ptr)
                 cache.bytes -= len(old) + self._overhead
             if cost > cache.max_bytes:
                 return 0
