@@ -20,6 +20,15 @@ For each selectivity, in the same run and on the same queries:
 QPS and recall@10 against exact float64 brute force. Targets: recall >= 0.95 everywhere and
 ProtoBase QPS >= 0.8x the best single strategy at every selectivity.
 
+Each strategy's QPS is the best of up to ``--rounds`` passes over the queries, the
+strategies taking turns pass by pass (a strategy stops repeating once its passes took
+ROUND_BUDGET seconds): on a machine shared with other work a single pass of a few
+milliseconds measures mostly the neighbours. Every ProtoBase pass opens its own read
+transaction and makes its query object afresh, so each pays its first run's work (the
+filter through the btree index, the key lookups) as a single pass would; the vectors the
+shared HNSW index gathered for the admitted set stay from the previous pass, as they
+would for an application asking the same filter again.
+
 What the single strategies are given outside the timed loop, and what ProtoBase does: the
 admitted id set (they get it as a ready array/set; ProtoBase evaluates ``tag < t`` through
 the btree index on the query object's first run and reuses it while the collection has no
@@ -49,6 +58,7 @@ from protobase.vector import search  # noqa: E402
 
 SELECTIVITIES = (1.0, 0.3, 0.1, 0.05, 0.01, 0.005, 0.001)
 K = 10
+ROUND_BUDGET = 1.0
 
 
 def clustered(rng, n, dim, clusters):
@@ -68,11 +78,26 @@ def exact_topk(xn, admitted, qn, k):
 
 
 def timed(fn, queries):
+    """``(seconds, results)`` of one pass of ``fn`` over the queries."""
     out = []
     t0 = time.perf_counter()
     for q in queries:
         out.append(fn(q))
-    return len(queries) / (time.perf_counter() - t0), out
+    return time.perf_counter() - t0, out
+
+
+def best_of(passes, n_queries, rounds):
+    """``{name: (qps, results of its last pass)}``: each pass function (name -> () ->
+    (seconds, results)) run in turns, up to ``rounds`` times or ROUND_BUDGET seconds."""
+    best, spent, found = {}, {}, {}
+    for r in range(rounds):
+        for name, run in passes.items():
+            if r and spent[name] >= ROUND_BUDGET:
+                continue
+            seconds, found[name] = run()
+            spent[name] = spent.get(name, 0.0) + seconds
+            best[name] = max(best.get(name, 0.0), n_queries / seconds)
+    return {name: (best[name], found[name]) for name in passes}
 
 
 def recall(found, truth):
@@ -86,6 +111,7 @@ def main():
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--ef", type=int, default=search.DEFAULT_EF)
+    ap.add_argument("--rounds", type=int, default=20, help="passes per strategy, best kept")
     ap.add_argument("--quick", action="store_true", help="20k x 32, 50 queries")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args()
@@ -137,7 +163,6 @@ def main():
         truth = [exact_topk(xn, admitted, q, K) for q in qn]
         allowed = set(admitted.tolist())
         sub = xn[admitted]
-        alone.set_ef(max(ef, K))
 
         def with_filter(q):
             try:
@@ -163,20 +188,29 @@ def main():
                     return keep[:K]
                 fetch = min(n, fetch * 2)
 
-        results = {}
-        for name, fn in (("hnsw+filter", with_filter), ("numpy", brute), ("postfilter", post)):
-            qps, found = timed(fn, queries)
-            results[name] = (qps, recall(found, truth))
+        def ours_pass():
+            with db.transaction(readonly=True) as tx:
+                docs = tx["docs"]
+                query = docs.where() if sel == 1.0 else docs.where(pb.F.tag < limit)
+
+                def ours(q):
+                    return query.nearest("e", q, k=K, ef=ef).keys()
+
+                return timed(ours, queries)
+
+        def filter_pass():
+            alone.set_ef(max(ef, K))           # postfilter's passes leave it larger
+            return timed(with_filter, queries)
+
+        passes = {"hnsw+filter": filter_pass, "numpy": lambda: timed(brute, queries),
+                  "postfilter": lambda: timed(post, queries), "protobase": ours_pass}
+        results = {name: (qps, recall(found, truth))
+                   for name, (qps, found) in best_of(passes, len(queries), args.rounds).items()}
         with db.transaction(readonly=True) as tx:
-            query = tx["docs"].where() if sel == 1.0 else tx["docs"].where(pb.F.tag < limit)
-
-            def ours(q):
-                return query.nearest("e", q, k=K, ef=ef).keys()
-
-            qps, found = timed(ours, queries)
+            docs = tx["docs"]
+            query = docs.where() if sel == 1.0 else docs.where(pb.F.tag < limit)
             hits = query.nearest("e", queries[0], k=K, ef=ef)
             plan = hits.explain().splitlines()[1].split(":", 1)[1].strip()
-        results["protobase"] = (qps, recall(found, truth))
         best = max(results[s][0] for s in ("hnsw+filter", "numpy", "postfilter"))
         ratio = results["protobase"][0] / best
         cells = " | ".join(f"{results[s][0]:8.0f} q/s {results[s][1]:.3f}"

@@ -185,6 +185,38 @@ def test_top_k_kernel_picks_the_smallest_by_distance_then_id(pairs, k, one_minus
     assert all(type(d) is float for d in got_d)
 
 
+def test_kernels_take_only_one_dimensional_contiguous_arrays_of_their_item_type():
+    """The kernels read raw buffers: an array of another item type, shape or layout (or a
+    read-only output) is refused, never reinterpreted; read-only inputs are fine."""
+    vk = load("vkernel")
+    scores = np.array([0.5, 0.25, 0.75], np.float32)
+    ids = np.array([7, 3, 5], np.int64)
+    scores.flags.writeable = ids.flags.writeable = False
+    assert vk.top_k(scores, ids, 2, False) == ([3, 7], [0.25, 0.5])
+    assert vk.top_k(scores, ids, 5, True) == ([5, 7, 3], [0.25, 0.5, 0.75])
+    for bad_scores, bad_ids in ((scores.astype(np.float64), ids), (scores, ids.astype(np.int32)),
+                                (scores, ids.astype(np.uint64)), (scores, ids.astype(np.float64)),
+                                (np.tile(scores, (2, 1)), ids), (scores, ids[:2]),
+                                (np.repeat(scores, 2)[::2], ids), (b"abcdefghijkl", ids)):
+        with pytest.raises((ValueError, BufferError)):
+            vk.top_k(bad_scores, bad_ids, 2, False)
+    with pytest.raises(ValueError):
+        vk.top_k(scores, ids, -1, False)
+    v = np.array([3.0, 4.0], np.float32)
+    out = np.empty(2, np.float32)
+    assert vk.to_space(v, out, True) and out.tolist() == [np.float32(0.6), np.float32(0.8)]
+    assert vk.to_space64(v.astype(np.float64), out, False) and out.tolist() == [3.0, 4.0]
+    assert not vk.to_space(np.array([1.0, np.inf], np.float32), out, False)
+    frozen = np.empty(2, np.float32)
+    frozen.flags.writeable = False
+    for args in ((v.astype(np.float64), out), (v, out.astype(np.float64)), (v, frozen),
+                 (v, np.empty(3, np.float32)), (np.repeat(v, 2)[::2], out)):
+        with pytest.raises((ValueError, BufferError)):
+            vk.to_space(*args, True)
+    with pytest.raises(ValueError):
+        vk.to_space64(v, out, True)
+
+
 def test_index_follows_upserts_and_removes_like_brute_force():
     X = clustered(1, 3000, 16)
     ix = HnswIndex.open(make_spec("e", 16, "l2"), None, lambda: iter(()), 0)
@@ -611,6 +643,56 @@ def test_one_query_object_run_again_follows_own_writes_and_keeps_its_snapshot(pl
     with db.transaction(readonly=True) as tx:
         check_exact(tx["docs"].where(pb.F.tag < 20).nearest("e", q, k=8, ef=200),
                     brute(rows, q, "cosine", 8))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_query_object_keeps_its_scanned_vectors_only_while_they_are_its_snapshots(plans,
+                                                                                   metric):
+    """A reader's Query object scanned exactly keeps the admitted vectors (its snapshot's)
+    and ranks them again without the index: a commit that moves an admitted row next to
+    the query vector, deletes the nearest row and admits a new one changes nothing for it,
+    nor for a Query object first run after that commit (the change log makes it read the
+    moved rows from the snapshot). A writer's Query object follows its own writes after
+    keeping its vectors."""
+    plans("exact")
+    X = clustered(45, 600, 8)
+    db = pb.open()
+    fill(db, {i: X[i] for i in range(600)}, metric=metric)
+    q = X[20] * 1.0
+    snap = {key: X[key] for key in range(600) if key % 100 < 10}
+    with db.transaction(readonly=True) as reader:
+        kept = reader["docs"].where(pb.F.tag < 10)
+        first = [(key, d) for key, _, d in kept.nearest("e", q, k=5).scored()]
+        check_exact(kept.nearest("e", q, k=5), brute(snap, q, metric, 5))
+        assert kept._memo.scans["e"] is not None         # the path this test is about
+        far = max(snap, key=lambda key: float(np.sum((snap[key] - q) ** 2)))
+        with db.transaction() as tx:
+            docs = tx["docs"]
+            docs[far] = {"tag": far % 100, "e": (q * 1.0).tolist()}
+            del docs[first[0][0]]
+            docs[7000] = {"tag": 1, "e": (q * 1.0).tolist()}
+        assert [(key, d) for key, _, d in kept.nearest("e", q, k=5).scored()] == first
+        assert [v["e"] for v in kept.nearest("e", q, k=1)] == [X[first[0][0]].tolist()]
+        late = reader["docs"].where(pb.F.tag < 10)
+        assert [(key, d) for key, _, d in late.nearest("e", q, k=5).scored()] == first
+        assert late._memo.scans.get("e") is None         # its rows moved: read, not kept
+        assert kept.nearest("e", q, k=5).explain().startswith("ExactVectorScan")
+    now = dict(snap)
+    now[far] = q * 1.0
+    del now[first[0][0]]
+    now[7000] = q * 1.0
+    with db.transaction() as tx:
+        docs = tx["docs"]
+        query = docs.where(pb.F.tag < 10)
+        check_exact(query.nearest("e", q, k=5), brute(now, q, metric, 5))
+        query.nearest("e", q, k=5).keys()
+        assert query._memo.scans["e"] is not None
+        docs[7000] = {"tag": 50, "e": (q * 1.0).tolist()}        # leaves the filter
+        docs[far] = {"tag": far % 100, "e": (-q).tolist()}
+        del now[7000]
+        now[far] = -q
+        check_exact(query.nearest("e", q, k=5), brute(now, q, metric, 5))
+        assert 7000 not in query.nearest("e", q, k=5).keys()
 
 
 def test_one_query_object_on_a_list_answers_positions_of_its_own_state():

@@ -45,7 +45,8 @@ class QuerySource(Protocol):
         """Number of entries, O(1)."""
 
     # Optional, used by protobase.vector when present: ``key(rowid)`` (the key alone, no
-    # value decoded), ``value_reader()`` (key -> value as of now, or None), and
+    # value decoded) and ``keys_of(rowids)`` (a list of them), ``value_reader()`` (key ->
+    # value as of now, or None), ``unwritten()`` (open and no writes of its own), and
     # ``vector_spec/vector_index/snapshot_seq/written_ids`` (see collections._Source).
 
 

@@ -407,6 +407,16 @@ class HnswIndex:
             self._gathered = kept
             return self._rank(rowids, mat, q, k)
 
+    def gathered(self, ids):
+        """``(rowids, vectors)`` that top_set keeps for the IdSet ``ids`` (the rows that
+        have a vector, and theirs), or None when it keeps none current. The arrays are
+        never written to: a caller may keep them."""
+        with self._lock:
+            hit = self._gathered.get(hash(ids))
+            if hit is not None and hit[1] == self._version and (hit[0] is ids or hit[0] == ids):
+                return hit[2], hit[3]
+            return None
+
     def reused(self, ids):
         """Whether an exact scan of the IdSet ``ids`` would find its vectors gathered: they
         were gathered since the last change, or the set was asked about before and fits

@@ -21,12 +21,16 @@ TransactionClosedError as any read does. The index's lock is held from reading t
 log to the last vector read from the index.
 
 A Query object run again while its collection has no writes in the transaction reuses
-what its first run found in the (then frozen) snapshot: the admitted ids and the keys of
-rows returned, kept on the query (``Query._memo``; a derived query starts without). The
-snapshot is frozen then because a collection's first write makes ``value_reader()`` None
-for the rest of the transaction, and ``where()`` recorded the read already. Every run
-still asks the change log, so rows a later commit moved in the shared index are read from
-the snapshot as above.
+what its runs found in the (then frozen) snapshot, kept on the query (``Query._memo``, a
+_Memo; a derived query starts without): the admitted ids, the keys of rows returned, the
+field's spec, the value reader, and, for a set scanned exactly while the change log showed
+none of its rows moved after the snapshot, the vectors gathered then. Those are the
+snapshot's own vectors, and the snapshot does not change, so later runs rank them without
+asking the index or its change log (``_Memo.scans``; small sets only, see _MEMO_BYTES). The
+snapshot is frozen while ``unwritten()`` holds: a collection's first write ends it for the
+rest of the transaction, and ``where()`` recorded the read already. Runs without such a
+scan still ask the change log, so rows a later commit moved in the shared index are read
+from the snapshot as above.
 
 Plans for the trusted set, chosen by estimated cost from its size ``s`` against the
 index's ``n`` rows (selectivity ``s/n``; constants below):
@@ -55,7 +59,7 @@ from ..query import MISSING, extract
 from ..query.expr import All, split_path
 from .._core import load
 from . import METRICS, as_vector
-from .hnsw import distances, normalize
+from .hnsw import _BLOCK, distances, normalize
 
 _vk = load("vkernel")
 
@@ -78,6 +82,9 @@ CANDIDATE_COST = 3.0
 OVERFETCH_MARGIN = 1.5
 MAX_OVERFETCH = 4096
 DEFAULT_EF = 64
+# A query object keeps the vectors of an exactly scanned set up to this size (1000 rows of
+# 128 floats use half of it); larger sets are left to the index's own gathers.
+_MEMO_BYTES = 1 << 20
 
 
 def nearest(query, field, vector, k=10, ef=None, metric=None):
@@ -94,6 +101,42 @@ def nearest(query, field, vector, k=10, ef=None, metric=None):
     return Hits(query, field, vector, k, ef, metric)
 
 
+class _Memo:
+    """What the runs of one Query object keep while its collection has no writes in the
+    transaction (its snapshot is frozen then; see the module's docstring)."""
+
+    __slots__ = ("admitted", "read", "seq", "keys", "specs", "indexes", "scans")
+
+    def __init__(self, admitted, read, seq):
+        self.admitted = admitted     # query.matching_ids()
+        self.read = read             # the source's value_reader()
+        self.seq = seq               # the source's snapshot_seq()
+        self.keys = {}               # rowid -> key, the rows returned so far
+        self.specs = {}              # field -> vector_spec(field)
+        self.indexes = {}            # field -> vector_index(field)
+        self.scans = {}              # field -> (metric, index, rowids, vectors, plans): the
+                                     # snapshot's vectors; plans: (k, ef, n) -> exact wins
+
+    def keys_of(self, source, ids):
+        """The keys of the row ids ``ids`` (a sequence), each looked up once per query
+        object."""
+        keys = self.keys
+        try:
+            return [keys[rid] for rid in ids]
+        except KeyError:
+            missing = [rid for rid in ids if rid not in keys]
+            keys.update(zip(missing, source.keys_of(missing)))
+            return [keys[rid] for rid in ids]
+
+
+def _frozen(query):
+    """The query's _Memo when its snapshot is still frozen, else None."""
+    memo = query._memo
+    if memo is not None and query._source.unwritten():
+        return memo
+    return None
+
+
 class Hits:
     """The result of ``nearest()``, computed on first use: iterating yields values in
     ascending distance; ``scored()`` yields ``(key, value, distance)``. Values are decoded
@@ -105,7 +148,14 @@ class Hits:
     def __init__(self, query, field, vector, k, ef, metric):
         self._query = query
         self._field = field
-        self._spec = spec = _spec(query._source, field)
+        memo = _frozen(query)
+        if memo is None:
+            spec = _spec(query._source, field)
+        else:
+            specs = memo.specs
+            spec = specs[field] if field in specs else specs.setdefault(
+                field, _spec(query._source, field))
+        self._spec = spec
         self._metric = metric = metric or (spec["metric"] if spec else "cosine")
         self._vector = _in_space(vector, spec["dim"] if spec else None, metric)  # refused now
         self._k = k
@@ -183,17 +233,21 @@ def _spec(source, field):
 
 # ---------------------------------------------------------------------------- planning
 
+_F32 = np.dtype(np.float32)       # a native float32 array's dtype is this very object
+
+
 def _in_space(vector, dim, metric):
     """The query vector checked (VectorError when bad) and in index space: a new float32
     array, at unit length for cosine (``_core.vkernel.to_space``: one C call for a float32
     vector of the right shape, the usual case)."""
-    out = None
-    if (type(vector) is np.ndarray and vector.dtype == np.float32 and vector.ndim == 1
-            and len(vector) and (dim is None or len(vector) == dim)
-            and vector.flags.c_contiguous):
+    if (type(vector) is np.ndarray and vector.dtype is _F32 and vector.ndim == 1
+            and len(vector) and (dim is None or len(vector) == dim)):
         out = np.empty(len(vector), np.float32)
-        if _vk.to_space(vector, out, metric == "cosine"):
-            return out
+        try:
+            if _vk.to_space(vector, out, metric == "cosine"):
+                return out
+        except ValueError:                 # not contiguous: converted below
+            pass
     q = as_vector(vector, dim)             # names the bad item, or converts what it may
     out = np.empty(len(q), np.float32)
     _vk.to_space(q, out, metric == "cosine")
@@ -201,6 +255,13 @@ def _in_space(vector, dim, metric):
 
 
 def _search(query, field, spec, qs, k, ef, metric):
+    memo = _frozen(query)
+    if memo is not None and k:
+        scan = memo.scans.get(field)
+        if scan is not None and scan[0] == metric:
+            found = _rescan(query, memo, scan, field, qs, k, ef or DEFAULT_EF)
+            if found is not None:
+                return found
     source = query._source
     index = None
     if spec is None:
@@ -208,7 +269,12 @@ def _search(query, field, spec, qs, k, ef, metric):
     elif metric != spec["metric"]:
         why = f"the index ranks by {spec['metric']}, {metric} was asked for"
     else:
-        index = source.vector_index(field)
+        if memo is None:
+            index = source.vector_index(field)
+        else:
+            indexes = memo.indexes
+            index = indexes[field] if field in indexes else indexes.setdefault(
+                field, source.vector_index(field))
         why = "hnswlib is not installed"
     if index is None:
         keys, values, dists, ranked = _scan_items(query, split_path(field), qs, metric, k)
@@ -216,27 +282,29 @@ def _search(query, field, spec, qs, k, ef, metric):
             f"ExactVectorScan nearest {field!r} k={k} metric={metric}\n"
             f"  strategy: exact numpy scan of the query's rows\n"
             f"  why: {why}\n  rows ranked: {ranked}")
-    keys, values, dists, read, why = _indexed(query, source, index, field, qs, metric, k, ef)
-    return keys, values, dists, read, lambda: (
-        f"{why[0]} nearest {field!r} k={k} metric={metric}\n{_why(*why[1:])}")
+    keys, values, dists, read, why = _indexed(query, source, index, field, qs, metric, k, ef,
+                                              memo)
+    return keys, values, dists, read, _explained(field, k, metric, why)
 
 
-def _indexed(query, source, index, field, q, metric, k, ef):
+def _indexed(query, source, index, field, q, metric, k, ef, memo):
     """``(keys, values, dists, read, why)`` for a query on an indexed field (the first four
-    as _finish gives them); ``_why(*why)`` explains."""
-    read = source.value_reader() if hasattr(source, "value_reader") else None
-    if read is not None:
-        # No writes of its own (value_reader's contract): the same ids as last time.
-        memo = query._memo
-        if memo is None:
-            memo = query._memo = (query.matching_ids(), {})
-        admitted, keys = memo
-        written = None
+    as _finish gives them); ``_why(*why)`` explains. ``memo``: the query's _Memo when its
+    snapshot is frozen (_frozen), else None."""
+    written = None
+    if memo is None:
+        read = source.value_reader() if hasattr(source, "value_reader") else None
+        seq = source.snapshot_seq() if hasattr(source, "snapshot_seq") else None
+        if read is not None:
+            # No writes of its own (value_reader's contract): the query object's first run.
+            memo = query._memo = _Memo(query.matching_ids(), read, seq)
+            admitted = memo.admitted
+        else:
+            admitted = query.matching_ids()
+            written = source.written_ids() if hasattr(source, "written_ids") else None
     else:
-        admitted, keys = query.matching_ids(), None
-        written = source.written_ids() if hasattr(source, "written_ids") else None
+        read, seq, admitted = memo.read, memo.seq, memo.admitted
     no_filter = isinstance(query._pred, All)
-    seq = source.snapshot_seq() if hasattr(source, "snapshot_seq") else None
     ef = ef or DEFAULT_EF
     # Held from the change log to the last vector read from the index: a commit that moved
     # a trusted row in between would make its vector differ from the snapshot's.
@@ -266,14 +334,59 @@ def _indexed(query, source, index, field, q, metric, k, ef):
         elif _exact_wins(index, trusted, s, k, ef, sel):
             cand_ids, cand_d = index.top_set(trusted, q, k)
             name, plan = "ExactVectorScan", "exact numpy scan of {s} admitted vectors"
+            if memo is not None and suspect is None and field not in memo.scans:
+                _keep_scan(memo, field, metric, index, trusted)
         elif _fetch(k, sel) > MAX_OVERFETCH:
             cand_ids, cand_d = _rescore(index, _filtered(index, trusted, q, k, ef), q, k)
             name, plan = "VectorSearch", "hnsw with a filter callable (ef={ef})"
         else:
             cand_ids, cand_d, plan = _overfetch(index, trusted, q, k, ef, sel)
             name = "VectorSearch"
-    return (*_finish(source, field, q, metric, k, cand_ids, cand_d, suspect, read, keys),
+    return (*_finish(source, field, q, metric, k, cand_ids, cand_d, suspect, read, memo),
             (name, plan, s, n, sel, k, ef, reread, changed is None))
+
+
+def _keep_scan(memo, field, metric, index, trusted):
+    """Keep on the memo the vectors top_set just gathered for ``trusted`` (every admitted
+    row; called under the index's lock with none of them moved after the snapshot, so
+    they are the snapshot's own vectors), when they are few enough (else None, so that
+    later runs do not ask again)."""
+    got = index.gathered(trusted)
+    if got is not None and len(got[0]) <= _BLOCK and got[1].nbytes <= _MEMO_BYTES:
+        memo.scans[field] = (metric, index, *got, {})
+    else:
+        memo.scans[field] = None           # the set stays as large: not asked again
+
+
+def _rescan(query, memo, scan, field, q, k, ef):
+    """_search's answer from a scan kept on the memo (the snapshot's own vectors of every
+    admitted row), or None when the cost model would not scan exactly now (a larger k,
+    or the index grew)."""
+    metric, index, rowids, mat, plans = scan
+    n = len(index)
+    s = len(memo.admitted)
+    wins = plans.get((k, ef, n))
+    if wins is None:
+        wins = plans[k, ef, n] = (s * EXACT_WARM_ROW_COST
+                                  <= max(ef, _fetch(k, s / max(n, 1))) * CANDIDATE_COST)
+    if not wins:
+        return None
+    if metric == "l2":
+        ids, dists = _vk.top_k(distances(mat, q, "l2"), rowids, k, False)
+    else:
+        ids, dists = _vk.top_k(mat.dot(q), rowids, k, True)
+    why = ("ExactVectorScan", "exact numpy scan of {s} admitted vectors", s, n,
+           s / max(n, 1), k, ef, 0, False)
+    if not ids:
+        return [], [], [], None, _explained(field, k, metric, why)
+    return memo.keys_of(query._source, ids), None, dists, memo.read, _explained(
+        field, k, metric, why)
+
+
+def _explained(field, k, metric, why):
+    """explain()'s text for a search by the plan ``why`` (as _indexed gives it), written
+    out only when asked for."""
+    return lambda: f"{why[0]} nearest {field!r} k={k} metric={metric}\n{_why(*why[1:])}"
 
 
 def _exact_wins(index, trusted, s, k, ef, sel):
@@ -320,6 +433,8 @@ def _fetch(k, sel):
 
 
 def _overfetch(index, trusted, q, k, ef, sel):
+    """The best k of hnswlib's neighbours that the IdSet ``trusted`` admits, asking for
+    more until k are found."""
     n = len(index)
     fetch = min(n, _fetch(k, sel))
     while True:
@@ -379,19 +494,20 @@ def _stack(raw, keys, ok, dim):
     return np.stack(vecs)
 
 
-def _finish(source, field, q, metric, k, cand_ids, cand_d, suspect, read, keys):
+def _finish(source, field, q, metric, k, cand_ids, cand_d, suspect, read, memo):
     """Merge the trusted candidates (ids and exact distances from the index's copy, which
     equals the snapshot's vector for rows unchanged since the snapshot) with the suspect
     rows (an IdSet, or None), ranked with the snapshot's own vectors. ``read`` is the
-    source's value_reader() (None: decode at once), ``keys`` a rowid -> key memo valid for
-    this snapshot (or None). ``(keys, values, dists, read)`` of the k rows returned, where
-    a trusted row's value is _UNREAD when it can be read later through ``read`` (values
-    None: all of them; read None: none of them)."""
+    source's value_reader() (None: decode at once), ``memo`` the query's _Memo when the
+    snapshot is frozen (or None). ``(keys, values, dists, read)`` of the k rows returned,
+    where a trusted row's value is _UNREAD when it can be read later through ``read``
+    (values None: all of them; read None: none of them)."""
     if k == 0:
         return [], [], [], None
-    if suspect is None and keys is not None:      # the usual case: trusted rows, read later
-        found = [keys[rid] if rid in keys else _key(source, keys, rid) for rid in cand_ids]
-        return (found, None, cand_d, read) if found else ([], [], [], None)
+    if suspect is None and memo is not None:      # the usual case: trusted rows, read later
+        if not len(cand_ids):
+            return [], [], [], None
+        return memo.keys_of(source, cand_ids), None, cand_d, read
     rows = {}
     if suspect is not None:
         pairs = [source.row(rid) for rid in suspect]
@@ -412,17 +528,11 @@ def _finish(source, field, q, metric, k, cand_ids, cand_d, suspect, read, keys):
             key, value = source.row(rid)
         else:
             lazy = True
-            key = (source.key(rid) if keys is None
-                   else keys[rid] if rid in keys else _key(source, keys, rid))
+            key = source.key(rid) if memo is None else memo.keys_of(source, [rid])[0]
             value = _UNREAD
         out_keys.append(key)
         out_values.append(value)
     return out_keys, out_values, cand_d, (read if lazy else None)
-
-
-def _key(source, keys, rid):
-    key = keys[rid] = source.key(rid)
-    return key
 
 
 def _scan_items(query, parts, q, metric, k):
