@@ -346,12 +346,11 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
         data = after.data
         for key in dict.fromkeys(self._writes):
             rid = rowid.get(key)
+            old = old_rowid.get(key) if old_rowid is not None else None
+            if old is not None and old != rid:
+                yield old, MISSING      # deleted, or deleted and put again under a new row id
             if rid is not None:
                 yield rid, data[key]
-            elif old_rowid is not None:
-                rid = old_rowid.get(key)
-                if rid is not None:
-                    yield rid, MISSING
 
     def _merge(self, head, mine):
         self._check_writes(head)

@@ -1028,3 +1028,26 @@ def test_a_sorted_dict_with_keys_in_reverse_row_id_order_is_searched_exactly():
         check_exact(tx["docs"].nearest("e", X[3], k=7), brute(rows, X[3], "l2", 7))
         tagged = {1000 - i: X[i] for i in range(200) if i % 4 == 1}
         check_exact(tx["docs"].where(tag=1).nearest("e", X[3], k=5), brute(tagged, X[3], "l2", 5))
+
+
+def test_a_key_deleted_and_put_again_in_one_transaction_leaves_no_stale_row_in_hnsw(tmp_path):
+    # The re-put row gets a new row id; the old one must leave the shared HNSW index too,
+    # or the graph keeps proposing a row no snapshot has (answers stay exact, but every
+    # unfiltered query spends candidates on it) and a reopen's catch-up disagrees.
+    db = pb.open(str(tmp_path / "v.pb"))
+    with db.transaction() as tx:
+        tx["docs"] = pb.Dict({i: {"e": [float(i), 1.0, 0.5, 0.25]} for i in range(6)})
+        tx["docs"].create_vector_index("e", dim=4, metric="l2")
+    with db.transaction() as tx:
+        tx["docs"].nearest("e", [0.0, 1.0, 0.5, 0.25], k=1).keys()     # load the index
+    (index,) = db._vectors.values()
+    with db.transaction() as tx:
+        del tx["docs"][4]                                          # first write: a delete
+        tx["docs"][4] = {"e": [40.0, 1.0, 0.5, 0.25]}                # same key, new row id
+        tx["docs"][2] = {"e": [2.0, 1.0, 0.5, 0.25]}
+        del tx["docs"][2]
+    assert len(index) == 5
+    with db.transaction(readonly=True) as tx:
+        hits = tx["docs"].nearest("e", [40.0, 1.0, 0.5, 0.25], k=6)
+        assert hits.keys() == [4, 5, 3, 1, 0]
+    db.close()
