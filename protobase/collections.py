@@ -426,8 +426,8 @@ class _Rows:
         """Index ``field`` over every row, reading only that field of each stored value
         (``Decoder.decode_fields``: no row is decoded whole unless it is not a plain dict)."""
         parts = IndexSpec(field).parts
-        decode = self.owner._tx._decode
-        decoder = decode.__self__                    # the transaction's Decoder
+        tx = self.owner._tx
+        decode, decoder = tx._decode, tx._decoder
         with Index.bulk:
             if self._row_cache is None:            # kept for the next index built
                 self._row_cache = self._row_raws()

@@ -287,8 +287,7 @@ class StoreIO:
 
     def _default(self, obj):
         if type(obj) is CollState:     # every collection in a rewritten table node
-            enc = obj._enc
-            return EXT_COLLSTATE, enc if enc is not None else obj._encoded(self)
+            return EXT_COLLSTATE, obj._encoded(self)
         return None
 
     def _ext_hook(self, code, data):

@@ -31,8 +31,8 @@ class Transaction:
     commit()/abort() yourself."""
 
     __slots__ = ("_db", "_snapshot", "_readonly", "_serializable", "_closed", "_handles",
-                 "_dirty", "_new", "_hook", "_resolver", "_encode", "_decode", "_started",
-                 "__weakref__")
+                 "_dirty", "_new", "_hook", "_resolver", "_encode", "_decode", "_decoder",
+                 "_started", "__weakref__")
 
     def __init__(self, db, snapshot, readonly=False, isolation="snapshot"):
         if isolation not in ISOLATION_LEVELS:
@@ -51,7 +51,8 @@ class Transaction:
         # Every value written or read goes through these: the hooks are bound once here
         # instead of being passed by keyword on each call.
         self._encode = codec.Encoder(ref_hook=self._hook).encode
-        self._decode = codec.Decoder(ref_resolver=self._resolver).decode
+        self._decoder = codec.Decoder(ref_resolver=self._resolver)  # index builds read fields
+        self._decode = self._decoder.decode
 
     # -- the root ----------------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class Transaction:
         self._handles = _NO_HANDLES
         self._dirty = self._new = ()
         self._hook = self._resolver = self._encode = self._decode = self._ended
+        self._decoder = None
 
     @staticmethod
     def _ended(*args):
