@@ -24,6 +24,9 @@ from setuptools import Extension, setup
 HERE = Path(__file__).parent
 CORE = HERE / "protobase" / "_core"
 MODULES = ["hamt", "pvec", "btree", "idset", "codec", "frame", "vkernel", "handle"]
+# vkernel's distances are defined bit for bit (its essay): no multiply-add may be fused,
+# which gcc does by default wherever the target has FMA (arm64).
+MODULE_CFLAGS = {"vkernel": ["-ffp-contract=off"]}
 
 
 def _flag(name):
@@ -72,7 +75,7 @@ def extensions():
             f"protobase._core.{m}",
             [f"protobase/_core/{m}.pyx"],
             define_macros=macros + [("PB_SOURCE_DIGEST", f'"{digests[m]}"')],
-            extra_compile_args=cflags,
+            extra_compile_args=cflags + MODULE_CFLAGS.get(m, []),
         )
         for m in names
     ]

@@ -62,30 +62,24 @@ _NONE.flags.writeable = False
 
 
 def normalize(mat):
-    """Rows scaled to unit length exactly as hnswlib's cosine space does (zero stays zero)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", mat, mat, dtype=np.float32)) + np.float32(1e-30)
-    return (mat / norms[:, None]).astype(np.float32, copy=False)
+    """Rows scaled to unit length, each as ``_core.vkernel.to_space`` scales a query vector
+    (zero stays zero): one computation for stored and query vectors alike, on any CPU."""
+    mat = np.ascontiguousarray(mat, dtype=np.float32)
+    out = np.empty_like(mat)
+    if len(mat) and not _vk.rows_to_space(mat, out, True):
+        raise VectorError("a vector must hold finite numbers")
+    return out
 
 
 def distances(mat, q, metric):
-    """hnswlib's distance from each row of ``mat`` to ``q`` (both already in index space:
-    normalized for cosine): squared L2, or ``1 - dot`` for ip and cosine.
-
-    Works in blocks of _BLOCK rows: a larger matrix-vector product makes OpenBLAS start
-    its threads, which on a busy machine costs far more than the product itself."""
-    if len(mat) <= _BLOCK:
-        if metric == "l2":
-            diff = mat - q
-            return np.einsum("ij,ij->i", diff, diff)
-        return np.float32(1.0) - mat.dot(q)
+    """The distance from each row of ``mat`` to ``q`` (both already in index space:
+    normalized for cosine): squared L2, or ``1 - dot`` for ip and cosine. Computed by
+    ``_core.vkernel.distances`` in one fixed summation order, so every path that ranks a
+    row gives it the same float32 on every CPU (numpy's BLAS and einsum kernels do not)."""
+    mat = np.ascontiguousarray(mat, dtype=np.float32)
     out = np.empty(len(mat), dtype=np.float32)
-    for lo in range(0, len(mat), _BLOCK):
-        block = mat[lo:lo + _BLOCK]
-        if metric == "l2":
-            diff = block - q
-            out[lo:lo + _BLOCK] = np.einsum("ij,ij->i", diff, diff)
-        else:
-            out[lo:lo + _BLOCK] = np.float32(1.0) - block @ q
+    if len(mat):
+        _vk.distances(mat, np.ascontiguousarray(q, dtype=np.float32), out, metric == "l2")
     return out
 
 
@@ -97,7 +91,6 @@ class HnswIndex:
         self.spec = dict(spec)
         self.dim = spec["dim"]
         self.metric = spec["metric"]
-        self._dots = self.metric != "l2"      # ranked by 1 - dot product (top_k's one_minus)
         self._hnsw = hnswlib.Index(space=self.metric, dim=self.dim)
         self._lock = self.lock = threading.RLock()
         self._pos = np.full(1, -1, dtype=np.int64)
@@ -387,8 +380,6 @@ class HnswIndex:
             hit = self._gathered.get(key)
             if hit is not None and hit[1] == self._version and (hit[0] is ids or hit[0] == ids):
                 mat = hit[3]
-                if len(mat) <= _BLOCK and self._dots:     # the usual case, one step shorter
-                    return _vk.top_k(mat.dot(q), hit[2], k, True)
                 return self._rank(hit[2], mat, q, k)
             rowids = ids.to_numpy()
             budget = self._live // 4           # rows kept, over every set kept
@@ -436,19 +427,16 @@ class HnswIndex:
 
     def _rank(self, rowids, rows, q, k):
         """top_k over ``rows``: a gathered matrix, or slots of _vecs gathered here block
-        by block (a large gather at once would be a large temporary)."""
-        cosine_like = self._dots
+        by block (a large gather at once would be a large temporary). Distances come from
+        distances() alone (one computation on every path)."""
+        metric = self.metric
         if type(rows) is np.ndarray and rows.ndim == 2:
-            if len(rows) <= _BLOCK:
-                scores = rows.dot(q) if cosine_like else distances(rows, q, "l2")
-                return _vk.top_k(scores, rowids, k, cosine_like)
-            blocks = ((lo, rows[lo:lo + _BLOCK]) for lo in range(0, len(rows), _BLOCK))
-        else:
-            blocks = ((lo, self._vecs[rows[lo:lo + _BLOCK]]) for lo in range(0, len(rows), _BLOCK))
+            return _vk.top_k(distances(rows, q, metric), rowids, k, False)
         scores = np.empty(len(rowids), dtype=np.float32)
-        for lo, block in blocks:
-            scores[lo:lo + len(block)] = block.dot(q) if cosine_like else distances(block, q, "l2")
-        return _vk.top_k(scores, rowids, k, cosine_like)
+        for lo in range(0, len(rows), _BLOCK):
+            block = self._vecs[rows[lo:lo + _BLOCK]]
+            scores[lo:lo + len(block)] = distances(block, q, metric)
+        return _vk.top_k(scores, rowids, k, False)
 
     def knn(self, vector, k, ef=None, filter=None):
         """``(labels, distances)`` of up to ``k`` nearest live rows, ascending distance;

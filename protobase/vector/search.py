@@ -371,10 +371,7 @@ def _rescan(query, memo, scan, field, q, k, ef):
                                   <= max(ef, _fetch(k, s / max(n, 1))) * CANDIDATE_COST)
     if not wins:
         return None
-    if metric == "l2":
-        ids, dists = _vk.top_k(distances(mat, q, "l2"), rowids, k, False)
-    else:
-        ids, dists = _vk.top_k(mat.dot(q), rowids, k, True)
+    ids, dists = _vk.top_k(distances(mat, q, metric), rowids, k, False)
     why = ("ExactVectorScan", "exact numpy scan of {s} admitted vectors", s, n,
            s / max(n, 1), k, ef, 0, False)
     if not ids:
