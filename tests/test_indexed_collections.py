@@ -267,3 +267,84 @@ def test_index_built_over_existing_rows_of_every_shape_matches_a_scan(rows, kind
             for pred in (field == operand, field.exists(), field >= 0):
                 assert sorted(map(repr, tx["inc"].where(pred).items())) == \
                     sorted(map(repr, tx["ix"].where(pred).items()))
+
+
+# ------------------------------------------- contains on stored collections (issue 13)
+
+NAMES = ["ana", "bo", "cy", 1, 2.0]
+
+
+def _friends(rnd):
+    """The shape of a random `friends` field: a stored Set/List, a plain list/set/tuple,
+    or something contains never looks into (a str, a number, a stored Dict), and items."""
+    kind = rnd.choice(["pb.Set", "pb.List", "list", "set", "tuple", "str", "int", "pb.Dict",
+                       "missing"])
+    return kind, rnd.sample(NAMES, rnd.randrange(4))
+
+
+def _contains_oracle(kind, items, name):
+    # API.md: contains looks into list/set/tuple fields and pb.List/pb.Set values; an
+    # element matches under the comparison rule (1 == 1.0, "1" != 1).
+    if kind not in ("pb.Set", "pb.List", "list", "set", "tuple"):
+        return False
+    return any(_cls(x) == _cls(name) and x == name for x in items)
+
+
+def _friends_model(seed, n=60):
+    """n rows as (kind, items, g, n): `friends` of that kind holding items, two plain fields."""
+    rnd = random.Random(seed)
+    return [(*_friends(rnd), i % 4, rnd.randrange(10)) for i in range(n)]
+
+
+def _friends_row(kind, items, g, n):
+    # A fresh value each time: a stored collection lives in one place.
+    row = {"g": g, "n": n}
+    make = {"pb.Set": pb.Set, "pb.List": pb.List, "list": list, "set": set, "tuple": tuple,
+            "str": lambda xs: "ana", "int": lambda xs: 1,
+            "pb.Dict": lambda xs: pb.Dict({"ana": 1})}.get(kind)
+    if make is not None:
+        row["friends"] = make(items)
+    return row
+
+
+def _store_rows(coll, rows):
+    if coll == "dict":
+        return pb.Dict(dict(enumerate(rows)))
+    return pb.List(rows)
+
+
+@pytest.mark.parametrize("coll", ["dict", "list"])
+def test_contains_matches_stored_sets_and_lists_by_scan_and_through_every_plan(coll):
+    seed = 1313
+    print("seed", seed)
+    db = pb.open()
+    model = _friends_model(seed)
+    with db.transaction() as tx:
+        for name in ("ix", "plain"):
+            tx[name] = _store_rows(coll, [_friends_row(*m) for m in model])
+        tx["ix"].create_index("g")
+        tx["ix"].create_index("n")
+    with db.transaction(readonly=True) as tx:
+        assert isinstance(tx["ix"][[m[0] for m in model].index("pb.Set")]["friends"], pb.Set)
+        for who in ("ana", "bo", 1, "nobody"):
+            hit = {i for i, (kind, items, _, _) in enumerate(model)
+                   if _contains_oracle(kind, items, who)}
+            assert bool(hit) == (who != "nobody")
+            c = F.friends.contains(who)
+            cases = [  # (predicate, oracle, the plan the indexed collection runs)
+                (c, hit, "FullScan"),
+                (c & (F.g == 1), {i for i in hit if i % 4 == 1}, "Filter"),    # few rows
+                (c & (F.n >= 3), {i for i in hit if model[i][3] >= 3}, "Filter"),
+                (c | (F.g == 2), hit | {i for i in range(len(model)) if i % 4 == 2}, "FullScan"),
+                (~c, set(range(len(model))) - hit, "FullScan"),
+            ]
+            for pred, want, plan in cases:
+                for name in ("ix", "plain"):
+                    q = tx[name].where(pred)
+                    assert set(q.keys()) == want, (name, pred, q.explain())
+                    assert q.count() == len(want), (name, pred)
+                assert plan in tx["ix"].where(pred).explain()
+            walk = tx["ix"].where(c).order_by("n").limit(3)
+            want = sorted(hit, key=lambda i: (model[i][3], i))[:3]
+            assert walk.keys() == want, walk.explain()
+            assert tx["plain"].where(c).order_by("n").limit(3).keys() == want

@@ -27,17 +27,21 @@ term is built.
 """
 import itertools
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableSequence, MutableSet
 
 from .._core import load
 from ..errors import QueryError
 
 __all__ = ["F", "Field", "Predicate", "Term", "And", "Or", "Not", "All", "MISSING",
-           "extract", "split_path", "key_class", "values_equal", "compare_ordered"]
+           "StoredCollection", "extract", "split_path", "key_class", "values_equal",
+           "compare_ordered"]
 
 _btree = load("btree")
 _compare = _btree.compare
 _type_class = _btree.type_class
+# The base of every stored collection (pb.Dict, pb.List, pb.Set, pb.SortedDict): a value
+# read back holds such a handle where a collection was stored inside it.
+StoredCollection = load("handle").HandleCore
 
 
 class _Missing:
@@ -465,7 +469,9 @@ class Term(Predicate):
             return lambda x: type(x) is type(v) and x.startswith(v)
         if op == CONTAINS:
             def contains(x):
-                if not isinstance(x, (list, tuple, set, frozenset)):
+                if not isinstance(x, (list, tuple, set, frozenset)) and not (
+                        isinstance(x, StoredCollection)
+                        and isinstance(x, (MutableSequence, MutableSet))):
                     return False
                 for item in x:
                     if values_equal(item, key_class(item), v, vc):
@@ -602,7 +608,8 @@ class Field:
         return self._term(STARTSWITH, prefix)
 
     def contains(self, item):
-        """A list, tuple, set or frozenset field holding an element equal to ``item``."""
+        """A list, tuple, set or frozenset field, or a stored ``pb.List``/``pb.Set``,
+        holding an element equal to ``item`` (a stored ``pb.Dict`` is not looked into)."""
         return self._term(CONTAINS, item)
 
     def exists(self):
