@@ -7,7 +7,7 @@
 """
 from . import errors
 from .errors import (ConflictError, CorruptionError, DatabaseClosedError, DatabaseLockedError,
-                     DecodeError, MissingDependencyError, NotADatabaseError, ProtoBaseError,
+                     DecodeError, InvalidArgumentError, MissingDependencyError, NotADatabaseError, ProtoBaseError,
                      QueryError, ReadOnlyError, SerializationError, StorageError,
                      TransactionClosedError, TransactionError, VectorError)
 from .state import codec as _codec
@@ -26,5 +26,5 @@ __all__ = [
     "errors", "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
     "ReadOnlyError", "SerializationError", "DecodeError", "CorruptionError", "NotADatabaseError",
     "DatabaseLockedError", "DatabaseClosedError", "StorageError", "QueryError",
-    "MissingDependencyError", "VectorError",
+    "MissingDependencyError", "VectorError", "InvalidArgumentError",
 ]

@@ -22,7 +22,8 @@ from functools import wraps
 
 from . import vector
 from .collections import indexed_rows
-from .errors import (ConflictError, CorruptionError, DatabaseClosedError, MissingDependencyError,
+from .errors import (ConflictError, CorruptionError, DatabaseClosedError, InvalidArgumentError,
+                     MissingDependencyError,
                      ReadOnlyError, StorageError)
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, State, StoreIO, codec, copy_collection, hamt
@@ -112,6 +113,15 @@ def _sync_directory(path):
         os.close(fd)
 
 DURABILITY_MODES = ("full", "normal", "none")
+
+
+def _check_retries(retries):
+    if type(retries) is not int:
+        raise TypeError(f"retries must be an int (how many times to retry on conflict), "
+                        f"not {type(retries).__name__}")
+    if retries < 0:
+        raise InvalidArgumentError(f"retries must be >= 0 (0: try once, never retry), "
+                                   f"not {retries}")
 
 
 def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, file_layer=None):
@@ -641,6 +651,7 @@ class Database:
     def run(self, fn, *args, retries=10, **kwargs):
         """Call fn(tx, *args, **kwargs) in a transaction and commit it, retrying up to
         `retries` times (with a short randomized backoff) when the commit conflicts."""
+        _check_retries(retries)
         for attempt in range(retries + 1):
             tx = self.transaction()
             try:
@@ -657,6 +668,7 @@ class Database:
         raise AssertionError("unreachable")
 
     def transactional(self, retries=10):
+        _check_retries(retries)
         """Decorator: the function runs in a transaction (received as its first argument),
         committed on return and retried on ConflictError."""
         def decorate(fn):

@@ -5,7 +5,7 @@ __all__ = [
     "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
     "ReadOnlyError", "SerializationError", "DecodeError", "CorruptionError",
     "NotADatabaseError", "DatabaseLockedError", "QueryError", "MissingDependencyError",
-    "StorageError", "DatabaseClosedError", "VectorError",
+    "StorageError", "DatabaseClosedError", "VectorError", "InvalidArgumentError",
 ]
 
 
@@ -94,3 +94,9 @@ class MissingDependencyError(ProtoBaseError, ImportError):
 
 class VectorError(ProtoBaseError, ValueError):
     """A vector is unusable: wrong dimension, not numeric, NaN/inf, or a bad index setting."""
+
+
+class InvalidArgumentError(ProtoBaseError, ValueError):
+    """An argument has the right type but a value outside what it accepts (a negative
+    ``retries`` or ``ttl``); the message names the argument and the accepted range. A wrong
+    type stays a ``TypeError``."""

@@ -483,3 +483,16 @@ def test_backup_is_a_consistent_copy(tmp_path):
             assert dict(tx["d"].items()) == {i: str(i) for i in range(500)}
             assert list(tx["s"].items()) == [("a", 1), ("b", 2)]
         assert b.check().problems == []
+
+
+def test_db_run_refuses_a_negative_or_non_int_retries_with_typed_errors():
+    db = pb.open()
+    calls = []
+    with pytest.raises(pb.InvalidArgumentError, match="retries must be >= 0"):
+        db.run(lambda tx: calls.append(1), retries=-1)
+    with pytest.raises(TypeError, match="retries must be an int"):
+        db.run(lambda tx: calls.append(1), retries="3")
+    with pytest.raises(pb.InvalidArgumentError):
+        db.transactional(retries=-2)
+    assert calls == []                       # refused before anything ran
+    assert db.run(lambda tx: 7, retries=0) == 7

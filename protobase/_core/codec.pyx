@@ -62,6 +62,14 @@ valid ``default`` wherever one is accepted and encodes byte for byte alike::
     value of type IdSet  -> ext 65, IdSet.to_bytes(value)       (C: no frame)
     anything else        -> other_hook(value)                     (None: not handled)
 
+Code of the value's own runs in the middle of an encode (``__getstate__``, a hook, a
+metaclass ``__hash__`` behind the class lookup) and may change a container the encoder is
+walking. So every container loop holds a strong reference to the item (or key and value)
+it took, never a borrowed one across a nested encode, and re-checks the container's size
+after each item: a list, dict, set or instance ``__dict__`` that changed while it was
+written is a ``SerializationError`` at the item during which it changed, and a dict or set
+that yields more entries than its size (keys deleted and inserted again) is one too.
+
 Errors carry a path. Nothing is tracked on the success path: when a child fails, each
 container frame appends ``(container, step)`` to the encoder while the exception unwinds
 (one ``try`` per container, which knows the index or key it was at),
@@ -732,6 +740,14 @@ cdef int _too_deep(_Encoder e, object obj) except -1:
     raise SerializationError(f"value nested deeper than {DEPTH_LIMIT} levels", type_name=type(obj).__name__)
 
 
+cdef int _changed(object container) except -1:
+    t = type(container).__qualname__
+    raise SerializationError(f"{t} changed while it was being stored (code run by a value "
+                             f"inside it, such as a __getstate__ or a hook, modified it); "
+                             f"store a copy, or leave a value alone while it is written",
+                             type_name=t)
+
+
 cdef int _refuse(object obj, str why) except -1:
     raise SerializationError(why, type_name=type(obj).__qualname__)
 
@@ -739,6 +755,7 @@ cdef int _refuse(object obj, str why) except -1:
 cdef int _enc(_Encoder e, object obj, int depth) except -1:
     """Append the encoding of `obj`. Exact built-in types first, cheapest checks first."""
     cdef Py_ssize_t i, n, start
+    cdef object item
     if PyUnicode_CheckExact(obj):
         return _w_str(e, obj)
     if PyLong_CheckExact(obj):
@@ -761,13 +778,14 @@ cdef int _enc(_Encoder e, object obj, int depth) except -1:
         i = 0
         try:                    # one try per container, not per item: entering one costs
             while i < n:
-                _enc(e, <object>PyList_GET_ITEM(obj, i), depth + 1)
+                item = <object>PyList_GET_ITEM(obj, i)     # held: the list may drop it
+                _enc(e, item, depth + 1)
+                if PyList_GET_SIZE(obj) != n:
+                    _changed(obj)
                 i += 1
         except BaseException:
             _step(e, obj, S_INDEX, i)
             raise
-        if PyList_GET_SIZE(obj) != n:
-            raise RuntimeError("list changed size during encoding")
         return 0
     if PyBytes_CheckExact(obj):
         return _w_bin(e, PyBytes_AS_STRING(obj), PyBytes_GET_SIZE(obj))
@@ -796,28 +814,36 @@ cdef int _enc_tuple_items(_Encoder e, tuple t, int depth) except -1:
 cdef int _enc_dict(_Encoder e, dict d, int depth, int kind) except -1:
     """A map; `kind` is S_KEY for a dict value, S_ATTR for an instance's __dict__ state."""
     cdef Py_ssize_t pos = 0, n = PyDict_GET_SIZE(d), seen = 0
-    cdef PyObject *k = NULL
+    cdef PyObject *k
     cdef PyObject *v
+    cdef object key = None, value
     cdef bint at_key = False
     _w_map_header(e, n)
     try:                        # one try for the whole map; at_key tells which part failed
-        while PyDict_Next(d, &pos, &k, &v):
+        while seen < n and PyDict_Next(d, &pos, &k, &v):
+            key = <object>k     # held: code run while encoding may delete the entry
+            value = <object>v
             at_key = True
-            if PyUnicode_CheckExact(<object>k):
-                _w_str(e, <object>k)
+            if PyUnicode_CheckExact(key):
+                _w_str(e, key)
             else:
-                _enc(e, <object>k, depth + 1)
+                _enc(e, key, depth + 1)
+                if PyDict_GET_SIZE(d) != n:
+                    _changed(d)
             at_key = False
-            _enc(e, <object>v, depth + 1)
+            _enc(e, value, depth + 1)
+            if PyDict_GET_SIZE(d) != n:
+                _changed(d)
             seen += 1
     except BaseException:
         if at_key:
             _step(e, d, S_DICTKEY, seen)
         else:
-            _step(e, d, kind, <object>k)    # k is still held by d
+            _step(e, d, kind, key)
         raise
-    if seen != n or PyDict_GET_SIZE(d) != n:
-        raise RuntimeError("dict changed size during encoding")
+    # Fewer entries than its size, or more (keys deleted and inserted again at equal size).
+    if seen != n or PyDict_Next(d, &pos, &k, &v):
+        _changed(d)
     return 0
 
 
@@ -826,14 +852,18 @@ cdef int _enc_members(_Encoder e, object s, int depth, int code) except -1:
     start = _ext_begin(e)
     _w_array_header(e, n)
     for item in s:
+        if i == n:              # more members than its size: changed at equal size
+            _changed(s)
         try:
             _enc(e, item, depth + 1)
+            if len(s) != n:     # checked before the set's own iterator raises RuntimeError
+                _changed(s)
         except BaseException:
             _step(e, s, S_MEMBER, i)
             raise
         i += 1
     if i != n:
-        raise RuntimeError("set changed size during encoding")
+        _changed(s)
     return _ext_end(e, start, code)
 
 
@@ -1123,6 +1153,8 @@ cdef int _enc_dataclass(_Encoder e, _ClassInfo info, object obj, int depth) exce
             value = getattr(obj, name)
         try:
             _enc(e, value, depth + 1)
+            if d is not None and PyDict_GET_SIZE(d) != n:
+                _changed(d)
         except BaseException:
             _step(e, obj, S_ATTR, name)
             raise
