@@ -348,3 +348,32 @@ def test_contains_matches_stored_sets_and_lists_by_scan_and_through_every_plan(c
             want = sorted(hit, key=lambda i: (model[i][3], i))[:3]
             assert walk.keys() == want, walk.explain()
             assert tx["plain"].where(c).order_by("n").limit(3).keys() == want
+
+
+@pytest.mark.parametrize("coll", ["dict", "list"])
+def test_bool_of_a_query_is_whether_anything_matches_with_and_without_indexes(coll):
+    seed = 1314
+    print("seed", seed)
+    rnd = random.Random(seed)
+    rows = [{"g": rnd.randrange(5), "n": rnd.randrange(20)} for _ in range(80)]
+    rows += [{"other": 1}]                                  # a row without the fields
+    db = pb.open()
+    with db.transaction() as tx:
+        for name in ("ix", "plain"):
+            tx[name] = _store_rows(coll, rows)
+        tx["ix"].create_index("g")
+        tx["ix"].create_index("n")
+    preds = [F.g == 1, F.g == 9, F.n > 18, F.n > 40, (F.g == 2) & (F.n < 3),
+             (F.g == 2) & (F.n > 99), (F.g == 7) | (F.n == 5), ~F.g.exists(),
+             F.g.exists() & (F.n.between(3, 4)), F.other == 2]
+    with db.transaction(readonly=True) as tx:
+        for pred in preds:
+            hits = [r for r in rows if pred.matcher()(r)]
+            for name in ("ix", "plain"):
+                q = tx[name].where(pred)
+                assert bool(q) == bool(hits), (name, pred)
+                assert bool(q.offset(len(hits))) is False, (name, pred)
+                assert bool(q.limit(0)) is False
+                if hits:
+                    assert bool(q.offset(len(hits) - 1)) is True, (name, pred)
+        assert bool(tx["ix"].where()) and bool(tx["plain"].where())

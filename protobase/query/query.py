@@ -174,6 +174,23 @@ class Query:
         n = max(0, node.run(source) - self._offset)
         return n if self._limit is None else min(n, self._limit)
 
+    def __bool__(self):
+        """Whether anything matches (after offset and limit): from id sets alone when the
+        predicate is indexable, else by running the query to its first result."""
+        if self._limit == 0:
+            return False
+        source = self._source
+        pred = normalize(self._pred)
+        if pred is None:
+            return source.count() > self._offset
+        rows, ids, residual = Planner(source).rows_plan(pred)
+        if ids is not None and residual is None:
+            node = self._plan = Count((ids,), ids.estimate)
+            return node.run(source) > self._offset
+        for _ in self._rows(limit=1):
+            return True
+        return False
+
     def matching_ids(self):
         """The ``IdSet`` of row ids of every entry the predicate matches, ignoring order,
         offset and limit: the hook ``nearest()`` builds on."""
