@@ -788,6 +788,10 @@ class _Source:
         spec = vectors.get(field)
         return spec if spec is not None else vectors.get(IndexSpec(field).field)
 
+    def vector_fields(self):
+        """The field paths of this collection's vector indexes, sorted."""
+        return sorted(self.h.vector_indexes)
+
     def vector_index(self, field):
         spec = self.vector_spec(field)
         if spec is None:

@@ -1051,3 +1051,19 @@ def test_a_key_deleted_and_put_again_in_one_transaction_leaves_no_stale_row_in_h
         hits = tx["docs"].nearest("e", [40.0, 1.0, 0.5, 0.25], k=6)
         assert hits.keys() == [4, 5, 3, 1, 0]
     db.close()
+
+
+def test_nearest_on_a_field_without_vectors_or_index_is_a_query_error_naming_the_indexed_fields():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["docs"] = docs = pb.Dict({i: {"tag": i, "e": [float(i), 1.0, 0.5]} for i in range(20)})
+        docs.create_vector_index("e", dim=3)
+        tx["plain"] = pb.Dict({i: {"v": [float(i), 1.0]} for i in range(5)})
+    with db.transaction(readonly=True) as tx:
+        with pytest.raises(pb.QueryError, match=r"'nope'.*'e'"):
+            list(tx["docs"].nearest("nope", [1.0, 0.0, 0.0]))
+        with pytest.raises(pb.QueryError, match="no vector index"):
+            tx["plain"].nearest("w", [1.0, 0.0]).keys()
+        # a field that holds vectors but has no index still scans exactly
+        assert tx["plain"].nearest("v", [4.0, 1.0], k=1, ).keys() == [4]
+        assert len(tx["docs"].where(pb.F.tag < 0).nearest("e", [1.0, 0.0, 0.0])) == 0

@@ -278,6 +278,12 @@ def _search(query, field, spec, qs, k, ef, metric):
         why = "hnswlib is not installed"
     if index is None:
         keys, values, dists, ranked = _scan_items(query, split_path(field), qs, metric, k)
+        if not ranked and spec is None:
+            fields = source.vector_fields() if hasattr(source, "vector_fields") else []
+            indexed = (f"the fields with a vector index are {', '.join(map(repr, fields))}"
+                       if fields else "this collection has no vector index")
+            raise QueryError(f"nearest({field!r}): no entry the query selects holds a vector "
+                             f"in {field!r} and it has no vector index; {indexed}")
         return keys, values, dists, None, (
             f"ExactVectorScan nearest {field!r} k={k} metric={metric}\n"
             f"  strategy: exact numpy scan of the query's rows\n"
