@@ -22,7 +22,7 @@ import operator
 
 from .errors import ConflictError, ReadOnlyError, TransactionClosedError
 from . import vector
-from .errors import VectorError
+from .errors import QueryError, VectorError
 from .index import Index, IndexSpec
 from .query import Query, make_predicate
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
@@ -221,6 +221,15 @@ class _Queryable:
         """Index entries by `field` (a dict key or attribute; "a.b" nests). The index is
         built over the current contents, persisted with the collection and maintained by
         every write. Creating an index that exists already does nothing."""
+        if isinstance(field, tuple):
+            raise QueryError(f"create_index({field!r}): composite indexes are not supported "
+                             f"yet, and a tuple never means a nested path; index each field "
+                             f"on its own (create_index({field[0]!r}) ...), or give a nested "
+                             f"path as one string such as 'a.b'" if field else
+                             "create_index(()): give a field path such as 'price'")
+        if not isinstance(field, str):
+            raise QueryError(f"create_index() takes a field path such as 'price' or 'a.b', "
+                             f"not {type(field).__name__}")
         spec = IndexSpec(field)
         if self._tx is None:
             raise TypeError(f"store this {type(self).__name__} in a transaction before indexing it")

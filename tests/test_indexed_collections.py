@@ -377,3 +377,21 @@ def test_bool_of_a_query_is_whether_anything_matches_with_and_without_indexes(co
                 if hits:
                     assert bool(q.offset(len(hits) - 1)) is True, (name, pred)
         assert bool(tx["ix"].where()) and bool(tx["plain"].where())
+
+
+@pytest.mark.parametrize("coll", ["dict", "list"])
+def test_a_tuple_given_to_create_index_is_refused_never_taken_for_a_nested_path(coll):
+    db = pb.open()
+    rows = [{"category": "a", "status": i % 2, "value": i,
+             "category.status": 1} for i in range(10)]
+    with db.transaction() as tx:
+        tx["c"] = _store_rows(coll, rows)
+        with pytest.raises(pb.QueryError, match="composite indexes are not supported"):
+            tx["c"].create_index(("category", "status", "value"))
+        with pytest.raises(pb.QueryError, match="field path"):
+            tx["c"].create_index(3)
+        assert tx["c"].indexes == []                 # nothing was created
+        tx["c"].create_index("status")
+        assert tx["c"].indexes == ["status"]
+    with db.transaction(readonly=True) as tx:
+        assert tx["c"].where(F.status == 1).count() == 5
