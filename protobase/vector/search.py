@@ -36,8 +36,9 @@ Plans for the trusted set, chosen by estimated cost from its size ``s`` against 
 index's ``n`` rows (selectivity ``s/n``; constants below):
 
 - ``ExactVectorScan``: gather the admitted vectors from the index's dense copy (or reuse
-  those gathered for the same set, see hnsw.py), one matrix-vector product with numpy,
-  the k best picked in one C pass (``_core.vkernel.top_k``), when ``s`` rows cost less
+  those gathered for the same set, see hnsw.py), their distances in one C pass
+  (``_core.vkernel.distances``, the one computation of every distance), the k best
+  picked in another (``_core.vkernel.top_k``), when ``s`` rows cost less
   than the graph walk would;
 - ``VectorSearch`` over-fetch: ask hnswlib for ``k / selectivity * OVERFETCH_MARGIN``
   neighbours, keep the admitted ones, double until ``k`` are found or the index is
