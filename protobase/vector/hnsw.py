@@ -364,13 +364,11 @@ class HnswIndex:
     def top(self, rowids, q, k):
         """``(ids, dist)`` lists: the best ``k`` rows of ``rowids`` (int64 array of ids
         >= 0, any order) that have a vector here, by exact distance to ``q`` (in index
-        space), ascending, ties by id."""
+        space), ascending, ties by id: gathered by slot, measured and picked in one C pass
+        (``_core.vkernel.rank``, the same distance as distances())."""
         with self._lock:
-            slots = np.take(self._pos, rowids, mode="clip")
-            if len(slots) and slots.min() < 0:
-                present = slots >= 0
-                slots, rowids = slots[present], rowids[present]
-            return self._rank(rowids, self._vecs[slots] if len(slots) <= _BLOCK else slots, q, k)
+            return _vk.rank(self._vecs, q, np.ascontiguousarray(rowids, np.int64), k,
+                            self.metric == "l2", self._pos)
 
     def top_set(self, ids, q, k):
         """top() for the rows of the IdSet ``ids``, reusing the vectors gathered for an
@@ -425,18 +423,10 @@ class HnswIndex:
             self._asked[key] = self._version
             return again
 
-    def _rank(self, rowids, rows, q, k):
-        """top_k over ``rows``: a gathered matrix, or slots of _vecs gathered here block
-        by block (a large gather at once would be a large temporary). Distances come from
-        distances() alone (one computation on every path)."""
-        metric = self.metric
-        if type(rows) is np.ndarray and rows.ndim == 2:
-            return _vk.top_k(distances(rows, q, metric), rowids, k, False)
-        scores = np.empty(len(rowids), dtype=np.float32)
-        for lo in range(0, len(rows), _BLOCK):
-            block = self._vecs[rows[lo:lo + _BLOCK]]
-            scores[lo:lo + len(block)] = distances(block, q, metric)
-        return _vk.top_k(scores, rowids, k, False)
+    def _rank(self, rowids, mat, q, k):
+        """top_k over the gathered matrix ``mat`` (row j is ``rowids[j]``), distances from
+        distances() (one computation on every path)."""
+        return _vk.top_k(distances(mat, q, self.metric), rowids, k, False)
 
     def knn(self, vector, k, ef=None, filter=None):
         """``(labels, distances)`` of up to ``k`` nearest live rows, ascending distance;
