@@ -31,7 +31,9 @@ Checkpoint file (written whole, then renamed over the old one)::
     | rowids int64[count] | vectors float32[count, dim] | hnswlib's saved index
 
 crc32 covers everything after the header. A checkpoint whose magic, header, checksum or
-spec does not match is ignored and the index rebuilt from the rows.
+spec does not match is ignored and the index rebuilt from the rows; so is one whose graph
+fails graphcheck.check_graph (hnswlib reads its file unchecked, and a checksum proves
+nothing against a writer who recomputed it).
 """
 import json
 import os
@@ -45,6 +47,7 @@ import numpy as np
 from .._core import load
 from ..errors import VectorError
 from . import as_vector, require_hnswlib
+from .graphcheck import check_graph
 
 _vk = load("vkernel")
 
@@ -130,7 +133,8 @@ class HnswIndex:
                 loaded = ix._load(checkpoint_path)
             except FileNotFoundError:
                 ix.reason = "no checkpoint"
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError, MemoryError,
+                    struct.error) as exc:
                 ix = cls(spec)
                 ix.reason = f"damaged checkpoint ({exc})"
         if loaded:
@@ -193,10 +197,13 @@ class HnswIndex:
         mat = mat.reshape(n, self.dim).astype(np.float32)
         if n and (labels.min() < 0 or len(np.unique(labels)) != n):
             raise ValueError("bad row ids")
+        graph_bytes = body[n * 8 + n * 4 * self.dim:]
+        # hnswlib trusts its file: bounds-check the graph before it reads one byte of it.
+        check_graph(graph_bytes, self.dim, self.spec["M"], self.spec["ef_construction"])
         tmp = f"{path}.load-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as f:
-                f.write(body[n * 8 + n * 4 * self.dim:])
+                f.write(graph_bytes)
             self._hnsw.load_index(tmp, max_elements=0)
         finally:
             _unlink(tmp)
