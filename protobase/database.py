@@ -140,7 +140,7 @@ def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, f
         return Database(None, durability=durability, readonly=readonly)
     from .storage import LogStore
     store = LogStore.open(path, durability=durability, readonly=readonly, bytes_cache_size=cache_size,
-                          file_layer=file_layer)
+                          file_layer=file_layer, upgrade=_upgrade)
     leftover = os.fspath(path) + ".compact"
     if not readonly and os.path.exists(leftover):
         os.remove(leftover)          # an interrupted compaction; the database file is intact
@@ -150,6 +150,14 @@ def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, f
     except BaseException:
         store.close()
         raise
+
+
+def _upgrade(old, new):
+    """LogStore.open's upgrade step for a file of an older format: the newest state of
+    `old` copied into `new` (this build's format) as its one commit."""
+    root_ptr = old.head[1]
+    if root_ptr >= 0:
+        Database._write_copy(new, State.load(root_ptr, StoreIO(old)))
 
 
 class Database:
@@ -309,12 +317,15 @@ class Database:
                 state = self._pending
                 ix = vector.HnswIndex.open(spec, self._vector_path(cid, spec),
                                            lambda: self._vector_rows(state, cid, spec), state.seq,
-                                           progress=True)     # a bar only when stderr is a terminal
+                                           progress=True,     # a bar only when stderr is a terminal
+                                           database_id=self._store and self._store.database_id)
                 self._vectors[key] = ix
         return ix
 
     def _vector_path(self, cid, spec):
-        if self._store is None:
+        # A checkpoint is tied to its database's identity: a file without one (format 1,
+        # read-only) uses none.
+        if self._store is None or self._store.database_id is None:
             return None
         safe = "".join(c if c.isalnum() else "_" for c in spec["field"])
         return f"{self._store.path}-vec-{cid}-{safe}.hnsw"
@@ -706,7 +717,8 @@ class Database:
         role (compaction, close and rollback recovery leave none behind)."""
         self._hand_over(gather=False)
 
-    def _write_copy(self, store, state, changed=None):
+    @staticmethod
+    def _write_copy(store, state, changed=None):
         """Write a fresh copy of `state` (or only its `changed` collections on top of what
         `store` already holds) as one commit of `store`; returns the copied State."""
         io = StoreIO(store)
@@ -753,7 +765,8 @@ class Database:
                 os.remove(tmp)
             before = os.path.getsize(path)
             try:
-                new = LogStore.open(tmp, durability=self._durability, file_layer=self._file_layer)
+                new = LogStore.open(tmp, durability=self._durability, file_layer=self._file_layer,
+                                    database_id=self._store.database_id)   # the same database
             except BaseException:
                 if os.path.exists(tmp):      # created, then its header failed: leave no debris
                     os.remove(tmp)
@@ -815,7 +828,8 @@ class Database:
         if os.path.exists(tmp):
             os.remove(tmp)
         try:
-            store = LogStore.open(tmp, durability="full")
+            store = LogStore.open(tmp, durability="full",    # a backup is the same database
+                                  database_id=self._store.database_id if self._store else None)
             try:
                 self._write_copy(store, state)
             finally:

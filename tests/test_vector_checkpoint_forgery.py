@@ -9,7 +9,7 @@ import os
 import struct
 import subprocess
 import sys
-import zlib
+import uuid
 
 import pytest
 
@@ -18,9 +18,10 @@ pytest.importorskip("hnswlib")
 
 import protobase as pb  # noqa: E402
 from protobase.vector.graphcheck import HEADER, check_graph  # noqa: E402
+from protobase.vector.hnsw import checkpoint_mac  # noqa: E402
 
 DIM, M, N, EFC = 6, 4, 400, 200
-MAGIC = b"PBHNSW1\n"
+MAGIC = b"PBHNSW2\n"
 
 def _child_code():
     return (
@@ -74,10 +75,22 @@ def _split(data):
     return header, body[:cut], body[cut:]
 
 
-def _join(header, front, graph):
-    """A checkpoint with ``graph`` in place of its graph, its CRC and sizes recomputed as
-    the writer does: nothing but the graph check can tell it from a real one."""
-    header = dict(header, hnsw_bytes=len(graph), crc32=zlib.crc32(graph, zlib.crc32(front)))
+def _identity(path):
+    """The database identity of the file at ``path`` (the forger of these tests knows it)."""
+    db = pb.open(path, readonly=True)
+    try:
+        return uuid.UUID(db.stats()["database_id"])
+    finally:
+        db.close()
+
+
+def _join(header, front, graph, database_id):
+    """A checkpoint with ``graph`` in place of its graph, its sizes and checksum (keyed
+    with the database's identity) recomputed as the writer does: nothing but the graph
+    check can tell it from a real one."""
+    fields = {k: v for k, v in header.items() if k != "mac"}
+    fields["hnsw_bytes"] = len(graph)
+    header = dict(fields, mac=checkpoint_mac(fields, [front, graph], database_id))
     head = json.dumps(header).encode("utf-8")
     return MAGIC + struct.pack("<Q", len(head)) + head + front + graph
 
@@ -181,13 +194,14 @@ def test_a_forged_graph_with_a_recomputed_crc_is_ignored_and_the_index_rebuilt(
         saved, tmp_path, child_env, child_cwd):
     path, ckpt, data, X = saved
     header, front, graph = _split(data)
+    ident = _identity(path)
     forged = _forgeries(graph)
     files = []
     for name, bad in forged.items():
         with pytest.raises(ValueError):
             check_graph(bad, DIM, M, EFC)
         f = tmp_path / name
-        f.write_bytes(_join(header, front, bad))
+        f.write_bytes(_join(header, front, bad, ident))
         files.append(str(f))
     q = X[42] + np.float32(0.01)
     results = _run(saved, files, q, child_env, child_cwd)
@@ -209,6 +223,7 @@ def test_random_word_changes_in_the_graph_never_crash_the_reader(saved, tmp_path
     rng = np.random.default_rng(seed)
     path, ckpt, data, X = saved
     header, front, graph = _split(data)
+    ident = _identity(path)
     files = []
     for j in range(40):
         bad = bytearray(graph)
@@ -217,7 +232,7 @@ def test_random_word_changes_in_the_graph_never_crash_the_reader(saved, tmp_path
             struct.pack_into("<I", bad, at, int(rng.choice([0, 1, 0xFFFF, 0xFFFFFFFF,
                                                             N, N + 1, rng.integers(0, 2**32)])))
         f = tmp_path / f"fuzz{j}"
-        f.write_bytes(_join(header, front, bytes(bad)))
+        f.write_bytes(_join(header, front, bytes(bad), ident))
         files.append(str(f))
     q = X[3]
     results = _run(saved, files, q, child_env, child_cwd)

@@ -2,7 +2,7 @@
 
 cdef enum:
     ATOM_PREFIX = 8      # u32 length + u32 crc32 before each atom
-    HEADER_BYTES = 32    # the file header: no atom starts below it (storage/log.py)
+    HEADER_BYTES = 32    # the smallest file header (format 1; storage/log.py): no atom starts below it
 
 
 cdef class AtomBatch:

@@ -67,7 +67,8 @@ struct unpack, the cache insert): several microseconds a node, more than decodin
 
 So there is one definition of what is valid (the Python path) and the C path only ever
 returns atoms that pass the very same checks: inside the log, length within bounds,
-checksum equal. Invariants: ``limit`` never exceeds the end of the data committed to the
+checksum equal. Invariants: ``start`` is the size of the file's header (64 in format
+version 2, 32 in version 1), below which no atom starts; ``limit`` never exceeds the end of the data committed to the
 file (the store sets it on open and refresh; a writer's ``_written_end`` is read per
 miss), so a read never runs past what a footer covers; ``mapped <= durable``, the offset
 below which a footer says every byte was fsynced. A healthy writer never cuts the file
@@ -238,7 +239,8 @@ cdef class AtomReader:
     file, every miss takes ``fallback``), ``fallback(ptr)`` the store's Python read path,
     ``stats`` the store's counters (``"reads"``: file reads, one per mapped atom and one
     per pread, as the Python path counts them),
-    ``writer`` the store's writer or None. The store keeps ``salt`` (None until the file
+    ``writer`` the store's writer or None, ``start`` the size of the file's header. The
+    store keeps ``salt`` and ``start`` (None and the smallest header until the file
     has a header), ``limit`` and ``durable`` (read-only stores: the writer's are read
     live) and ``closed`` current."""
 
@@ -261,9 +263,10 @@ cdef class AtomReader:
     cdef public Py_ssize_t limit
     cdef public Py_ssize_t durable
     cdef public bint closed
+    cdef public Py_ssize_t start      # the header's size: no atom starts below it
 
     def __cinit__(self, cache, int fd, salt, fallback, dict stats, writer, Py_ssize_t limit,
-                  Py_ssize_t durable=0):
+                  Py_ssize_t durable=0, Py_ssize_t start=HEADER_BYTES):
         self.cache = cache
         self._d = cache._d
         self._ref = cache._ref
@@ -278,6 +281,7 @@ cdef class AtomReader:
         self.limit = limit
         self.durable = durable
         self.closed = False
+        self.start = start if start > HEADER_BYTES else HEADER_BYTES
         self._map = None
         self._base = NULL
         self.mapped = 0
@@ -332,7 +336,7 @@ cdef class AtomReader:
         except OverflowError:              # far outside any file: the slow path says so
             return self.fallback(ptr)
         limit = self.limit if self.writer is None else self.writer._written_end
-        if p < HEADER_BYTES or p + ATOM_PREFIX > limit:
+        if p < self.start or p + ATOM_PREFIX > limit:
             return self.fallback(ptr)      # not yet written, or outside the log
         if p + ATOM_PREFIX > self.mapped and not self._no_map:
             durable = self.durable if self.writer is None else self.writer._synced_end

@@ -7,19 +7,30 @@ layer above's business.
 Opening is careful with files that are not ours: the header is read through a read-only
 handle first, so a text file or an SQLite database raises NotADatabaseError and is left
 byte-for-byte untouched; only then is the file opened for writing and locked.
+
+Every file carries its database's identity (``database_id``, a UUID made when the file is
+created). A new file gets a fresh one unless the caller names the identity it continues
+(compaction and backup: the same database in a new file).
+
+A file of an older format version (1: no identity, a 32-byte header) is read as it is by a
+read-only open. A writable open never writes it: with ``upgrade=`` it rewrites the file in
+this build's format (a fresh identity; the layer above copies the newest state across,
+storage swaps the new file in atomically under the write lock), without it refuses.
 """
 import logging
 import os
 import struct
+import uuid
 import weakref
 import zlib
 
 from .._core import load as _load_core
-from ..errors import CorruptionError, DatabaseClosedError, ReadOnlyError, StorageError
+from ..errors import (CorruptionError, DatabaseClosedError, InvalidArgumentError,
+                      NotADatabaseError, ReadOnlyError, StorageError)
 from .cache import AtomBytesCache
 from .fileio import OSFile, os_file_layer
-from .log import (EMPTY, ATOM_PREFIX, ATOM_PREFIX_SIZE, FOOTER_SIZE, HEADER_SIZE, build_header,
-                  find_last_commit, parse_header, walk_commits)
+from .log import (EMPTY, ATOM_PREFIX, ATOM_PREFIX_SIZE, FOOTER_SIZE, FORMAT_VERSION, HEADER_SIZE,
+                  build_header, find_last_commit, parse_header, walk_commits)
 from .writer import Writer
 
 __all__ = ["LogStore", "CheckReport", "Problem", "DURABILITY_MODES"]
@@ -81,12 +92,15 @@ class CheckReport:
 class LogStore:
     """An append-only log of atoms and commits in one file. Use LogStore.open()."""
 
-    def __init__(self, path, file, salt, head_footer, *, durability, readonly, cache, lock):
+    def __init__(self, path, file, header, head_footer, *, durability, readonly, cache, lock):
         self.path = path
         self.durability = durability
         self.readonly = readonly
         self._file = file
+        self._header = header        # log.Header; None while a read-only file has none yet
+        salt = header.salt if header is not None else None
         self._salt = salt
+        self._base = header.size if header is not None else HEADER_SIZE
         self._cache = cache
         self._lock = lock
         self._closed = False
@@ -103,18 +117,28 @@ class LogStore:
         # reader maps the part of the file a footer says was fsynced (never cut back).
         self._reader = AtomReader(cache, file._fd if type(file) is OSFile else -1, salt,
                                   _fallback(weakref.ref(self)), self._stats, self._writer,
-                                  self._end, head_footer.synced)
+                                  self._end, head_footer.synced, self._base)
         self.read_atom = self._reader.read
 
     @classmethod
     def open(cls, path, durability="full", readonly=False, bytes_cache_size=DEFAULT_CACHE_BYTES,
-             file_layer=None):
+             file_layer=None, database_id=None, upgrade=None):
         """Open (or create, unless readonly) the log at ``path``.
 
         durability: "full" (fsync before a commit's future resolves), "normal" (written to
         the OS before it resolves, fsync at most once a second), "none" (fsync at close or
         checkpoint only). ``file_layer(path, readonly=...)`` supplies the file (default: a
-        real OS file; see fileio.MemoryFS and faults.FaultInjector)."""
+        real OS file; see fileio.MemoryFS and faults.FaultInjector).
+
+        database_id: the identity (uuid.UUID) a new file gets (default: a fresh random
+        one); an existing file must already carry it (InvalidArgumentError otherwise).
+        upgrade: for a writable open of a file of an older format version,
+        ``upgrade(old, new)`` copies the newest state of the store ``old`` (read-only, of
+        the old format) into ``new`` (a new, empty file of this build's format, with a
+        fresh identity) as one commit; the new file then replaces the old one atomically
+        and is returned. Without it such an open raises NotADatabaseError."""
+        if database_id is not None and not isinstance(database_id, uuid.UUID):
+            raise TypeError(f"database_id must be a uuid.UUID, not {type(database_id).__name__}")
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         layer = file_layer or os_file_layer
@@ -128,31 +152,65 @@ class LogStore:
             probe = None
         if probe is not None:
             try:
-                salt = parse_header(probe.read(0, HEADER_SIZE), path)
+                header = parse_header(probe.read(0, HEADER_SIZE), path)
+                _check_identity(header, database_id, path)
+                if readonly:
+                    head = (find_last_commit(probe, probe.size(), header.salt, strict=True,
+                                             base=header.size)
+                            if header is not None else None)
             except BaseException:
                 probe.close()
                 raise
             if readonly:
-                head = (find_last_commit(probe, probe.size(), salt, strict=True)
-                        if salt is not None else None)
-                return cls(path, probe, salt, head or EMPTY, durability=durability,
+                return cls(path, probe, header, head or EMPTY, durability=durability,
                            readonly=True, cache=cache, lock=None)
             probe.close()
         f = layer(path, readonly=False)
         lock = None
         try:
             lock = f.lock()
-            head = _prepare_for_writing(f, path)
-            salt = head.salt
+            try:
+                raw = f.read(0, HEADER_SIZE)
+            except OSError as exc:
+                if isinstance(exc, StorageError):
+                    raise
+                raise StorageError(exc.errno or 5, f"reading the header of {path!r} failed: "
+                                   f"{exc}") from exc
+            header = parse_header(raw, path)
+            _check_identity(header, database_id, path)
+            if header is not None and header.version != FORMAT_VERSION:
+                head = find_last_commit(f, f.size(), header.salt, strict=True, base=header.size)
+                old = cls(path, f, header, head, durability=durability, readonly=True,
+                          cache=cache, lock=lock)
         except BaseException:
             if lock is not None:
                 lock.release()
             f.close()
             raise
-        return cls(path, f, salt, head.footer, durability=durability, readonly=False,
+        if header is not None and header.version != FORMAT_VERSION:
+            return _upgraded(old, upgrade, layer, durability, bytes_cache_size)
+        try:
+            head = _prepare_for_writing(f, path, header, database_id)
+        except BaseException:
+            lock.release()
+            f.close()
+            raise
+        return cls(path, f, head.header, head.footer, durability=durability, readonly=False,
                    cache=cache, lock=lock)
 
     # ---- reading -----------------------------------------------------------------
+
+    @property
+    def database_id(self):
+        """The database's identity (uuid.UUID) from the file header: made when the database
+        was created, kept by compaction and backup. None for a file of format version 1 (or
+        a read-only store of a file that has no header yet)."""
+        return self._header.database_id if self._header is not None else None
+
+    @property
+    def format_version(self):
+        """The file's format version (None while a read-only file has no header yet)."""
+        return self._header.version if self._header is not None else None
 
     @property
     def head(self):
@@ -183,9 +241,9 @@ class LogStore:
             if data is not None:
                 return data
             limit = w.written_end
-        if ptr < HEADER_SIZE or ptr + ATOM_PREFIX_SIZE > limit:
+        if ptr < self._base or ptr + ATOM_PREFIX_SIZE > limit:
             raise CorruptionError(f"pointer {ptr} is outside the committed log "
-                                  f"[{HEADER_SIZE}, {limit})", offset=ptr, path=self.path)
+                                  f"[{self._base}, {limit})", offset=ptr, path=self.path)
         try:
             raw = self._file.read(ptr, min(_FIRST_READ, limit - ptr))
         except OSError as exc:
@@ -233,11 +291,14 @@ class LogStore:
         if self._writer is not None:
             return self._writer.head
         if self._salt is None:
-            salt = parse_header(self._file.read(0, HEADER_SIZE), self.path)
-            if salt is None:
+            header = parse_header(self._file.read(0, HEADER_SIZE), self.path)
+            if header is None:
                 return self._head
-            self._salt = self._reader.salt = salt
-        ft = find_last_commit(self._file, self._file.size(), self._salt, strict=True)
+            self._header, self._base = header, header.size
+            self._reader.start = header.size
+            self._salt = self._reader.salt = header.salt
+        ft = find_last_commit(self._file, self._file.size(), self._salt, strict=True,
+                              base=self._base)
         if ft.end < self._end:
             # The writer cut back an unsynced tail (its fsync failed): forget those atoms.
             self._cache.discard_from(ft.end)
@@ -260,7 +321,10 @@ class LogStore:
             size = self._file.size() if not self._closed else None
         except OSError:
             size = None
+        ident = self.database_id
         out.update(path=self.path, file_size=size, sequence=seq, root=root,
+                   database_id=str(ident) if ident is not None else None,
+                   format_version=self.format_version,
                    durability=self.durability, readonly=self.readonly,
                    end=w.end if w is not None else self._end)
         return out
@@ -281,7 +345,7 @@ class LogStore:
             problems.append(Problem(0, str(exc)))
         salt = self._salt
         try:
-            footers = walk_commits(f, end, salt) if salt is not None else []
+            footers = walk_commits(f, end, salt, self._base) if salt is not None else []
         except CorruptionError as exc:
             problems.append(Problem(exc.offset, str(exc)))
             footers = []
@@ -347,39 +411,92 @@ class LogStore:
 
 
 class _Prepared:
-    __slots__ = ("salt", "footer")
+    __slots__ = ("header", "footer")
 
-    def __init__(self, salt, footer):
-        self.salt, self.footer = salt, footer
+    def __init__(self, header, footer):
+        self.header, self.footer = header, footer
 
 
-def _prepare_for_writing(f, path):
-    """Under the write lock: create the header of a new database, or recover an existing
-    one (cut a torn tail back to the last valid commit) and fsync, so that everything up
-    to the head is known durable before new footers say so."""
+def _check_identity(header, database_id, path):
+    """An existing file opened to continue a given database must be that database."""
+    if database_id is not None and header is not None and header.database_id != database_id:
+        raise InvalidArgumentError(
+            f"{path!r} belongs to database {header.database_id}, not {database_id}: "
+            f"remove it or choose another path")
+
+
+def _upgraded(old, upgrade, layer, durability, bytes_cache_size):
+    """Rewrite the older-format store ``old`` (read-only view, holding the write lock) as
+    a file of this build's format: written beside it, fsynced, renamed over it while
+    still locked (the new file is locked before the rename), so every moment leaves one
+    valid database at the path and no other writer in between. Returns the new store."""
+    path = old.path
+    version = old.format_version
+    if upgrade is None:
+        old.close()
+        raise NotADatabaseError(
+            f"{path!r} uses ProtoBase file format version {version}; this build writes "
+            f"version {FORMAT_VERSION}: open it with protobase.open() to upgrade it in place, "
+            f"or read-only")
+    tmp = path + ".upgrade"
+    new = None
     try:
-        salt = parse_header(f.read(0, HEADER_SIZE), path)
-        if salt is None:
+        if os.path.exists(tmp):
+            os.remove(tmp)              # an upgrade interrupted before its rename
+        new = LogStore.open(tmp, durability=durability, bytes_cache_size=bytes_cache_size,
+                            file_layer=layer)
+        upgrade(old, new)
+        new.checkpoint()
+        os.replace(tmp, path)
+        new.path = path
+    except BaseException:
+        if new is not None:
+            new.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        old.close()
+        raise
+    old.close()                         # unlocks the old, now unlinked, file
+    try:
+        new._file.sync_directory()
+    except OSError as exc:
+        new.close()
+        raise StorageError(exc.errno or 5, f"upgrading {path!r}: syncing the directory after "
+                           f"the rename failed: {exc}") from exc
+    logger.warning("%s: upgraded from ProtoBase file format %d to %d (database identity %s)",
+                   path, version, FORMAT_VERSION, new.database_id)
+    return new
+
+
+def _prepare_for_writing(f, path, header, database_id=None):
+    """Under the write lock: create the header of a new database (identity
+    ``database_id``, else a fresh one) when ``header`` (the file's, read under the lock)
+    is None, or recover an existing one of this build's format (cut a torn tail back to
+    the last valid commit) and fsync, so that everything up to the head is known durable
+    before new footers say so."""
+    try:
+        if header is None:
             salt = struct.unpack("<I", os.urandom(4))[0]
+            ident = database_id if database_id is not None else uuid.uuid4()
             f.truncate(0)
-            header = build_header(salt)
+            raw = build_header(salt, ident)
             done = 0
-            while done < len(header):    # pwrite may write less than asked
-                n = f.write(done, header[done:])
+            while done < len(raw):       # pwrite may write less than asked
+                n = f.write(done, raw[done:])
                 if n <= 0:
                     raise OSError(28, "the database header could not be written")
                 done += n
             f.sync()
             f.sync_directory()
-            return _Prepared(salt, EMPTY)
+            return _Prepared(parse_header(raw, path), EMPTY)
         size = f.size()
-        ft = find_last_commit(f, size, salt, strict=True)
+        ft = find_last_commit(f, size, header.salt, strict=True)
         if ft.end < size:
             logger.warning("%s: the log ended in a torn or corrupt tail; dropped %d bytes "
                            "after the last valid commit (seq %d)", path, size - ft.end, ft.seq)
             f.truncate(ft.end)
         f.sync()
-        return _Prepared(salt, ft)
+        return _Prepared(header, ft)
     except OSError as exc:
         if isinstance(exc, StorageError):
             raise

@@ -27,20 +27,31 @@ changed suspect for every snapshot (``_unsure``) until a later commit writes the
 
 Checkpoint file (written whole, then renamed over the old one)::
 
-    b"PBHNSW1\\n" | u64 header length | header JSON {spec, seq, count, hnsw_bytes, crc32}
+    b"PBHNSW2\\n" | u64 header length
+    | header JSON {spec, seq, count, hnsw_bytes, database, mac}
     | rowids int64[count] | vectors float32[count, dim] | hnswlib's saved index
 
-crc32 covers everything after the header. A checkpoint whose magic, header, checksum or
-spec does not match is ignored and the index rebuilt from the rows; so is one whose graph
-fails graphcheck.check_graph (hnswlib reads its file unchecked, and a checksum proves
-nothing against a writer who recomputed it).
+A checkpoint is tied to its database: ``database`` is a fingerprint of the database's
+identity (the UUID in the file header, kept by compaction and backup; docs/format.md), and
+``mac`` a BLAKE2b of the other header fields and everything after the header, keyed with
+that identity. So a checkpoint copied from another database, or forged by someone who does
+not know this database's identity, is not trusted (``reason`` says which). The key is a
+keyed hash, not a CRC seeded with the identity: CRC-32 is affine, so from one valid
+checkpoint anyone could compute the seeded CRC of a forged one without the seed. An index
+made without a database (``database_id=None``) writes and trusts checkpoints keyed with
+the empty key, which a database never accepts.
+
+A checkpoint whose magic, header, identity, checksum or spec does not match is ignored and
+the index rebuilt from the rows; so is one whose graph fails graphcheck.check_graph
+(hnswlib reads its file unchecked, and a checksum proves nothing against a writer who knew
+the key).
 """
+import hashlib
 import json
 import os
 import struct
 import sys
 import threading
-import zlib
 
 import numpy as np
 
@@ -53,7 +64,8 @@ _vk = load("vkernel")
 
 __all__ = ["HnswIndex", "normalize", "distances"]
 
-_MAGIC = b"PBHNSW1\n"
+_MAGIC = b"PBHNSW2\n"
+_OLD_MAGICS = (b"PBHNSW1\n",)
 _U64 = struct.Struct("<Q")
 _CHUNK = 4096
 _DEFAULT_EF = 64
@@ -117,25 +129,34 @@ class HnswIndex:
         self.origin = "empty"      # how open() obtained it: checkpoint | rebuilt | empty
         self.reason = ""
         self.caught_up = 0         # rows changed by the catch-up after loading a checkpoint
+        self.database_id = None    # the identity (uuid.UUID) its checkpoints are tied to
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, spec, checkpoint_path, rows, seq, progress=False):
+    def open(cls, spec, checkpoint_path, rows, seq, progress=False, database_id=None):
         """The index for ``spec``: the checkpoint at ``checkpoint_path`` caught up with
         ``rows()`` (every (rowid, vector) of the newest committed state), or rebuilt from
-        ``rows()`` when the checkpoint is missing or damaged. ``seq`` is that state's
-        commit sequence."""
+        ``rows()`` when the checkpoint is missing, damaged or not this database's.
+        ``seq`` is that state's commit sequence; ``database_id`` the identity (uuid.UUID)
+        of the database the index belongs to, which its checkpoints must carry (and which
+        checkpoint() writes into them)."""
         ix = cls(spec)
+        ix.database_id = database_id
         loaded = False
         if checkpoint_path is not None:
             try:
                 loaded = ix._load(checkpoint_path)
             except FileNotFoundError:
                 ix.reason = "no checkpoint"
+            except _Untrusted as exc:
+                ix = cls(spec)
+                ix.database_id = database_id
+                ix.reason = f"untrusted checkpoint ({exc})"
             except (OSError, ValueError, KeyError, TypeError, RuntimeError, MemoryError,
                     struct.error) as exc:
                 ix = cls(spec)
+                ix.database_id = database_id
                 ix.reason = f"damaged checkpoint ({exc})"
         if loaded:
             ix.origin = "checkpoint"
@@ -180,13 +201,28 @@ class HnswIndex:
         with open(path, "rb") as f:
             data = f.read()
         if data[:len(_MAGIC)] != _MAGIC:
+            if data[:len(_MAGIC)] in _OLD_MAGICS:
+                raise _Untrusted("an older checkpoint format, tied to no database")
             raise ValueError("not an HNSW checkpoint")
         (hlen,) = _U64.unpack_from(data, len(_MAGIC))
         start = len(_MAGIC) + _U64.size
         header = json.loads(data[start:start + hlen].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("bad header")
         body = memoryview(data)[start + hlen:]
-        if zlib.crc32(body) != header["crc32"]:
-            raise ValueError("checksum mismatch")
+        mine = database_fingerprint(self.database_id)
+        theirs = header.get("database")
+        if theirs != mine:
+            if theirs is None:
+                raise _Untrusted("it names no database; this index belongs to database "
+                                 f"{self.database_id}")
+            if mine is None:
+                raise _Untrusted("it belongs to a database; this index belongs to none")
+            raise _Untrusted(f"it belongs to another database, not to {self.database_id}")
+        mac = header.pop("mac", None)
+        if mac != checkpoint_mac(header, body, self.database_id):
+            raise ValueError("checksum mismatch: damaged, or forged without this "
+                             "database's identity")
         if header["spec"] != self.spec:
             raise ValueError("settings changed")
         n, hbytes = int(header["count"]), int(header["hnsw_bytes"])
@@ -466,7 +502,8 @@ class HnswIndex:
     # ------------------------------------------------------------------ checkpoint
 
     def checkpoint(self, checkpoint_path, seq):
-        """Write the index and the sequence it reflects atomically (tmp, fsync, rename)."""
+        """Write the index and the sequence it reflects atomically (tmp, fsync, rename),
+        tied to ``database_id`` (the one the index was opened with)."""
         directory = os.path.dirname(os.path.abspath(checkpoint_path))
         tmp = f"{checkpoint_path}.tmp-{os.getpid()}-{threading.get_ident()}"
         graph = tmp + ".graph"
@@ -481,11 +518,10 @@ class HnswIndex:
             finally:
                 _unlink(graph)
         body = [labels.tobytes(), mat.tobytes(), hdata]
-        crc = 0
-        for part in body:
-            crc = zlib.crc32(part, crc)
-        header = json.dumps({"spec": self.spec, "seq": seq, "count": len(labels),
-                             "hnsw_bytes": len(hdata), "crc32": crc}).encode("utf-8")
+        fields = {"spec": self.spec, "seq": seq, "count": len(labels), "hnsw_bytes": len(hdata),
+                  "database": database_fingerprint(self.database_id)}
+        header = json.dumps(dict(fields, mac=checkpoint_mac(fields, body, self.database_id)))
+        header = header.encode("utf-8")
         try:
             with open(tmp, "wb") as f:
                 f.write(_MAGIC + _U64.pack(len(header)) + header)
@@ -501,6 +537,30 @@ class HnswIndex:
     def __repr__(self):
         return (f"<HnswIndex {self.spec['field']!r} {self.metric} dim={self.dim} "
                 f"rows={self._live} from {self.origin}>")
+
+
+class _Untrusted(ValueError):
+    """A well-formed checkpoint that is not this database's (see the module docstring)."""
+
+
+def database_fingerprint(database_id):
+    """What a checkpoint names its database by: a hash of the identity (hex), never the
+    identity itself (it is the key of the checkpoint's MAC); None without a database."""
+    if database_id is None:
+        return None
+    return hashlib.blake2b(database_id.bytes, digest_size=8, person=b"pb-db-fp").hexdigest()
+
+
+def checkpoint_mac(fields, body, database_id):
+    """The checkpoint's MAC (hex): BLAKE2b keyed with the database identity over the
+    header ``fields`` (every header field but ``mac``, in a canonical JSON form) and the
+    ``body`` (bytes, or a list of byte parts in file order)."""
+    key = database_id.bytes if database_id is not None else b""
+    h = hashlib.blake2b(key=key, digest_size=16, person=b"pb-hnsw-ckpt")
+    h.update(json.dumps(fields, sort_keys=True).encode("utf-8"))
+    for part in (body if isinstance(body, list) else [body]):
+        h.update(part)
+    return h.hexdigest()
 
 
 def _progress_bar(total, wanted):
