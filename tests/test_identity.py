@@ -217,6 +217,7 @@ def test_after_compact_and_reopen_the_checkpoint_is_loaded_not_rebuilt(tmp_path)
     db.compact()                                 # now with the index loaded
     with db.transaction(readonly=True) as tx:
         assert sorted(tx["docs"].nearest("e", X[4], k=2).keys()) == [4, 1000]
+        assert _index(tx) is ix and ix.origin == "checkpoint"    # kept, not rebuilt
     db.close()
     with pb.open(path) as again, again.transaction(readonly=True) as tx:
         ix = _index(tx)
