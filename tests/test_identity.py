@@ -293,13 +293,14 @@ def test_a_failed_upgrade_leaves_the_version_1_file_or_a_complete_upgrade(v1):
         assert _v1_contents(tx) == V1_EXPECTED
 
 
-def _cli(*args, stdin=None):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__))))
-    return subprocess.run([sys.executable, "-m", "protobase", *args], input=stdin,
-                          capture_output=True, text=True, timeout=120, env=env)
+def _cli(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__)))
+    return subprocess.run([sys.executable, "-m", "protobase", *args], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
 
 
-def test_protobase_dump_reads_a_version_1_file_and_load_makes_a_new_version_2_database(v1, tmp_path):
+def test_protobase_dump_reads_a_version_1_file_and_load_makes_a_new_version_2_database(
+        v1, tmp_path):
     raw = open(v1, "rb").read()
     dumped = _cli("dump", v1)
     assert dumped.returncode == 0, dumped.stderr

@@ -68,12 +68,13 @@ struct unpack, the cache insert): several microseconds a node, more than decodin
 So there is one definition of what is valid (the Python path) and the C path only ever
 returns atoms that pass the very same checks: inside the log, length within bounds,
 checksum equal. Invariants: ``start`` is the size of the file's header (64 in format
-version 2, 32 in version 1), below which no atom starts; ``limit`` never exceeds the end of the data committed to the
-file (the store sets it on open and refresh; a writer's ``_written_end`` is read per
-miss), so a read never runs past what a footer covers; ``mapped <= durable``, the offset
-below which a footer says every byte was fsynced. A healthy writer never cuts the file
-below that point (it cuts back only to its last fsync), so no read of the mapping can
-fall past the end of the file (which would be SIGBUS, not an exception). The mapping
+version 2, 32 in version 1), below which no atom starts; ``limit`` never exceeds the end
+of the data committed to the file (the store sets it on open and refresh; a writer's
+``_written_end`` is read per miss), so a read never runs past what a footer covers;
+``mapped <= durable``, the offset below which a footer says every byte was fsynced. A
+healthy writer never cuts the file below that point (it cuts back only to its last
+fsync), so no read of the mapping can fall past the end of the file (which would be
+SIGBUS, not an exception). The mapping
 grows in steps of at least REMAP_STEP as more becomes durable; mapped atoms skip the
 bytes cache, since copying them out of the page cache costs no more than a hit. Copies
 out of the mapping hold the GIL, so no other thread can unmap it (close, refresh,
