@@ -20,7 +20,7 @@ from functools import cmp_to_key
 from itertools import islice, repeat
 import operator
 
-from .errors import ConflictError, ReadOnlyError, TransactionClosedError
+from .errors import ConflictError, TransactionClosedError
 from . import vector
 from .errors import QueryError, VectorError
 from .index import Index, IndexSpec
@@ -115,7 +115,7 @@ class _Collection(_handle.HandleCore):
         if tx._closed:
             self._struct()
         if tx._readonly:
-            raise ReadOnlyError("this transaction is read-only; use db.transaction() to write")
+            raise tx._readonly_error()
         if self._mut is None:
             self._mut = self._base.data.mutate()
             if self._base.meta.get("rowids"):

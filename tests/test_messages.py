@@ -54,3 +54,34 @@ def test_a_view_or_an_iterator_value_says_to_store_a_list_of_it(value):
     with pytest.raises(pb.SerializationError) as info:
         pb.open().transaction()["x"] = value
     assert "list(value)" in str(info.value), str(info.value)
+# -- read-only ---------------------------------------------------------------------------
+
+def test_a_write_through_a_read_only_database_says_it_was_opened_read_only(path):
+    with pb.open(path) as db, db.transaction() as tx:
+        tx["carts"] = pb.Dict({"u1": 1})
+    with pb.open(path, readonly=True) as db:
+        with db.transaction() as tx:            # the user did use db.transaction()
+            with pytest.raises(pb.ReadOnlyError) as info:
+                tx["carts"]["u1"] = 2
+            msg = str(info.value)
+            assert "db.transaction() to write" not in msg
+            assert "readonly=True" in msg and "pb.open(" in msg
+            with pytest.raises(pb.ReadOnlyError) as info:
+                tx["orders"] = pb.Dict()        # a new collection: the codec's ref hook
+            assert "readonly=True" in str(info.value) and "pb.open(" in str(info.value)
+        with pytest.raises(pb.ReadOnlyError) as info:
+            db.compact()
+        assert f"pb.open({path!r})" in str(info.value) and "compact()" in str(info.value)
+
+
+def test_a_write_in_a_read_only_transaction_still_points_at_db_transaction(path):
+    with pb.open(path) as db:
+        with db.transaction() as tx:
+            tx["carts"] = pb.Dict()
+        with db.transaction(readonly=True) as tx:
+            with pytest.raises(pb.ReadOnlyError) as info:
+                tx["carts"]["u1"] = 1
+            assert "db.transaction()" in str(info.value)
+            assert "pb.open(" not in str(info.value)
+
+
