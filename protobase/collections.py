@@ -178,11 +178,37 @@ class _Collection(_handle.HandleCore):
                 self._conflict(key, "a value this transaction read was changed")
 
     def _conflict(self, key, reason):
-        where = "root" if self._cid == 0 else f"{type(self).__name__} #{self._cid}"
-        what = f" key {key!r}" if key is not None else ""
-        raise ConflictError(f"{reason}: {where}{what} was changed by a transaction that committed "
-                            "first; retry the transaction (db.run retries for you)",
-                            collection=self._cid, key=key, reason=reason)
+        name = None
+        if self._cid == 0:
+            where = "the root" if key is None else f"root name {key!r}"
+        else:
+            name = self._root_name()
+            kind = type(self).__name__
+            where = f"{kind} #{self._cid}" if name is None else f"{kind} {name!r}"
+            if key is not None:
+                where += f" key {key!r}"
+        raise ConflictError(f"{reason}: {where} was changed by a transaction that committed "
+                            f"first{ConflictError.RETRY_HINT}", collection=self._cid, key=key,
+                            reason=reason, collection_name=name)
+
+    def _root_name(self):
+        """The root name this collection is stored under directly, as this transaction
+        sees the root, or None (nested deeper, or not named at all). A conflict is rare:
+        the root's raw values are compared with the bytes of a reference to this one."""
+        tx = self._tx
+        ref = _dumps(self, ref_hook=lambda obj, cid=self._cid: cid)
+        root = tx._handles.get(0)
+        if root is not None and root._mut is not None:
+            struct = root._mut
+        else:
+            base = tx._snapshot.colls.get(0)
+            struct = base.data if base is not None else None
+        if struct is None:
+            return None
+        for name, raw in struct.items():
+            if raw == ref:
+                return name
+        return None
 
     def _check_writes(self, head, present=lambda s, k: s.get(k, MISSING)):
         snap, cur = self._base.data, head.data

@@ -667,9 +667,9 @@ class Database:
                 result = fn(tx, *args, **kwargs)
                 tx.commit()
                 return result
-            except ConflictError:
+            except ConflictError as exc:
                 if attempt == retries:
-                    raise
+                    raise exc.gave_up(attempt + 1, retries) from None
                 time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
             finally:
                 if not tx.closed:

@@ -85,3 +85,84 @@ def test_a_write_in_a_read_only_transaction_still_points_at_db_transaction(path)
             assert "pb.open(" not in str(info.value)
 
 
+# -- conflicts ---------------------------------------------------------------------------
+
+def test_a_conflict_names_the_root_name_of_the_collection_and_keeps_its_attributes():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["carts"] = pb.Dict({"u1": 0})
+
+    def write(tx, n):
+        tx["carts"]["u1"] = n
+
+    exc = _conflict(db, write)
+    msg = str(exc)
+    assert "'carts'" in msg and "#" not in msg, msg
+    assert exc.key == "u1" and exc.reason == "write-write conflict"
+    assert isinstance(exc.collection, int) and exc.collection > 0
+    assert exc.collection_name == "carts"
+
+
+def test_a_conflict_names_the_root_name_the_losing_transaction_gave_the_collection():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["carts"] = pb.Dict({"u1": 0})
+
+    a, b = db.transaction(), db.transaction()
+    a["carts"]["u1"] = 1
+    b["renamed"] = b["carts"]                # the root written too: its working copy counts
+    del b["carts"]
+    b["renamed"]["u1"] = 2
+    a.commit()
+    with pytest.raises(pb.ConflictError) as info:
+        b.commit()
+    exc = info.value
+    assert "Dict 'renamed' key 'u1'" in str(exc) and exc.collection_name == "renamed"
+
+
+def test_a_conflict_in_a_nested_collection_names_it_by_kind_and_id():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["shop"] = pb.Dict({"carts": pb.SortedDict({"u1": 0})})
+        inner = tx["shop"]["carts"]._cid
+
+    def write(tx, n):
+        tx["shop"]["carts"]["u1"] = n
+
+    exc = _conflict(db, write)
+    assert f"SortedDict #{inner}" in str(exc)
+    assert exc.collection == inner and exc.key == "u1" and exc.collection_name is None
+
+
+def test_a_conflict_on_a_root_name_says_root_name():
+    db = pb.open()
+
+    def write(tx, n):
+        tx["total"] = n
+
+    exc = _conflict(db, write)
+    assert "root name 'total'" in str(exc) and exc.collection == 0 and exc.key == "total"
+
+
+def test_db_run_giving_up_says_how_many_attempts_and_suggests_more_retries():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["carts"] = pb.Dict({"u1": 0})
+    attempts = []
+
+    def always_loses(tx):
+        attempts.append(1)
+        tx["carts"]["u1"] = -1
+        rival = db.transaction()             # commits first, every time
+        rival["carts"]["u1"] = len(attempts)
+        rival.commit()
+
+    with pytest.raises(pb.ConflictError) as info:
+        db.run(always_loses, retries=2)
+    msg = str(info.value)
+    assert len(attempts) == 3
+    assert "db.run retries for you" not in msg
+    assert "gave up after 3 attempts" in msg and "retries=" in msg and "'carts'" in msg
+    assert info.value.key == "u1" and info.value.attempts == 3
+
+
