@@ -73,6 +73,19 @@ class Transaction:
     def __contains__(self, name):
         return name in self.root
 
+    def __iter__(self):
+        """The root's names, as iterating a mapping gives its keys."""
+        return iter(self.root)
+
+    def __len__(self):
+        """How many names the root holds."""
+        return len(self.root)
+
+    def __bool__(self):
+        # A transaction is an object, not a container: an empty root must not make
+        # `if tx:` false (and a closed one must not raise there).
+        return True
+
     def get(self, name, default=None):
         return self.root.get(name, default)
 

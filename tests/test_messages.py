@@ -166,3 +166,27 @@ def test_db_run_giving_up_says_how_many_attempts_and_suggests_more_retries():
     assert info.value.key == "u1" and info.value.attempts == 3
 
 
+# -- the transaction as a mapping of root names ------------------------------------------
+
+def test_a_transaction_iterates_its_root_names_like_a_mapping():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["a"] = 1
+        tx["b"] = pb.List()
+    with db.transaction() as tx:
+        assert sorted(tx) == ["a", "b"]
+        assert len(tx) == 2 and "a" in tx and "zz" not in tx
+        tx["c"] = 3
+        assert sorted(list(tx)) == ["a", "b", "c"] and len(tx) == 3
+
+
+def test_a_transaction_stays_true_with_an_empty_root_and_iterating_a_closed_one_says_so():
+    db = pb.open()
+    tx = db.transaction()
+    assert len(tx) == 0 and list(tx) == [] and bool(tx) is True
+    tx.commit()
+    assert bool(tx) is True
+    with pytest.raises(pb.TransactionClosedError):
+        list(tx)
+
+
