@@ -216,6 +216,20 @@ class _Collection(_handle.HandleCore):
             if not _same(present(cur, key), present(snap, key)):
                 self._conflict(key, "write-write conflict")
 
+    _PLAIN = None    # the built-in type a copy of the contents is (dict, list, set)
+
+    def __reduce_ex__(self, protocol):
+        """Pickling and copy.copy/deepcopy. A free-standing collection gives a free-standing
+        copy of its contents; a handle refuses: it is a view into one transaction."""
+        if self._tx is None:
+            return type(self), (self._initial,)
+        plain = self._PLAIN.__name__
+        raise TypeError(
+            f"a pb.{type(self).__name__} read from a transaction cannot be pickled or copied: "
+            f"it is a handle that lives only as long as its transaction; pickle or copy its "
+            f"contents instead: {plain}(handle) is a plain {plain} you own (a collection "
+            f"stored inside it is a handle too: convert it the same way)")
+
     def __repr__(self):
         if self._tx is None:
             return f"pb.{type(self).__name__}({self._initial!r})"
@@ -317,6 +331,7 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
     """Shared by Dict and SortedDict: a mapping from keys to encoded values."""
 
     __slots__ = ()
+    _PLAIN = dict
 
     def __init__(self, mapping=(), **kwargs):
         d = dict(mapping, **kwargs)
@@ -975,6 +990,7 @@ class Set(_Collection, MutableSet):
 
     __slots__ = ()
     KIND = "set"
+    _PLAIN = set
 
     def __init__(self, iterable=()):
         super().__init__(set(iterable))
@@ -1042,6 +1058,7 @@ class List(_Queryable, _Collection, MutableSequence):
 
     __slots__ = ()
     KIND = "list"
+    _PLAIN = list
     _ROWS = _IndexedList
     _SOURCE = _ListSource
 

@@ -190,3 +190,59 @@ def test_a_transaction_stays_true_with_an_empty_root_and_iterating_a_closed_one_
         list(tx)
 
 
+# -- pickling handles --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, contents", [
+    (pb.Dict, {"a": 1}), (pb.SortedDict, {"a": 1}), (pb.List, [1, 2]), (pb.Set, {1, 2})])
+def test_pickling_a_handle_says_it_lives_in_its_transaction_and_what_to_pickle(kind, contents):
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["c"] = kind(contents)
+        handle = tx["c"]
+        for attempt in (lambda: pickle.dumps(handle), lambda: copy.copy(handle),
+                        lambda: pickle.dumps({"nested": [handle]})):
+            with pytest.raises(TypeError) as info:
+                attempt()
+            msg = str(info.value)
+            assert "__cinit__" not in msg and "transaction" in msg
+            assert f"{type(contents).__name__}(handle)" in msg, msg
+
+
+@pytest.mark.parametrize("kind, contents", [
+    (pb.Dict, {"a": 1, "b": [2]}), (pb.SortedDict, {2: "x", 1: "y"}), (pb.List, [3, 1, 2]),
+    (pb.Set, {1, 2})])
+def test_a_free_standing_collection_pickles_as_a_free_standing_copy(kind, contents):
+    original = kind(contents)
+    back = pickle.loads(pickle.dumps(original))
+    assert type(back) is kind and back == contents and back is not original
+    db = pb.open()
+    with db.transaction() as tx:                 # and it can still be stored
+        tx["c"] = back
+    with db.transaction() as tx:
+        assert tx["c"] == contents
+
+
+
+
+@pytest.mark.parametrize("kind, contents, change", [
+    (pb.Dict, {"a": [1]}, lambda c: c.__setitem__("b", 2)),
+    (pb.SortedDict, {"a": [1]}, lambda c: c.__setitem__("b", 2)),
+    (pb.List, [[1]], lambda c: c.append(2)),
+    (pb.Set, {1}, lambda c: c.add(2))])
+def test_copying_a_free_standing_collection_gives_one_that_changes_alone(kind, contents, change):
+    original = kind(contents)
+    shallow, deep = copy.copy(original), copy.deepcopy(original)
+    change(shallow)
+    change(deep)
+    assert original == contents and shallow != contents and deep == shallow
+    assert type(shallow) is kind and type(deep) is kind
+
+
+def test_pickling_a_handle_of_an_ended_transaction_is_refused_the_same_way():
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["c"] = pb.List([1])
+        handle = tx["c"]
+    with pytest.raises(TypeError) as info:
+        pickle.dumps(handle)
+    assert "list(handle)" in str(info.value)
