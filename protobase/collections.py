@@ -46,8 +46,9 @@ def _same(a, b):
     return a is b or (a is not MISSING and b is not MISSING and a == b)
 
 
-def _repr_items(items, limit=10):
-    parts = [repr(x) for x in islice(items, limit + 1)]
+def _repr_items(parts, limit=10):
+    """The first `limit` of the formatted items `parts`, then "..." if there are more."""
+    parts = list(islice(parts, limit + 1))
     if len(parts) > limit:
         parts[limit:] = ["..."]
     return ", ".join(parts)
@@ -231,9 +232,7 @@ class _Collection(_handle.HandleCore):
             f"stored inside it is a handle too: convert it the same way)")
 
     def __repr__(self):
-        if self._tx is None:
-            return f"pb.{type(self).__name__}({self._initial!r})"
-        if self._tx._closed:
+        if self._tx is not None and self._tx._closed:
             return f"<pb.{type(self).__name__} #{self._cid} (transaction ended)>"
         return f"pb.{type(self).__name__}({self._repr_body()})"
 
@@ -386,7 +385,7 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
         return NotImplemented
 
     def _repr_body(self):
-        return "{" + _repr_items(f"{k!r}: {v!r}" for k, v in self._iter_items()).replace("'...'", "...") + "}"
+        return "{" + _repr_items(f"{k!r}: {v!r}" for k, v in self._iter_items()) + "}"
 
     def _changed_rows(self, before, after):
         """(row id, raw value or MISSING) of each row this committed transaction wrote:
@@ -1037,7 +1036,7 @@ class Set(_Collection, MutableSet):
         return NotImplemented
 
     def _repr_body(self):
-        return "{" + _repr_items(iter(self)) + "}"
+        return "{" + _repr_items(map(repr, self)) + "}"
 
     def _merge(self, head, mine):
         self._check_writes(head, present=lambda s, k: k in s)
@@ -1208,7 +1207,7 @@ class List(_Queryable, _Collection, MutableSequence):
         return NotImplemented
 
     def _repr_body(self):
-        return "[" + _repr_items(iter(self)) + "]"
+        return "[" + _repr_items(map(repr, self)) + "]"
 
     def _changed_rows(self, before, after):
         if self._ix is None:

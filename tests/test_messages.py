@@ -246,3 +246,32 @@ def test_pickling_a_handle_of_an_ended_transaction_is_refused_the_same_way():
     with pytest.raises(TypeError) as info:
         pickle.dumps(handle)
     assert "list(handle)" in str(info.value)
+# -- repr ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", [pb.Dict, pb.SortedDict])
+def test_repr_of_a_stored_map_formats_each_item_once(kind):
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["m"] = kind({"a": 1})
+        assert repr(tx["m"]) == f"pb.{kind.__name__}({{'a': 1}})"
+        assert repr(tx["m"]) == repr(kind({"a": 1}))
+        tx["big"] = kind({i: i for i in range(20)})
+        r = repr(tx["big"])
+        assert r.startswith(f"pb.{kind.__name__}({{") and r.endswith(", ...})"), r
+        assert r.count(": ") == 10 and '"' not in r
+
+
+@pytest.mark.parametrize("kind, contents, text", [
+    (pb.Dict, {"b": ("x", None)}, "pb.Dict({'b': ('x', None)})"),
+    (pb.SortedDict, {"b": 1, "a": 2}, "pb.SortedDict({'a': 2, 'b': 1})"),
+    (pb.List, ["a", 1], "pb.List(['a', 1])"),
+    (pb.Set, {"a"}, "pb.Set({'a'})")])
+def test_repr_is_the_same_free_standing_and_stored_and_truncated_after_ten(kind, contents, text):
+    assert repr(kind(contents)) == text
+    db = pb.open()
+    with db.transaction() as tx:
+        tx["c"] = kind(contents)
+        assert repr(tx["c"]) == text
+    big = kind({i: i for i in range(20)} if kind in (pb.Dict, pb.SortedDict) else range(20))
+    assert repr(big).endswith(", ...})") or repr(big).endswith(", ...])"), repr(big)
+    assert "'...'" not in repr(big)
