@@ -2,7 +2,11 @@
 happened and what the user can do, in the words of the API the user calls (never an
 internal one), and the structured attributes stay for programs."""
 import copy
+import os
 import pickle
+import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -275,3 +279,49 @@ def test_repr_is_the_same_free_standing_and_stored_and_truncated_after_ten(kind,
     big = kind({i: i for i in range(20)} if kind in (pb.Dict, pb.SortedDict) else range(20))
     assert repr(big).endswith(", ...})") or repr(big).endswith(", ...])"), repr(big)
     assert "'...'" not in repr(big)
+
+
+# -- paths that are not regular files ------------------------------------------------------
+
+_OPEN_EACH_WAY = """
+import sys, protobase as pb
+for readonly in (True, False):
+    try:
+        pb.open(sys.argv[1], readonly=readonly)
+    except Exception as exc:
+        print(type(exc).__name__, exc, flush=True)
+    else:
+        print("opened", flush=True)
+"""
+
+
+def _open_in_a_child(path):
+    """pb.open(path) both ways in a child process, so that an open that blocks (a FIFO
+    with no writer) fails the test by its timeout instead of hanging the suite."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pb.__file__)))
+    out = subprocess.run([sys.executable, "-c", _OPEN_EACH_WAY, str(path)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_opening_a_fifo_is_not_a_database_error_at_once_and_leaves_it_alone(tmp_path):
+    fifo = tmp_path / "pipe.pb"
+    os.mkfifo(fifo)
+    lines = _open_in_a_child(fifo)
+    assert len(lines) == 2 and all(l.startswith("NotADatabaseError") for l in lines), lines
+    assert "FIFO" in lines[0] and "regular file" in lines[0]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.pb"]
+
+
+def test_opening_a_directory_or_a_device_is_not_a_database_error(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep").write_bytes(b"x")
+    for path, what in [(folder, "a directory"), ("/dev/null", "a character device")]:
+        lines = _open_in_a_child(path)
+        assert lines == [lines[0]] * 2 and lines[0].startswith("NotADatabaseError"), lines
+        assert what in lines[0]
+        with pytest.raises(pb.NotADatabaseError):
+            pb.open(path, readonly=True)
+    assert os.listdir(folder) == ["keep"] and os.listdir(tmp_path) == ["folder"]
