@@ -1,12 +1,19 @@
 """The ``protobase`` command (also ``python -m protobase``).
 
     protobase demo [PATH]                      a guided tour on ./protobase-demo.pb
-    protobase info PATH                        format, size, commits, collections, root names
-    protobase check PATH                       verify every checksum; exit 1 listing problems
+    protobase info PATH [--json]               format, size, commits, collections, root names
+    protobase check PATH [--json]              verify every checksum; exit 1 listing problems
     protobase compact PATH                     rewrite the file with only the live data
-    protobase stats PATH                       the counters of db.stats()
+    protobase stats PATH [--json]              the file's own figures: commits, size,
+                                               collections and entries by kind, indexes
     protobase dump PATH [--format jsonl|msgpack] [-o FILE]
     protobase load PATH FILE                   load a dump into a new (empty) database
+    protobase --version
+
+``--json`` prints one JSON object instead of the text. A 0-byte file is reported as
+"empty: no database yet"; a path that is not a regular file (a directory, a FIFO,
+/dev/null) is a NotADatabaseError, and is never read. ``dump --format msgpack`` refuses to
+write its binary stream to a terminal: redirect it or give ``-o FILE``.
 
 Every failure the user can cause (bad arguments, a missing, damaged, foreign or locked
 file) ends with one line on stderr and a non-zero exit status, never a traceback.
