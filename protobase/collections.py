@@ -189,7 +189,7 @@ class _Collection(_handle.HandleCore):
             if key is not None:
                 where += f" key {key!r}"
         raise ConflictError(f"{reason}: {where} was changed by a transaction that committed "
-                            f"first{ConflictError.RETRY_HINT}", collection=self._cid, key=key,
+                            f"first{ConflictError._RETRY_HINT}", collection=self._cid, key=key,
                             reason=reason, collection_name=name)
 
     def _root_name(self):

@@ -669,7 +669,7 @@ class Database:
                 return result
             except ConflictError as exc:
                 if attempt == retries:
-                    raise exc.gave_up(attempt + 1, retries) from None
+                    raise exc._gave_up(attempt + 1, retries) from None
                 time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
             finally:
                 if not tx.closed:

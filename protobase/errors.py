@@ -26,7 +26,7 @@ class ConflictError(TransactionError):
     root name), ``reason`` what conflicted, and ``attempts`` how many times ``db.run`` tried
     before giving up (None for a single commit)."""
 
-    RETRY_HINT = "; retry the transaction (db.run(fn) retries it for you)"
+    _RETRY_HINT = "; retry the transaction (db.run(fn) retries it for you)"
 
     def __init__(self, message, *, collection=None, key=None, reason=None,
                  collection_name=None, attempts=None):
@@ -37,9 +37,9 @@ class ConflictError(TransactionError):
         self.collection_name = collection_name
         self.attempts = attempts
 
-    def gave_up(self, attempts, retries):
+    def _gave_up(self, attempts, retries):
         """The ConflictError ``db.run`` raises when its last attempt conflicted too."""
-        what = str(self).removesuffix(self.RETRY_HINT)
+        what = str(self).removesuffix(self._RETRY_HINT)
         return ConflictError(
             f"db.run gave up after {attempts} attempts, each beaten by a transaction that "
             f"committed first; the last conflict: {what}; pass a larger retries= (it was "
