@@ -12,6 +12,10 @@ A collection object is in one of two modes:
 Values are encoded by the codec at the write (so later changes to the caller's object
 change nothing) and decoded at every read (so the caller owns what it gets back).
 A handle stays usable only while its transaction is open.
+
+Pickling and copy.copy/deepcopy: a free-standing collection gives a free-standing copy of
+its contents (storable anywhere); a handle refuses with a TypeError, since it is a view
+into one transaction: what to pickle is its contents (``dict(handle)``, ``list(handle)``).
 """
 from collections.abc import ItemsView, KeysView, MutableMapping, MutableSequence, MutableSet, ValuesView
 import math
