@@ -1,12 +1,19 @@
 """The ``protobase`` command (also ``python -m protobase``).
 
     protobase demo [PATH]                      a guided tour on ./protobase-demo.pb
-    protobase info PATH                        format, size, commits, collections, root names
-    protobase check PATH                       verify every checksum; exit 1 listing problems
+    protobase info PATH [--json]               format, size, commits, collections, root names
+    protobase check PATH [--json]              verify every checksum; exit 1 listing problems
     protobase compact PATH                     rewrite the file with only the live data
-    protobase stats PATH                       the counters of db.stats()
+    protobase stats PATH [--json]              the file's own figures: commits, size,
+                                               collections and entries by kind, indexes
     protobase dump PATH [--format jsonl|msgpack] [-o FILE]
     protobase load PATH FILE                   load a dump into a new (empty) database
+    protobase --version
+
+``--json`` prints one JSON object instead of the text. A 0-byte file is reported as
+"empty: no database yet"; a path that is not a regular file (a directory, a FIFO,
+/dev/null) is a NotADatabaseError, and is never read. ``dump --format msgpack`` refuses to
+write its binary stream to a terminal: redirect it or give ``-o FILE``.
 
 Every failure the user can cause (bad arguments, a missing, damaged, foreign or locked
 file) ends with one line on stderr and a non-zero exit status, never a traceback.
@@ -438,10 +445,10 @@ def _build_indexes(objs: TDict[int, Any], specs: TList[TDict[str, Any]]) -> None
 # -- the other commands -------------------------------------------------------------------
 
 def _open_existing(path: str, readonly: bool = True) -> Database:
+    # Anything that is not a regular file (a directory, a FIFO, /dev/null) is refused by
+    # the open itself, as NotADatabaseError, without reading it (storage.fileio).
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a directory, not a database file")
     return open_db(path, readonly=readonly)
 
 
@@ -455,37 +462,127 @@ def _size(n: Optional[float]) -> str:
     return str(n)
 
 
+EMPTY_NOTE = "empty: no database yet"
+_KIND_NAMES = {"dict": "Dict", "sorted": "SortedDict", "list": "List", "set": "Set"}
+
+
+def _is_empty(db: Database) -> bool:
+    """A file of no bytes (or a torn first header): a database was never written there."""
+    from .storage.log import HEADER_SIZE
+    size = db.stats().get("file_size")
+    return size is not None and size < HEADER_SIZE
+
+
+def _print_json(doc: TDict[str, Any]) -> None:
+    print(json.dumps(doc, indent=2, ensure_ascii=False, default=repr))
+
+
+def _describe(name: Any, value: Any) -> TDict[str, Any]:
+    """One root name for info: the name (a str as is, any other key as its repr), its
+    value's kind and, for a collection, how many entries it holds."""
+    if isinstance(value, (Dict, SortedDict, List, Set)):
+        kind, size = _kind(value), len(value)
+    else:
+        kind, size = type(value).__name__, None
+    return {"name": name if type(name) is str else repr(name), "name_repr": repr(name),
+            "kind": kind, "size": size}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .storage.log import FORMAT_VERSION
     with _open_existing(args.path) as db:
         st = db.stats()
-        print(f"path:        {args.path}")
-        print(f"format:      ProtoBase file format {FORMAT_VERSION}")
-        print(f"size:        {_size(st.get('file_size'))}")
-        print(f"commits:     {st['sequence']}")
-        print(f"collections: {st['collections']}")
+        doc: TDict[str, Any] = {"path": args.path, "empty": _is_empty(db),
+                                "format": FORMAT_VERSION, "file_size": st.get("file_size"),
+                                "commits": st["sequence"], "collections": st["collections"]}
         with db.transaction(readonly=True) as tx:
             names: TList[Tuple[Any, Any]] = list(tx.root.items())
-            print(f"root names:  {len(names)}")
-            for name, value in names:
-                if isinstance(value, (Dict, SortedDict, List, Set)):
-                    what = f"{_kind(value)} of {len(value)}"
-                else:
-                    what = type(value).__name__
-                print(f"  {name!r}: {what}")
+            doc["root_names"] = [_describe(name, value) for name, value in names]
+    if args.json:
+        _print_json(doc)
+        return 0
+    print(f"path:        {args.path}")
+    if doc["empty"]:
+        print(f"state:       {EMPTY_NOTE} ({_size(doc['file_size'])}; the first commit "
+              f"writes one)")
+        return 0
+    print(f"format:      ProtoBase file format {FORMAT_VERSION}")
+    print(f"size:        {_size(doc['file_size'])}")
+    print(f"commits:     {doc['commits']}")
+    print(f"collections: {doc['collections']}")
+    print(f"root names:  {len(names)}")
+    for entry in doc["root_names"]:
+        of = f" of {entry['size']}" if entry["size"] is not None else ""
+        print(f"  {entry['name_repr']}: {entry['kind']}{of}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     with _open_existing(args.path) as db:
+        empty = _is_empty(db)
         report = db.check()
-    if report.problems:
-        print(f"{args.path}: {len(report.problems)} problem(s)", file=sys.stderr)
-        for p in report.problems:
-            where = f"at offset {p.offset}: " if p.offset is not None else ""
-            print(f"  {where}{p.message}", file=sys.stderr)
+    problems = [{"offset": p.offset, "message": p.message} for p in report.problems]
+    if args.json:
+        _print_json({"path": args.path, "ok": not problems, "empty": empty and not problems,
+                     "commits": report.commits, "atoms": report.atoms, "problems": problems})
+        return 1 if problems else 0
+    if problems:
+        print(f"{args.path}: {len(problems)} problem(s)", file=sys.stderr)
+        for p in problems:
+            where = f"at offset {p['offset']}: " if p["offset"] is not None else ""
+            print(f"  {where}{p['message']}", file=sys.stderr)
         return 1
+    if empty:
+        print(f"{args.path}: ok, {EMPTY_NOTE} (nothing to check)")
+        return 0
     print(f"{args.path}: ok ({report.commits} commits, {report.atoms} atoms checked)")
+    return 0
+
+
+def _stats_figures(db: Database, path: str) -> TDict[str, Any]:
+    """The file's own figures, as of its last commit (not this process's counters: a
+    fresh read-only open has made no commits of its own)."""
+    st = db.stats()
+    kinds = {name: 0 for name in _KIND_NAMES.values()}
+    entries = {name: 0 for name in _KIND_NAMES.values()}
+    indexes = vector_indexes = 0
+    with db.transaction(readonly=True) as tx:
+        root_names = len(tx.root)
+        for _cid, cs in tx._snapshot.colls.items():
+            kind = _KIND_NAMES.get(cs.kind, cs.kind)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            entries[kind] = entries.get(kind, 0) + len(cs.data)
+            indexes += len(cs.meta.get("indexes", ()))
+            vector_indexes += len(cs.meta.get("vectors", {}) or {})
+    size, end = st.get("file_size"), st.get("end")
+    return {
+        "path": path, "empty": _is_empty(db), "file_size": size,
+        "commits": st["sequence"],              # commits over the file's life (its sequence)
+        "collections": st["collections"], "collections_by_kind": kinds,
+        "entries": sum(entries.values()), "entries_by_kind": entries,
+        "root_names": root_names, "indexes": indexes, "vector_indexes": vector_indexes,
+        "bytes_to_last_commit": end,
+        "bytes_after_last_commit": None if size is None or end is None else max(0, size - end),
+    }
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _open_existing(args.path) as db:
+        doc = _stats_figures(db, args.path)
+    if args.json:
+        _print_json(doc)
+        return 0
+    if doc["empty"]:
+        print(f"{args.path}: {EMPTY_NOTE} ({_size(doc['file_size'])})")
+        return 0
+    rows = [(k, v) for k, v in doc.items() if k != "empty"]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        if isinstance(v, dict):
+            v = ", ".join(f"{name} {n}" for name, n in v.items())
+        elif k in ("file_size", "bytes_to_last_commit", "bytes_after_last_commit") and v is not None:
+            v = f"{v} ({_size(v)})"
+        print(f"{k:<{width}}  {v}")
     return 0
 
 
@@ -516,16 +613,10 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    with _open_existing(args.path) as db:
-        st = db.stats()
-    width = max(map(len, st))
-    for k in sorted(st):
-        print(f"{k:<{width}}  {st[k]}")
-    return 0
-
-
 def cmd_dump(args: argparse.Namespace) -> int:
+    if args.format == "msgpack" and args.output in (None, "-") and _is_terminal(sys.stdout):
+        raise UsageError("refusing to write MessagePack (binary) to a terminal: redirect "
+                         "stdout to a file or a pipe, or give -o FILE")
     with _open_existing(args.path) as db:
         if args.output in (None, "-"):
             result = dump(db, sys.stdout.buffer, args.format)
@@ -542,6 +633,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
     print(f"dumped {result['collections']} collections, {result['entries']} entries",
           file=sys.stderr)
     return 0
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):   # no descriptor (captured, closed)
+        return False
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -790,29 +888,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- entry point ---------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="protobase", description="ProtoBase database tool.")
+    p.add_argument("--version", action="version", version=f"protobase {__version__}",
+                   help="print the version of protobase and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     s = sub.add_parser("demo", help="a guided tour: carts, queries, vectors, crash recovery")
     s.add_argument("path", nargs="?", default="protobase-demo.pb",
                    help="demo database file (recreated; default ./protobase-demo.pb)")
     s.set_defaults(fn=cmd_demo)
-    for name, fn, text in [("info", cmd_info, "format, size, commits, collections, root names"),
-                           ("check", cmd_check, "verify every checksum; exit 1 when damaged"),
-                           ("compact", cmd_compact, "rewrite the file keeping only live data"),
-                           ("stats", cmd_stats, "print the database counters")]:
-        s = sub.add_parser(name, help=text)
-        s.add_argument("path", metavar="PATH")
+    for name, fn, text, json_text in [
+            ("info", cmd_info, "format, size, commits, collections, root names",
+             "print one JSON object instead of text"),
+            ("check", cmd_check, "verify every checksum; exit 1 when damaged",
+             "print one JSON object (ok, commits, atoms, problems) instead of text"),
+            ("compact", cmd_compact, "rewrite the file keeping only live data", None),
+            ("stats", cmd_stats, "the file's own figures: commits, size, collections, entries",
+             "print one JSON object instead of text")]:
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("path", metavar="PATH", help="the database file (opened read-only)"
+                       if name != "compact" else "the database file (rewritten in place)")
+        if json_text is not None:
+            s.add_argument("--json", action="store_true", help=json_text)
         s.set_defaults(fn=fn)
     s = sub.add_parser("dump", help="write the root and every reachable collection")
-    s.add_argument("path", metavar="PATH")
-    s.add_argument("--format", choices=["jsonl", "msgpack"], default="jsonl")
-    s.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    s.add_argument("path", metavar="PATH", help="the database file (opened read-only)")
+    s.add_argument("--format", choices=["jsonl", "msgpack"], default="jsonl",
+                   help="jsonl: one JSON object per line (default); msgpack: a binary "
+                        "MessagePack stream (needs -o or a redirect, never a terminal)")
+    s.add_argument("-o", "--output", metavar="FILE",
+                   help="write here (atomically, via FILE.part) instead of stdout")
     s.set_defaults(fn=cmd_dump)
     s = sub.add_parser("load", help="load a dump into a new database")
-    s.add_argument("path", metavar="PATH")
-    s.add_argument("file", metavar="FILE")
+    s.add_argument("path", metavar="PATH", help="the database to create (or an empty one)")
+    s.add_argument("file", metavar="FILE", help="the dump to read, as written by dump")
     s.add_argument("--format", choices=["jsonl", "msgpack"], default=None,
-                   help="default: guessed from the first byte")
+                   help="the dump's format (default: guessed from the first byte)")
     s.set_defaults(fn=cmd_load)
     return p
 

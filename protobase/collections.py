@@ -12,6 +12,10 @@ A collection object is in one of two modes:
 Values are encoded by the codec at the write (so later changes to the caller's object
 change nothing) and decoded at every read (so the caller owns what it gets back).
 A handle stays usable only while its transaction is open.
+
+Pickling and copy.copy/deepcopy: a free-standing collection gives a free-standing copy of
+its contents (storable anywhere); a handle refuses with a TypeError, since it is a view
+into one transaction: what to pickle is its contents (``dict(handle)``, ``list(handle)``).
 """
 from collections.abc import ItemsView, KeysView, MutableMapping, MutableSequence, MutableSet, ValuesView
 import math
@@ -20,7 +24,7 @@ from functools import cmp_to_key
 from itertools import islice, repeat
 import operator
 
-from .errors import ConflictError, ReadOnlyError, TransactionClosedError
+from .errors import ConflictError, TransactionClosedError
 from . import vector
 from .errors import QueryError, VectorError
 from .index import Index, IndexSpec
@@ -46,8 +50,9 @@ def _same(a, b):
     return a is b or (a is not MISSING and b is not MISSING and a == b)
 
 
-def _repr_items(items, limit=10):
-    parts = [repr(x) for x in islice(items, limit + 1)]
+def _repr_items(parts, limit=10):
+    """The first `limit` of the formatted items `parts`, then "..." if there are more."""
+    parts = list(islice(parts, limit + 1))
     if len(parts) > limit:
         parts[limit:] = ["..."]
     return ", ".join(parts)
@@ -115,7 +120,7 @@ class _Collection(_handle.HandleCore):
         if tx._closed:
             self._struct()
         if tx._readonly:
-            raise ReadOnlyError("this transaction is read-only; use db.transaction() to write")
+            raise tx._readonly_error()
         if self._mut is None:
             self._mut = self._base.data.mutate()
             if self._base.meta.get("rowids"):
@@ -178,11 +183,37 @@ class _Collection(_handle.HandleCore):
                 self._conflict(key, "a value this transaction read was changed")
 
     def _conflict(self, key, reason):
-        where = "root" if self._cid == 0 else f"{type(self).__name__} #{self._cid}"
-        what = f" key {key!r}" if key is not None else ""
-        raise ConflictError(f"{reason}: {where}{what} was changed by a transaction that committed "
-                            "first; retry the transaction (db.run retries for you)",
-                            collection=self._cid, key=key, reason=reason)
+        name = None
+        if self._cid == 0:
+            where = "the root" if key is None else f"root name {key!r}"
+        else:
+            name = self._root_name()
+            kind = type(self).__name__
+            where = f"{kind} #{self._cid}" if name is None else f"{kind} {name!r}"
+            if key is not None:
+                where += f" key {key!r}"
+        raise ConflictError(f"{reason}: {where} was changed by a transaction that committed "
+                            f"first{ConflictError._RETRY_HINT}", collection=self._cid, key=key,
+                            reason=reason, collection_name=name)
+
+    def _root_name(self):
+        """The root name this collection is stored under directly, as this transaction
+        sees the root, or None (nested deeper, or not named at all). A conflict is rare:
+        the root's raw values are compared with the bytes of a reference to this one."""
+        tx = self._tx
+        ref = _dumps(self, ref_hook=lambda obj, cid=self._cid: cid)
+        root = tx._handles.get(0)
+        if root is not None and root._mut is not None:
+            struct = root._mut
+        else:
+            base = tx._snapshot.colls.get(0)
+            struct = base.data if base is not None else None
+        if struct is None:
+            return None
+        for name, raw in struct.items():
+            if raw == ref:
+                return name
+        return None
 
     def _check_writes(self, head, present=lambda s, k: s.get(k, MISSING)):
         snap, cur = self._base.data, head.data
@@ -190,10 +221,22 @@ class _Collection(_handle.HandleCore):
             if not _same(present(cur, key), present(snap, key)):
                 self._conflict(key, "write-write conflict")
 
-    def __repr__(self):
+    _PLAIN = None    # the built-in type a copy of the contents is (dict, list, set)
+
+    def __reduce_ex__(self, protocol):
+        """Pickling and copy.copy/deepcopy. A free-standing collection gives a free-standing
+        copy of its contents; a handle refuses: it is a view into one transaction."""
         if self._tx is None:
-            return f"pb.{type(self).__name__}({self._initial!r})"
-        if self._tx._closed:
+            return type(self), (self._initial,)
+        plain = self._PLAIN.__name__
+        raise TypeError(
+            f"a pb.{type(self).__name__} read from a transaction cannot be pickled or copied: "
+            f"it is a handle that lives only as long as its transaction; pickle or copy its "
+            f"contents instead: {plain}(handle) is a plain {plain} you own (a collection "
+            f"stored inside it is a handle too: convert it the same way)")
+
+    def __repr__(self):
+        if self._tx is not None and self._tx._closed:
             return f"<pb.{type(self).__name__} #{self._cid} (transaction ended)>"
         return f"pb.{type(self).__name__}({self._repr_body()})"
 
@@ -291,6 +334,7 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
     """Shared by Dict and SortedDict: a mapping from keys to encoded values."""
 
     __slots__ = ()
+    _PLAIN = dict
 
     def __init__(self, mapping=(), **kwargs):
         d = dict(mapping, **kwargs)
@@ -345,7 +389,7 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
         return NotImplemented
 
     def _repr_body(self):
-        return "{" + _repr_items(f"{k!r}: {v!r}" for k, v in self._iter_items()).replace("'...'", "...") + "}"
+        return "{" + _repr_items(f"{k!r}: {v!r}" for k, v in self._iter_items()) + "}"
 
     def _changed_rows(self, before, after):
         """(row id, raw value or MISSING) of each row this committed transaction wrote:
@@ -949,6 +993,7 @@ class Set(_Collection, MutableSet):
 
     __slots__ = ()
     KIND = "set"
+    _PLAIN = set
 
     def __init__(self, iterable=()):
         super().__init__(set(iterable))
@@ -995,7 +1040,7 @@ class Set(_Collection, MutableSet):
         return NotImplemented
 
     def _repr_body(self):
-        return "{" + _repr_items(iter(self)) + "}"
+        return "{" + _repr_items(map(repr, self)) + "}"
 
     def _merge(self, head, mine):
         self._check_writes(head, present=lambda s, k: k in s)
@@ -1016,6 +1061,7 @@ class List(_Queryable, _Collection, MutableSequence):
 
     __slots__ = ()
     KIND = "list"
+    _PLAIN = list
     _ROWS = _IndexedList
     _SOURCE = _ListSource
 
@@ -1165,7 +1211,7 @@ class List(_Queryable, _Collection, MutableSequence):
         return NotImplemented
 
     def _repr_body(self):
-        return "[" + _repr_items(iter(self)) + "]"
+        return "[" + _repr_items(map(repr, self)) + "]"
 
     def _changed_rows(self, before, after):
         if self._ix is None:

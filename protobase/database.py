@@ -383,6 +383,15 @@ class Database:
         if self._closed:
             raise DatabaseClosedError("the database is closed; open it again with pb.open()")
 
+    def _readonly_error(self, what="a write"):
+        """The ReadOnlyError for a write into a database opened with readonly=True."""
+        path = self.path
+        where = f"pb.open({path!r}, readonly=True)" if path else "pb.open(readonly=True)"
+        again = f"pb.open({path!r})" if path else "pb.open()"
+        return ReadOnlyError(f"{what} cannot be made: the database was opened read-only "
+                             f"({where}); to write, open it with {again}, without readonly=True "
+                             f"(one process at a time may write)")
+
     def transaction(self, readonly=False, isolation="snapshot"):
         """A new transaction on the newest published state."""
         self._check_open()
@@ -443,7 +452,7 @@ class Database:
         if not dirty and not new:
             return                                  # nothing written: nothing to publish
         if self._readonly:
-            raise ReadOnlyError("the database was opened read-only")
+            raise self._readonly_error()
         with self._commit_lock:
             store = self._store
             if store is not None and store.rollbacks != self._rollbacks_seen:
@@ -669,9 +678,9 @@ class Database:
                 result = fn(tx, *args, **kwargs)
                 tx.commit()
                 return result
-            except ConflictError:
+            except ConflictError as exc:
                 if attempt == retries:
-                    raise
+                    raise exc._gave_up(attempt + 1, retries) from None
                 time.sleep(random.uniform(0, 0.0005 * (2 ** min(attempt, 6))))
             finally:
                 if not tx.closed:
@@ -754,7 +763,7 @@ class Database:
         if self._store is None:
             return {"before": 0, "after": 0}
         if self._readonly:
-            raise ReadOnlyError("the database was opened read-only")
+            raise self._readonly_error("compact()")
         from .storage import LogStore
         path = self._store.path
         # One compaction at a time: they share the .compact file (a second one would

@@ -21,13 +21,31 @@ class ConflictError(TransactionError):
     """A concurrent transaction committed a write this one conflicts with; retry the
     transaction (``db.run(fn, retries=N)`` does that for you).
 
-    ``collection`` names the collection, ``key`` the key (or member, index, root name)."""
+    ``collection`` is the collection's id (0: the root), ``collection_name`` its root name
+    when it sits directly under the root (else None), ``key`` the key (or member, index,
+    root name), ``reason`` what conflicted, and ``attempts`` how many times ``db.run`` tried
+    before giving up (None for a single commit)."""
 
-    def __init__(self, message, *, collection=None, key=None, reason=None):
+    _RETRY_HINT = "; retry the transaction (db.run(fn) retries it for you)"
+
+    def __init__(self, message, *, collection=None, key=None, reason=None,
+                 collection_name=None, attempts=None):
         super().__init__(message)
         self.collection = collection
         self.key = key
         self.reason = reason
+        self.collection_name = collection_name
+        self.attempts = attempts
+
+    def _gave_up(self, attempts, retries):
+        """The ConflictError ``db.run`` raises when its last attempt conflicted too."""
+        what = str(self).removesuffix(self._RETRY_HINT)
+        return ConflictError(
+            f"db.run gave up after {attempts} attempts, each beaten by a transaction that "
+            f"committed first; the last conflict: {what}; pass a larger retries= (it was "
+            f"{retries}), or have fewer concurrent transactions write the same keys",
+            collection=self.collection, key=self.key, reason=self.reason,
+            collection_name=self.collection_name, attempts=attempts)
 
 
 class TransactionClosedError(TransactionError):

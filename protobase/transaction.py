@@ -73,6 +73,19 @@ class Transaction:
     def __contains__(self, name):
         return name in self.root
 
+    def __iter__(self):
+        """The root's names, as iterating a mapping gives its keys."""
+        return iter(self.root)
+
+    def __len__(self):
+        """How many names the root holds."""
+        return len(self.root)
+
+    def __bool__(self):
+        # A transaction is an object, not a container: an empty root must not make
+        # `if tx:` false (and a closed one must not raise there).
+        return True
+
     def get(self, name, default=None):
         return self.root.get(name, default)
 
@@ -119,7 +132,7 @@ class Transaction:
             return obj._cid
         if tx is None:                         # free-standing: it becomes a new collection here
             if self._readonly:
-                raise ReadOnlyError("this transaction is read-only; use db.transaction() to write")
+                raise self._readonly_error()
             cid = self._db._allocate_collection_id()
             self._handles[cid] = obj
             self._new.append(obj)
@@ -130,6 +143,14 @@ class Transaction:
         raise SerializationError(
             "a collection from another database cannot be stored here; copy its contents "
             "into a new pb collection instead", type_name=type(obj).__name__)
+
+    def _readonly_error(self):
+        """The ReadOnlyError for a write here: the database's own when it was opened
+        read-only (db.transaction() cannot help then), else this transaction's."""
+        if self._db._readonly:
+            return self._db._readonly_error()
+        return ReadOnlyError("a write cannot be made: this transaction is read-only "
+                             "(db.transaction(readonly=True)); write in one from db.transaction()")
 
     # -- ending ------------------------------------------------------------------------
 

@@ -365,8 +365,16 @@ cdef str _c_type_refusal(cls):
         return f"cannot store a {tname}: its running state cannot be saved"
     if issubclass(cls, types.ModuleType):
         return "cannot store a module; store the data it holds"
+    if issubclass(cls, memoryview):
+        return ("cannot store a memoryview: it is a view of another object's memory; "
+                "store bytes(view) (or bytearray(view)) instead")
+    if issubclass(cls, (range, type({}.keys()), type({}.values()), type({}.items()))) \
+            or hasattr(cls, "__next__"):
+        return (f"cannot store a {tname}: it is a view or an iterator, not data; store "
+                f"list(value) (or tuple/set/dict of it) instead")
     return (f"cannot store a value of type {cls.__module__}.{tname}: it is not a supported "
-            f"value type (see docs/format.md); convert it, or pass default= to dumps")
+            f"value type (see docs/format.md); convert it to one (a dict, list, str, bytes, "
+            f"a number...) or store an instance of an ordinary class of yours instead")
 
 
 cdef _ClassInfo _named(_ClassInfo info):

@@ -9,15 +9,48 @@ Keeping the engine to this interface keeps it independent of where bytes live (t
 in-memory file here, the fault-injecting wrapper in faults.py, an object store later).
 """
 import os
+import stat
 import sys
 import threading
 
-from ..errors import DatabaseLockedError
+from ..errors import DatabaseLockedError, NotADatabaseError
 from .lock import FileLock
 
 __all__ = ["OSFile", "MemoryFile", "MemoryFS", "os_file_layer"]
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+_NOT_FILES = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket")]
+
+
+def _not_a_file(path, mode):
+    what = next((name for test, name in _NOT_FILES if test(mode)), "not a regular file")
+    return NotADatabaseError(f"{path!r} is {what}, not a database file: a ProtoBase database "
+                             f"is a regular file; give the path of one, or a new path to "
+                             f"create one (it was left untouched)")
+
+
+def _open_regular(path, flags, mode=0o644):
+    """os.open for a regular file only. O_NONBLOCK keeps the open of a FIFO from waiting
+    for a writer; fstat on the descriptor (not a stat before it) judges the very file
+    opened. A directory, FIFO or device is NotADatabaseError, never read or written."""
+    try:
+        fd = os.open(path, flags | _O_NONBLOCK | _O_CLOEXEC, mode)
+    except IsADirectoryError:
+        raise _not_a_file(path, stat.S_IFDIR) from None
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise _not_a_file(path, st_mode)
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 try:
     import fcntl
@@ -47,12 +80,12 @@ class OSFile:
         self.readonly = readonly
         self.created = False
         if readonly:
-            self._fd = os.open(self.path, os.O_RDONLY | _O_CLOEXEC)
+            self._fd = _open_regular(self.path, os.O_RDONLY)
             return
         try:
-            self._fd = os.open(self.path, os.O_RDWR | _O_CLOEXEC)
+            self._fd = _open_regular(self.path, os.O_RDWR)
         except FileNotFoundError:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o644)
+            self._fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
             self.created = True
 
     def read(self, offset, size):
