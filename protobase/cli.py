@@ -489,11 +489,12 @@ def _describe(name: Any, value: Any) -> TDict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .storage.log import FORMAT_VERSION
     with _open_existing(args.path) as db:
         st = db.stats()
         doc: TDict[str, Any] = {"path": args.path, "empty": _is_empty(db),
-                                "format": FORMAT_VERSION, "file_size": st.get("file_size"),
+                                "format": st.get("format_version"),
+                                "database_id": st.get("database_id"),
+                                "file_size": st.get("file_size"),
                                 "commits": st["sequence"], "collections": st["collections"]}
         with db.transaction(readonly=True) as tx:
             names: TList[Tuple[Any, Any]] = list(tx.root.items())
@@ -506,7 +507,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"state:       {EMPTY_NOTE} ({_size(doc['file_size'])}; the first commit "
               f"writes one)")
         return 0
-    print(f"format:      ProtoBase file format {FORMAT_VERSION}")
+    print(f"format:      ProtoBase file format {doc['format']}")
+    if doc["database_id"]:
+        print(f"database id: {doc['database_id']}")
     print(f"size:        {_size(doc['file_size'])}")
     print(f"commits:     {doc['commits']}")
     print(f"collections: {doc['collections']}")

@@ -169,3 +169,19 @@ def test_dump_writes_json_lines_to_a_terminal(tmp_path):
         os.close(follower)
         os.close(leader)
     assert r.returncode == 0 and b'"format":"protobase-dump"' in shown
+
+
+def test_info_reports_the_file_s_own_format_and_identity(tmp_path, capsys):
+    import shutil
+    import uuid
+    v1 = tmp_path / "old.pb"
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "format1.pb"), v1)
+    old = _json(capsys, "info", "--json", str(v1))
+    assert old["format"] == 1 and old["database_id"] is None
+    path = str(tmp_path / "shop.pb")
+    _commits(path, 2)
+    new = _json(capsys, "info", "--json", path)
+    assert new["format"] == 2 and uuid.UUID(new["database_id"]).version == 4
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    assert "file format 2" in out and new["database_id"] in out
