@@ -13,8 +13,11 @@ A commit whose write or fsync fails fails with StorageError, and so does every c
 queued after it (storage guarantees that); the pending head then falls back to the
 published head, so nothing is ever built on data that did not reach the disk.
 """
+import builtins
+import glob
 import os
 import random
+import shutil
 import threading
 import time
 import weakref
@@ -103,6 +106,27 @@ class _Waiter:
         if gate is not None:
             self._gate = None
             gate.release()
+
+
+def _side_file(path, cid, field):
+    """The vector checkpoint of collection `cid`'s index on `field`, beside the database
+    file at `path`."""
+    safe = "".join(c if c.isalnum() else "_" for c in field)
+    return f"{path}-vec-{cid}-{safe}.hnsw"
+
+
+def _copy_whole(source, target):
+    """Copy a file so that `target` is either absent or complete (tmp, fsync, rename)."""
+    tmp = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with builtins.open(source, "rb") as src, builtins.open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _sync_directory(path):
@@ -327,8 +351,7 @@ class Database:
         # read-only) uses none.
         if self._store is None or self._store.database_id is None:
             return None
-        safe = "".join(c if c.isalnum() else "_" for c in spec["field"])
-        return f"{self._store.path}-vec-{cid}-{safe}.hnsw"
+        return _side_file(self._store.path, cid, spec["field"])
 
     @staticmethod
     def _vector_rows(state, cid, spec):
@@ -836,6 +859,7 @@ class Database:
         tmp = path + ".partial"
         if os.path.exists(tmp):
             os.remove(tmp)
+        written = []                 # side files, removed again if the backup fails
         try:
             store = LogStore.open(tmp, durability="full",    # a backup is the same database
                                   database_id=self._store.database_id if self._store else None)
@@ -843,12 +867,35 @@ class Database:
                 self._write_copy(store, state)
             finally:
                 store.close()
+            self._backup_side_files(path, state.seq, written)
             os.replace(tmp, path)
             _sync_directory(path)
         except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            for leftover in [tmp] + written:
+                if os.path.exists(leftover):
+                    os.remove(leftover)
             raise
+
+    def _backup_side_files(self, path, seq, written):
+        """The vector checkpoints of a backup at `path` (the same database, so its side files
+        are trusted there): a loaded index writes its graph as it is now, any other index's
+        checkpoint is copied. Each is written whole and renamed into place; opening the copy
+        catches each up with the rows it holds. Appends each path to `written` as it is
+        written (a failed backup removes them)."""
+        if self._store is None or self._store.database_id is None:
+            return
+        source = self._store.path
+        for (cid, field), ix in list(self._vectors.items()):
+            target = _side_file(path, cid, field)
+            written.append(target)
+            ix.checkpoint(target, seq)
+        prefix = source + "-vec-"
+        for side in sorted(glob.glob(glob.escape(prefix) + "*.hnsw")):
+            target = path + side[len(source):]
+            if target in written:
+                continue
+            written.append(target)
+            _copy_whole(side, target)
 
     def check(self):
         """Verify every checksum in the file and every structure reachable from the newest

@@ -352,3 +352,24 @@ def test_a_torn_version_2_header_is_a_new_empty_database(tmp_path):
         assert list(tx.root.keys()) == []
         assert db.stats()["format_version"] == 2
     assert os.path.getsize(path) > HEADER_SIZE
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["index-unloaded", "index-loaded"])
+def test_a_backup_carries_the_vector_checkpoints_its_copy_loads(tmp_path, loaded):
+    X = _vectors()
+    path, copy = str(tmp_path / "a.pb"), str(tmp_path / "copy.pb")
+    _vector_db(path, X)
+    with pb.open(path) as db:
+        if loaded:
+            with db.transaction() as tx:
+                tx["docs"][1000] = {"e": X[4].tolist()}
+                assert sorted(tx["docs"].nearest("e", X[4], k=2).keys()) == [4, 1000]
+        db.backup(copy)
+    assert [os.path.basename(p)[len("copy.pb"):] for p in glob.glob(f"{copy}-vec-*.hnsw")] == \
+        [os.path.basename(p)[len("a.pb"):] for p in glob.glob(f"{path}-vec-*.hnsw")]
+    with pb.open(copy, readonly=True) as db, db.transaction(readonly=True) as tx:
+        ix = _index(tx)
+        want = [4, 1000] if loaded else [4]
+        assert sorted(tx["docs"].nearest("e", X[4], k=len(want)).keys()) == want
+        assert ix.origin == "checkpoint", ix.reason     # the backup's own side file, trusted
+        assert ix.caught_up == 0
