@@ -22,9 +22,10 @@ from functools import wraps
 
 from . import vector
 from .collections import indexed_rows
-from .errors import (ConflictError, CorruptionError, DatabaseClosedError, InvalidArgumentError,
+from .errors import (ConflictError, CorruptionError, DatabaseClosedError, DecodeError,
+                     InvalidArgumentError,
                      MissingDependencyError,
-                     ReadOnlyError, StorageError)
+                     ReadOnlyError, SerializationError, StorageError)
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, State, StoreIO, codec, copy_collection, hamt
 from .storage.store import CheckReport, Problem
@@ -64,6 +65,67 @@ def _is_bulk(dirty, new):
     for h in new:
         n += len(h._writes)
     return n > _BULK_WRITES
+
+
+def _stored_values(cs):
+    """(where, raw value) of every value stored in a collection state (a Set stores keys)."""
+    if cs.kind == "list":
+        return ((f"[{i}]", raw) for i, raw in enumerate(cs.data))
+    if cs.kind == "set":
+        return ()
+    return ((f"key {k!r}", raw) for k, raw in cs.data.items())
+
+
+def _describe(cid, cs):
+    if cid == 0:
+        return "root"
+    kind = {"dict": "Dict", "list": "List", "set": "Set", "sorted": "SortedDict"}.get(cs.kind, cs.kind)
+    return f"{kind} #{cid}"
+
+
+def _check_references(tx, colls):
+    """Caller holds the commit lock; ``colls`` is the collections table ``tx``'s commit
+    built. A handle of another transaction names that transaction's collection, which
+    exists only once that transaction committed: refuse the commit (before anything is
+    written) if a value it wrote still refers to one that ``colls`` lacks."""
+    missing = {cid: kind for cid, kind in tx._foreign.items() if cid not in colls}
+    if not missing:
+        return
+    for h in tx._dirty + tx._new:        # only values this transaction wrote can hold one
+        cs = colls.get(h._cid)
+        for where, raw in _stored_values(cs):
+            for ref in codec.refs(raw):
+                kind = missing.get(ref)
+                if kind is None:
+                    continue
+                raise SerializationError(
+                    f"the commit was refused and nothing was written: {_describe(h._cid, cs)} "
+                    f"{where} refers to {kind} #{ref}, which a handle of another transaction "
+                    f"named and which does not exist: that transaction aborted or has not "
+                    f"committed (yet). Store a free-standing pb.{kind}(...) instead, or commit "
+                    f"the other transaction first and read the collection again",
+                    type_name=kind, path=where)
+
+
+def _reference_problems(cid, cs, present):
+    """check(): a Problem for each stored value of collection ``cid`` that refers to a
+    collection not in ``present`` (or cannot be read to tell). Values are walked, not
+    decoded (codec.refs): no class code runs."""
+    out = []
+    try:
+        for where, raw in _stored_values(cs):
+            try:
+                refs = codec.refs(raw)
+            except DecodeError as exc:
+                out.append(Problem(None, f"{_describe(cid, cs)} {where}: undecodable value: {exc}"))
+                continue
+            for ref in refs:
+                if ref not in present:
+                    out.append(Problem(None, f"{_describe(cid, cs)} {where} refers to collection "
+                                             f"#{ref}, which does not exist"))
+    except CorruptionError as exc:
+        out.append(Problem(exc.offset, f"{_describe(cid, cs)}: {exc}"))
+    return out
 
 
 class _Waiter:
@@ -453,6 +515,8 @@ class Database:
             except ConflictError:
                 self._conflicts += 1
                 raise
+            if tx._foreign is not None:
+                _check_references(tx, colls)
             nxt = self._next_coll_id
             state = State(colls, nxt if nxt > base.next_coll_id else base.next_coll_id,
                           base.seq + 1)
@@ -829,7 +893,8 @@ class Database:
 
     def check(self):
         """Verify every checksum in the file and every structure reachable from the newest
-        state. Returns a report whose `problems` list is empty when all is well."""
+        state, and that every stored reference names a collection that exists. Returns a
+        report whose `problems` list is empty when all is well."""
         self._check_open()
         report = self._store.check() if self._store is not None else CheckReport([], 0, 0, 0, 0, 0)
         try:
@@ -837,13 +902,18 @@ class Database:
         except CorruptionError as exc:
             report.problems.append(Problem(exc.offset, f"collections table: {exc}"))
             return report
+        present = {cid for cid, _ in colls}
         for cid, cs in colls:
+            damaged = False
             for name in sorted(cs.part_names()):
                 try:
                     cs.part(name)._check()
                 except (CorruptionError, AssertionError) as exc:
+                    damaged = damaged or name == "data"
                     report.problems.append(Problem(getattr(exc, "offset", None),
                                                    f"collection {cid}, part {name}: {exc}"))
+            if not damaged:
+                report.problems.extend(_reference_problems(cid, cs, present))
         return report
 
     # -- lifecycle ---------------------------------------------------------------------
