@@ -12,6 +12,11 @@ Three states matter:
 A commit whose write or fsync fails fails with StorageError, and so does every commit
 queued after it (storage guarantees that); the pending head then falls back to the
 published head, so nothing is ever built on data that did not reach the disk.
+
+A Database belongs to the process that opened it: in a forked child each one is
+abandoned (`_abandon_inherited`, run by os.register_at_fork; storage drops the files the
+same way), because the writer thread, the locks other threads held and the file's lock
+are the parent's. Nothing is written or unlocked there; every use is DatabaseClosedError.
 """
 import os
 import random
@@ -28,7 +33,7 @@ from .errors import (ConflictError, CorruptionError, DatabaseClosedError, Decode
                      ReadOnlyError, SerializationError, StorageError)
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, State, StoreIO, codec, copy_collection, hamt
-from .storage.store import CheckReport, Problem
+from .storage.store import FORK_MESSAGE, CheckReport, Problem
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
@@ -40,6 +45,21 @@ _allocate_lock = threading.Lock
 _BULK_WRITES = 256
 _GATHER_MAX = 0.002  # seconds a full-mode group waits at most for more commits (_gather)
 _GATHER_RECENT = 0.05  # ... for written transactions opened at most this long ago
+
+_open_databases = weakref.WeakSet()   # every Database not closed yet (_abandon_inherited)
+
+
+def _abandon_inherited():
+    """os.register_at_fork(after_in_child=...): a forked child abandons every Database the
+    parent had open. No lock is taken: a thread of the parent may have held any of them."""
+    for db in list(_open_databases):
+        db._closed = True
+        db._abandoned = True
+    _open_databases.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_abandon_inherited)
 
 
 def _file_id(store):
@@ -226,6 +246,8 @@ class Database:
         self._durability = durability
         self._readonly = readonly
         self._closed = False
+        self._abandoned = False      # inherited through fork(): see _abandon_inherited
+        self._opened_by = os.getpid()
         self._commit_lock = threading.Lock()
         self._arrived = threading.Condition(self._commit_lock)   # a commit was queued
         self._waiting = []           # _Waiter: built states not yet handed to storage
@@ -258,6 +280,7 @@ class Database:
                 self._write_state(head).result()
         self._head = self._pending = head
         self._next_coll_id = head.next_coll_id
+        _open_databases.add(self)
 
     # -- heads -----------------------------------------------------------------------
 
@@ -357,6 +380,8 @@ class Database:
     def _vector_index(self, cid, spec):
         """The HNSW index of a vector field, loaded (or rebuilt) on first use; None when
         hnswlib is not installed (queries then scan exactly)."""
+        if self._abandoned:
+            self._check_open()       # never wait for a lock a parent's thread held at fork
         key = (cid, spec["field"])
         ix = self._vectors.get(key)
         if ix is not None:
@@ -417,12 +442,16 @@ class Database:
         """The first of n consecutive row ids for entries of collection cid, never handed
         out before (ids stay unique across concurrent transactions; an aborted one leaves
         a gap)."""
+        if self._abandoned:
+            self._check_open()
         with self._id_lock:
             rid = max(self._row_ids.get(cid, 0), at_least)
             self._row_ids[cid] = rid + n
             return rid
 
     def _allocate_collection_id(self):
+        if self._abandoned:
+            self._check_open()
         with self._id_lock:
             cid = self._next_coll_id
             self._next_coll_id += 1
@@ -431,6 +460,9 @@ class Database:
     # -- transactions ------------------------------------------------------------------
 
     def _check_open(self):
+        if self._abandoned:
+            raise DatabaseClosedError("this database cannot be used in this process: "
+                                      + FORK_MESSAGE.format(pid=self._opened_by))
         if self._closed:
             raise DatabaseClosedError("the database is closed; open it again with pb.open()")
 
@@ -933,7 +965,8 @@ class Database:
     def close(self):
         """Wait for background work, make everything durable and release the file."""
         if self._closed:
-            return
+            return                   # closed, or abandoned in a forked child: nothing to do
+        _open_databases.discard(self)
         with self._commit_lock:
             self._closed = True
             if self._waiting:
@@ -957,6 +990,8 @@ class Database:
 
     def stats(self):
         """Counters: commits, conflicts, sequence, collections, and storage figures."""
+        if self._abandoned:
+            self._check_open()
         out = {"commits": self._commits, "conflicts": self._conflicts, "sequence": self._head.seq,
                "collections": len(self._head.colls), "durability": self._durability,
                "in_memory": self._store is None}
@@ -966,4 +1001,6 @@ class Database:
 
     def __repr__(self):
         where = self.path or ":memory:"
-        return f"<pb.Database {where!s} {'closed' if self._closed else self._durability}>"
+        state = ("abandoned after fork" if self._abandoned else
+                 "closed" if self._closed else self._durability)
+        return f"<pb.Database {where!s} {state}>"
