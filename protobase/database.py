@@ -379,7 +379,8 @@ class Database:
 
     def _vector_index(self, cid, spec):
         """The HNSW index of a vector field, loaded (or rebuilt) on first use; None when
-        hnswlib is not installed (queries then scan exactly)."""
+        hnswlib is not installed or the index is not committed with this spec (queries
+        then scan exactly)."""
         if self._abandoned:
             self._check_open()       # never wait for a lock a parent's thread held at fork
         key = (cid, spec["field"])
@@ -394,6 +395,11 @@ class Database:
             ix = self._vectors.get(key)
             if ix is None:
                 state = self._pending
+                cs = state.colls.get(cid)
+                if cs is None or cs.meta.get("vectors", {}).get(spec["field"]) != spec:
+                    # Not committed as asked (made by the asking transaction, which may
+                    # still abort): nothing to build from or to keep; its queries scan.
+                    return None
                 ix = vector.HnswIndex.open(spec, self._vector_path(cid, spec),
                                            lambda: self._vector_rows(state, cid, spec), state.seq,
                                            progress=True)     # a bar only when stderr is a terminal

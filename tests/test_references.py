@@ -293,3 +293,36 @@ def test_codec_refs_never_imports_the_module_a_stored_class_names():
         codec.refs(raw[:-1])
     with pytest.raises(pb.DecodeError):
         codec.refs(raw + b"\x00")
+
+
+def test_a_vector_index_queried_only_inside_an_aborted_transaction_leaves_nothing_behind(tmp_path):
+    pytest.importorskip("hnswlib")
+    np = pytest.importorskip("numpy")
+    path = str(tmp_path / "vec.pb")
+    db = pb.open(path)
+    with db.transaction() as tx:
+        tx["kept"] = pb.Dict({i: {"v": [float(i)] * 4} for i in range(5)})
+    tx = db.transaction()
+    tx["docs"] = pb.Dict()
+    docs, kept = tx["docs"], tx["kept"]
+    for coll in (docs, kept):
+        coll.create_vector_index("v", dim=4, metric="l2")
+    for i in range(20):
+        docs[i] = {"v": np.arange(4, dtype=np.float32) + i}
+    q = np.zeros(4, dtype=np.float32)
+    assert list(docs.nearest("v", q, k=2).keys()) == [0, 1]
+    assert list(kept.nearest("v", q, k=2).keys()) == [0, 1]
+    tx.abort()
+    # Created again, differently: the aborted index's settings must not be reused.
+    with db.transaction() as tx:
+        kept = tx["kept"]
+        kept.create_vector_index("v", dim=4, metric="ip")
+    with db.transaction() as tx:
+        hits = tx["kept"].nearest("v", np.ones(4, dtype=np.float32), k=2)
+        assert [d for _, _, d in hits.scored()] == pytest.approx([1 - 16.0, 1 - 12.0])
+    db.close()
+    side = sorted(n for n in os.listdir(tmp_path) if "-vec-" in n)
+    kept_id = None
+    with pb.open(path, readonly=True) as ro, ro.transaction() as tx:
+        kept_id = tx["kept"]._cid
+    assert side == [f"vec.pb-vec-{kept_id}-v.hnsw"], side
