@@ -246,3 +246,20 @@ def test_multiprocessing_fork_workers_cannot_use_an_inherited_database(path):
     finally:
         _INHERITED = None
         db.close()
+
+
+def test_reads_an_inherited_transaction_would_take_from_the_file_refuse_in_the_child(path):
+    with pb.open(path) as db, db.transaction() as tx:
+        tx["big"] = pb.Dict({i: f"value {i}" for i in range(5000)})
+    db = pb.open(path)                     # fresh: nothing of "big" loaded yet
+    tx = db.transaction()
+    big = tx["big"]
+
+    def read_unloaded():
+        return [big[i] for i in range(0, 5000, 7)]
+
+    report = _result(*_in_child(read_unloaded))
+    assert _is_fork_error(report), report
+    assert big[4999] == "value 4999"       # the parent reads on
+    tx.abort()
+    db.close()
