@@ -101,6 +101,14 @@ class _Collection(_handle.HandleCore):
         self._mut = CollState.new(self.KIND).data.mutate()
         self._load_initial(initial)
 
+    def _disown(self, initial):
+        """Undo _adopt (its transaction aborted, or the adoption failed): free-standing
+        again, holding ``initial``, the contents it was adopted with."""
+        self._tx = self._cid = self._base = self._mut = self._writes = self._reads = None
+        self._ix = None
+        self._schema = False
+        self._initial = initial
+
     def _struct(self):
         """The structure reads go to: the transient once written, else the snapshot's."""
         tx = self._tx

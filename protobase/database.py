@@ -12,6 +12,11 @@ Three states matter:
 A commit whose write or fsync fails fails with StorageError, and so does every commit
 queued after it (storage guarantees that); the pending head then falls back to the
 published head, so nothing is ever built on data that did not reach the disk.
+
+A Database belongs to the process that opened it: in a forked child each one is
+abandoned (`_abandon_inherited`, run by os.register_at_fork; storage drops the files the
+same way), because the writer thread, the locks other threads held and the file's lock
+are the parent's. Nothing is written or unlocked there; every use is DatabaseClosedError.
 """
 import builtins
 import glob
@@ -25,12 +30,13 @@ from functools import wraps
 
 from . import vector
 from .collections import indexed_rows
-from .errors import (ConflictError, CorruptionError, DatabaseClosedError, InvalidArgumentError,
+from .errors import (ConflictError, CorruptionError, DatabaseClosedError, DecodeError,
+                     InvalidArgumentError,
                      MissingDependencyError,
-                     ReadOnlyError, StorageError)
+                     ReadOnlyError, SerializationError, StorageError)
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, State, StoreIO, codec, copy_collection, hamt
-from .storage.store import CheckReport, Problem
+from .storage.store import FORK_MESSAGE, CheckReport, Problem
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
@@ -42,6 +48,21 @@ _allocate_lock = threading.Lock
 _BULK_WRITES = 256
 _GATHER_MAX = 0.002  # seconds a full-mode group waits at most for more commits (_gather)
 _GATHER_RECENT = 0.05  # ... for written transactions opened at most this long ago
+
+_open_databases = weakref.WeakSet()   # every Database not closed yet (_abandon_inherited)
+
+
+def _abandon_inherited():
+    """os.register_at_fork(after_in_child=...): a forked child abandons every Database the
+    parent had open. No lock is taken: a thread of the parent may have held any of them."""
+    for db in list(_open_databases):
+        db._closed = True
+        db._abandoned = True
+    _open_databases.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_abandon_inherited)
 
 
 def _file_id(store):
@@ -67,6 +88,67 @@ def _is_bulk(dirty, new):
     for h in new:
         n += len(h._writes)
     return n > _BULK_WRITES
+
+
+def _stored_values(cs):
+    """(where, raw value) of every value stored in a collection state (a Set stores keys)."""
+    if cs.kind == "list":
+        return ((f"[{i}]", raw) for i, raw in enumerate(cs.data))
+    if cs.kind == "set":
+        return ()
+    return ((f"key {k!r}", raw) for k, raw in cs.data.items())
+
+
+def _describe(cid, cs):
+    if cid == 0:
+        return "root"
+    kind = {"dict": "Dict", "list": "List", "set": "Set", "sorted": "SortedDict"}.get(cs.kind, cs.kind)
+    return f"{kind} #{cid}"
+
+
+def _check_references(tx, colls):
+    """Caller holds the commit lock; ``colls`` is the collections table ``tx``'s commit
+    built. A handle of another transaction names that transaction's collection, which
+    exists only once that transaction committed: refuse the commit (before anything is
+    written) if a value it wrote still refers to one that ``colls`` lacks."""
+    missing = {cid: kind for cid, kind in tx._foreign.items() if cid not in colls}
+    if not missing:
+        return
+    for h in tx._dirty + tx._new:        # only values this transaction wrote can hold one
+        cs = colls.get(h._cid)
+        for where, raw in _stored_values(cs):
+            for ref in codec.refs(raw):
+                kind = missing.get(ref)
+                if kind is None:
+                    continue
+                raise SerializationError(
+                    f"the commit was refused and nothing was written: {_describe(h._cid, cs)} "
+                    f"{where} refers to {kind} #{ref}, which a handle of another transaction "
+                    f"named and which does not exist: that transaction aborted or has not "
+                    f"committed (yet). Store a free-standing pb.{kind}(...) instead, or commit "
+                    f"the other transaction first and read the collection again",
+                    type_name=kind, path=where)
+
+
+def _reference_problems(cid, cs, present):
+    """check(): a Problem for each stored value of collection ``cid`` that refers to a
+    collection not in ``present`` (or cannot be read to tell). Values are walked, not
+    decoded (codec.refs): no class code runs."""
+    out = []
+    try:
+        for where, raw in _stored_values(cs):
+            try:
+                refs = codec.refs(raw)
+            except DecodeError as exc:
+                out.append(Problem(None, f"{_describe(cid, cs)} {where}: undecodable value: {exc}"))
+                continue
+            for ref in refs:
+                if ref not in present:
+                    out.append(Problem(None, f"{_describe(cid, cs)} {where} refers to collection "
+                                             f"#{ref}, which does not exist"))
+    except CorruptionError as exc:
+        out.append(Problem(exc.offset, f"{_describe(cid, cs)}: {exc}"))
+    return out
 
 
 class _Waiter:
@@ -196,6 +278,8 @@ class Database:
         self._durability = durability
         self._readonly = readonly
         self._closed = False
+        self._abandoned = False      # inherited through fork(): see _abandon_inherited
+        self._opened_by = os.getpid()
         self._commit_lock = threading.Lock()
         self._arrived = threading.Condition(self._commit_lock)   # a commit was queued
         self._waiting = []           # _Waiter: built states not yet handed to storage
@@ -228,6 +312,7 @@ class Database:
                 self._write_state(head).result()
         self._head = self._pending = head
         self._next_coll_id = head.next_coll_id
+        _open_databases.add(self)
 
     # -- heads -----------------------------------------------------------------------
 
@@ -326,7 +411,10 @@ class Database:
 
     def _vector_index(self, cid, spec):
         """The HNSW index of a vector field, loaded (or rebuilt) on first use; None when
-        hnswlib is not installed (queries then scan exactly)."""
+        hnswlib is not installed or the index is not committed with this spec (queries
+        then scan exactly)."""
+        if self._abandoned:
+            self._check_open()       # never wait for a lock a parent's thread held at fork
         key = (cid, spec["field"])
         ix = self._vectors.get(key)
         if ix is not None:
@@ -339,6 +427,11 @@ class Database:
             ix = self._vectors.get(key)
             if ix is None:
                 state = self._pending
+                cs = state.colls.get(cid)
+                if cs is None or cs.meta.get("vectors", {}).get(spec["field"]) != spec:
+                    # Not committed as asked (made by the asking transaction, which may
+                    # still abort): nothing to build from or to keep; its queries scan.
+                    return None
                 ix = vector.HnswIndex.open(spec, self._vector_path(cid, spec),
                                            lambda: self._vector_rows(state, cid, spec), state.seq,
                                            progress=True,     # a bar only when stderr is a terminal
@@ -389,12 +482,16 @@ class Database:
         """The first of n consecutive row ids for entries of collection cid, never handed
         out before (ids stay unique across concurrent transactions; an aborted one leaves
         a gap)."""
+        if self._abandoned:
+            self._check_open()
         with self._id_lock:
             rid = max(self._row_ids.get(cid, 0), at_least)
             self._row_ids[cid] = rid + n
             return rid
 
     def _allocate_collection_id(self):
+        if self._abandoned:
+            self._check_open()
         with self._id_lock:
             cid = self._next_coll_id
             self._next_coll_id += 1
@@ -403,6 +500,9 @@ class Database:
     # -- transactions ------------------------------------------------------------------
 
     def _check_open(self):
+        if self._abandoned:
+            raise DatabaseClosedError("this database cannot be used in this process: "
+                                      + FORK_MESSAGE.format(pid=self._opened_by))
         if self._closed:
             raise DatabaseClosedError("the database is closed; open it again with pb.open()")
 
@@ -496,6 +596,8 @@ class Database:
             except ConflictError:
                 self._conflicts += 1
                 raise
+            if tx._foreign is not None:
+                _check_references(tx, colls)
             nxt = self._next_coll_id
             state = State(colls, nxt if nxt > base.next_coll_id else base.next_coll_id,
                           base.seq + 1)
@@ -899,7 +1001,8 @@ class Database:
 
     def check(self):
         """Verify every checksum in the file and every structure reachable from the newest
-        state. Returns a report whose `problems` list is empty when all is well."""
+        state, and that every stored reference names a collection that exists. Returns a
+        report whose `problems` list is empty when all is well."""
         self._check_open()
         report = self._store.check() if self._store is not None else CheckReport([], 0, 0, 0, 0, 0)
         try:
@@ -907,13 +1010,18 @@ class Database:
         except CorruptionError as exc:
             report.problems.append(Problem(exc.offset, f"collections table: {exc}"))
             return report
+        present = {cid for cid, _ in colls}
         for cid, cs in colls:
+            damaged = False
             for name in sorted(cs.part_names()):
                 try:
                     cs.part(name)._check()
                 except (CorruptionError, AssertionError) as exc:
+                    damaged = damaged or name == "data"
                     report.problems.append(Problem(getattr(exc, "offset", None),
                                                    f"collection {cid}, part {name}: {exc}"))
+            if not damaged:
+                report.problems.extend(_reference_problems(cid, cs, present))
         return report
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -933,7 +1041,8 @@ class Database:
     def close(self):
         """Wait for background work, make everything durable and release the file."""
         if self._closed:
-            return
+            return                   # closed, or abandoned in a forked child: nothing to do
+        _open_databases.discard(self)
         with self._commit_lock:
             self._closed = True
             if self._waiting:
@@ -957,6 +1066,8 @@ class Database:
 
     def stats(self):
         """Counters: commits, conflicts, sequence, collections, and storage figures."""
+        if self._abandoned:
+            self._check_open()
         out = {"commits": self._commits, "conflicts": self._conflicts, "sequence": self._head.seq,
                "collections": len(self._head.colls), "durability": self._durability,
                "in_memory": self._store is None}
@@ -966,4 +1077,6 @@ class Database:
 
     def __repr__(self):
         where = self.path or ":memory:"
-        return f"<pb.Database {where!s} {'closed' if self._closed else self._durability}>"
+        state = ("abandoned after fork" if self._abandoned else
+                 "closed" if self._closed else self._durability)
+        return f"<pb.Database {where!s} {state}>"

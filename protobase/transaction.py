@@ -15,7 +15,8 @@ from types import MappingProxyType
 
 from .collections import Dict, List, Set, SortedDict, _Collection
 from .state import codec
-from .errors import CorruptionError, ReadOnlyError, SerializationError, TransactionClosedError
+from .errors import (CorruptionError, ProtoBaseError, ReadOnlyError, SerializationError,
+                     TransactionClosedError)
 
 __all__ = ["Transaction"]
 
@@ -31,8 +32,8 @@ class Transaction:
     commit()/abort() yourself."""
 
     __slots__ = ("_db", "_snapshot", "_readonly", "_serializable", "_closed", "_handles",
-                 "_dirty", "_new", "_hook", "_resolver", "_encode", "_decode", "_decoder",
-                 "_started", "__weakref__")
+                 "_dirty", "_new", "_adopted", "_foreign", "_hook", "_resolver", "_encode",
+                 "_decode", "_decoder", "_started", "__weakref__")
 
     def __init__(self, db, snapshot, readonly=False, isolation="snapshot"):
         if isolation not in ISOLATION_LEVELS:
@@ -46,6 +47,8 @@ class Transaction:
         self._handles = {}    # coll id -> handle (also the working copy)
         self._dirty = []      # handles written in this transaction, in first-write order
         self._new = []        # handles of collections created in this transaction
+        self._adopted = []    # (handle, its free-standing contents): undone unless committed
+        self._foreign = None  # {coll id: kind} stored through other transactions' handles
         self._hook = self._ref_hook        # bound once: the codec hooks run on every write/read
         self._resolver = self._resolve
         # Every value written or read goes through these: the hooks are bound once here
@@ -134,11 +137,28 @@ class Transaction:
             if self._readonly:
                 raise self._readonly_error()
             cid = self._db._allocate_collection_id()
+            initial = obj._initial
             self._handles[cid] = obj
             self._new.append(obj)
-            obj._adopt(self, cid)
+            self._adopted.append((obj, initial))
+            try:
+                obj._adopt(self, cid)
+            except BaseException:
+                # Its contents did not encode: the value holding it is not written, and
+                # the object stays free-standing (the id is left unused).
+                del self._handles[cid]
+                self._new.remove(obj)
+                self._adopted.pop()
+                obj._disown(initial)
+                raise
             return cid
         if tx._db is self._db:                 # a handle from another transaction: same collection
+            # It exists only if that transaction committed (or it was read there): the
+            # commit checks that against the state it builds (Database._check_references).
+            foreign = self._foreign
+            if foreign is None:
+                foreign = self._foreign = {}
+            foreign[obj._cid] = type(obj).__name__
             return obj._cid
         raise SerializationError(
             "a collection from another database cannot be stored here; copy its contents "
@@ -160,12 +180,26 @@ class Transaction:
         self._check_open()
         try:
             self._db._commit(self)
+        except ProtoBaseError:
+            # Refused or failed (conflict, storage error, a dangling reference): nothing of
+            # it was committed, so its adoptions are undone as by abort().
+            self._disown_adopted()
+            raise
         finally:
             self._close()
 
     def abort(self):
-        """Drop every write of this transaction. Aborting twice is harmless."""
+        """Drop every write of this transaction. Aborting twice is harmless. Free-standing
+        collections it adopted (stored) are free-standing again, with the contents they
+        were built with, so a retry stores them afresh."""
+        self._disown_adopted()
         self._close()
+
+    def _disown_adopted(self):
+        adopted, self._adopted = self._adopted, []
+        for obj, initial in reversed(adopted):
+            if obj._tx is self:
+                obj._disown(initial)
 
     def _close(self):
         # Drop every reference back to this transaction (handles, bound hooks): a closed
@@ -176,6 +210,8 @@ class Transaction:
         self._db._live.pop(id(self), None)
         self._handles = _NO_HANDLES
         self._dirty = self._new = ()
+        self._adopted = []
+        self._foreign = None
         self._hook = self._resolver = self._encode = self._decode = self._ended
         self._decoder = None
 

@@ -2,7 +2,7 @@
 from typing import Any, Callable, Final, Optional, Tuple, Union
 
 __all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "dumps_key", "register_class",
-           "MAX_DEPTH"]
+           "refs", "MAX_DEPTH"]
 
 __source_digest__: str
 
@@ -62,6 +62,10 @@ class Decoder:
 
     def decode_fields(self, datas: list[Buffer], name: str, missing: Any, other: Any, /) -> list[Any]:
         """[decode_field(d, name, missing, other) for d in datas], in one C loop."""
+
+def refs(data: Buffer) -> list[int]:
+    """The collection ids `data` refers to, in order (repeats kept), found without building
+    anything or resolving any class. DecodeError on damaged bytes."""
 
 def dumps_key(key: Any) -> bytes:
     """Canonical bytes of a key: equal keys (as in a dict) give identical bytes. Non-key types

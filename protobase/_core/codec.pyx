@@ -91,7 +91,10 @@ the caller's own hooks (``ref_resolver``, ``ext_hook``) pass through unchanged.
 ``Decoder.decode_field(data, name, ...)`` reads one entry of an encoded plain dict: it walks
 the map's keys, skipping every other value by its header (``_skip`` checks the same bounds
 and nesting limit as ``_dec`` but builds nothing), and decodes only the value under
-``name``. An index build reads one field of every row this way.
+``name``. An index build reads one field of every row this way. ``refs(data)`` walks a
+value the same way, building nothing but the ids of its collection references (it enters
+only the extensions that hold nested values; class names stay unresolved bytes), which is
+how ``db.check()`` finds a reference to a collection that does not exist.
 
 Two small caches make repeated shapes cheap: short ASCII map keys are looked up in a
 direct-mapped table of 1024 interned-like ``str`` objects (hit verified by memcmp, so a
@@ -226,7 +229,7 @@ cdef enum:
     S_DEPTH = 6
 
 __all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "dumps_key", "register_class",
-           "MAX_DEPTH"]
+           "refs", "MAX_DEPTH"]
 
 MAX_DEPTH = DEPTH_LIMIT
 
@@ -2038,6 +2041,101 @@ cdef object _dec_field(_Decoder d, bytes name, object missing, object other):
             d.pos += k
         _skip(d, 1)
     return missing
+
+
+# ---------------------------------------------------------------------------------------
+# The collection references inside a value, nothing built (db.check() walks every value)
+
+cdef inline bint _may_hold_values(int code):
+    # Extensions whose payload is an array of nested values that may include a reference;
+    # every other code holds bytes, numbers or names only.
+    return (code == EXT_TUPLE or code == EXT_SET or code == EXT_FROZENSET
+            or code == EXT_NAMEDTUPLE or code == EXT_DATACLASS or code == EXT_OBJECT
+            or code == EXT_ENUM)
+
+
+cdef object _rd_ref_id(_Decoder d):
+    # A reference's payload is one non-negative MessagePack int (what the encoder writes
+    # for a collection id); read in place, so a forged payload never reaches _dec.
+    _need(d, 1)
+    cdef uint8_t b = d.buf[d.pos]
+    if b < 0x80:
+        d.pos += 1
+        return b
+    if 0xcc <= b <= 0xcf:
+        d.pos += 1
+        return _rd(d, 1 << (b - 0xcc))
+    return _fail(d, "a collection reference must be a non-negative int")
+
+
+cdef int _refs(_Decoder d, int depth, list out) except -1:
+    """Move past one value as _skip does, appending the id of every collection reference
+    met on the way; class names are read as plain strs, never resolved."""
+    cdef uint8_t b
+    cdef Py_ssize_t n, i, items
+    cdef Py_ssize_t saved_end
+    cdef int code
+    if depth >= DEPTH_LIMIT:
+        _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
+    _need(d, 1)
+    b = d.buf[d.pos]
+    if 0x80 <= b <= 0x8f or b == 0xde or b == 0xdf:
+        d.pos += 1
+        if b <= 0x8f:
+            items = 2 * (b & 0x0f)
+        else:
+            items = 2 * <Py_ssize_t>_rd(d, 2 if b == 0xde else 4)
+    elif 0x90 <= b <= 0x9f or b == 0xdc or b == 0xdd:
+        items = _rd_array_header(d)
+    elif 0xd4 <= b <= 0xd8 or b == 0xc7 or b == 0xc8 or b == 0xc9:
+        d.pos += 1
+        n = (1 << (b - 0xd4)) if b >= 0xd4 else <Py_ssize_t>_rd(d, 1 << (b - 0xc7))
+        _need(d, n + 1)
+        code = <signed char>d.buf[d.pos]
+        d.pos += 1
+        if code != EXT_REF and not _may_hold_values(code):
+            d.pos += n
+            return 0
+        saved_end = d.end
+        d.end = d.pos + n
+        if code == EXT_REF:
+            out.append(_rd_ref_id(d))
+        else:
+            items = _rd_array_header(d)
+            _need(d, items)
+            for i in range(items):
+                _refs(d, depth + 1, out)
+        if d.pos != d.end:
+            _fail(d, f"extension type {code} has {d.end - d.pos} unread payload bytes")
+        d.end = saved_end
+        return 0
+    else:
+        return _skip(d, depth)
+    _need(d, items)                            # every item takes at least one byte
+    for i in range(items):
+        _refs(d, depth + 1, out)
+    return 0
+
+
+def refs(data):
+    """The ids of the collections `data` (one encoded value) refers to, in the order they
+    appear (repeats kept). Nothing is built and no class is resolved or imported, so any
+    stored value can be inspected, trusted or not. DecodeError on damaged bytes."""
+    cdef _Decoder d = _Decoder.__new__(_Decoder)
+    cdef Py_buffer view
+    cdef list out = []
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        d.buf = <const unsigned char *>view.buf
+        d.pos = 0
+        d.end = view.len
+        _refs(d, 0, out)
+        if d.pos != d.end:
+            _fail(d, f"{d.end - d.pos} trailing bytes after the value")
+        return out
+    finally:
+        d.buf = NULL
+        PyBuffer_Release(&view)
 
 
 cdef object _decode(object data, object ref_resolver, object ext_hook, bint strict,

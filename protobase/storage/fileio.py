@@ -174,6 +174,10 @@ class _MemoryLock:
     def __init__(self, fs, name):
         self._fs, self._name = fs, name
 
+    def abandon(self):
+        # A forked child's copy of the file system is its own; the lock is the parent's.
+        self._fs = None
+
     def release(self):
         if self._fs is not None:
             with self._fs._mutex:

@@ -4,6 +4,11 @@ flock(2) locks belong to an open file description, so the lock is taken on a des
 of its own: a second writer, in another process or in this one, fails at once instead of
 waiting, and the kernel drops the lock when the holder dies (even by SIGKILL). Readers
 take no lock at all: they never write, so they may run beside the writer.
+
+A forked child shares the lock's open file description, and the lock lasts while any
+descriptor of it is open: a child that kept its copy would hold the parent's lock after
+the parent closed or died. So a child abandons the copy (``abandon``: closed, never
+``LOCK_UN``, which would unlock the parent too).
 """
 import fcntl
 import os
@@ -36,6 +41,11 @@ class FileLock:
     @property
     def held(self):
         return self._fd is not None
+
+    def abandon(self):
+        """In a forked child: close this process's descriptor only. The parent's
+        descriptor keeps the lock for the parent; once the parent closes it, nobody holds it."""
+        self.release()
 
     def release(self):
         if self._fd is not None:

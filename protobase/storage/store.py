@@ -16,6 +16,11 @@ A file of an older format version (1: no identity, a 32-byte header) is read as 
 read-only open. A writable open never writes it: with ``upgrade=`` it rewrites the file in
 this build's format (a fresh identity; the layer above copies the newest state across,
 storage swaps the new file in atomically under the write lock), without it refuses.
+
+A store belongs to the process that opened it. In a forked child every open store is
+abandoned (`_abandon_inherited`, run by os.register_at_fork): its descriptors and mapping
+are dropped without writing, syncing or unlocking anything, since the writer thread did not
+survive the fork and the file, its lock and its unwritten commits are the parent's.
 """
 import logging
 import os
@@ -43,6 +48,21 @@ _FIRST_READ = 4096   # one pread usually brings the whole (small) atom with its 
 _unpack_prefix = ATOM_PREFIX.unpack_from
 _crc32 = zlib.crc32
 AtomReader = _load_core("frame").AtomReader
+
+_open_stores = weakref.WeakSet()   # every LogStore not closed yet, for _abandon_inherited
+FORK_MESSAGE = ("it was opened in process {pid} before fork(), and a forked child abandons "
+                "what it inherits (nothing written, nothing unlocked): open after fork, "
+                "calling pb.open(path) in the child")
+
+
+def _abandon_inherited():
+    """os.register_at_fork(after_in_child=...): abandon every store the parent had open."""
+    for store in list(_open_stores):
+        store._abandon()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_abandon_inherited)
 
 
 def _fallback(store_ref):
@@ -104,6 +124,8 @@ class LogStore:
         self._cache = cache
         self._lock = lock
         self._closed = False
+        self._opened_by = os.getpid()
+        self._abandoned = False
         self._stats = {"commits": 0, "groups": 0, "max_group": 0, "writes": 0, "fsyncs": 0,
                        "bytes_written": 0, "reads": 0, "failed_commits": 0,
                        "lost_commits": 0, "errors": 0}
@@ -119,6 +141,7 @@ class LogStore:
                                   _fallback(weakref.ref(self)), self._stats, self._writer,
                                   self._end, head_footer.synced, self._base)
         self.read_atom = self._reader.read
+        _open_stores.add(self)
 
     @classmethod
     def open(cls, path, durability="full", readonly=False, bytes_cache_size=DEFAULT_CACHE_BYTES,
@@ -231,7 +254,7 @@ class LogStore:
 
     def _read_from_file(self, ptr):
         if self._closed:
-            raise DatabaseClosedError("the store is closed")
+            self._check_open()
         if type(ptr) is not int:
             raise TypeError(f"an atom pointer is an int, not {type(ptr).__name__}")
         w = self._writer
@@ -271,8 +294,7 @@ class LogStore:
     def begin_commit(self):
         """Start a commit (takes the commit order; blocks while another is being built)."""
         if self._writer is None:
-            if self._closed:
-                raise DatabaseClosedError("the store is closed")
+            self._check_open()
             raise ReadOnlyError(f"{self.path!r} is open read-only")
         return self._writer.begin()
 
@@ -286,8 +308,7 @@ class LogStore:
     def refresh(self):
         """Read-only stores: pick up commits written since open (or the last refresh).
         Returns the new head."""
-        if self._closed:
-            raise DatabaseClosedError("the store is closed")
+        self._check_open()
         if self._writer is not None:
             return self._writer.head
         if self._salt is None:
@@ -333,7 +354,7 @@ class LogStore:
         """Verify the header, every footer, every commit checksum and every atom checksum
         up to the head. Returns a CheckReport (``problems`` empty when all is well)."""
         if self._closed:
-            raise DatabaseClosedError("the store is closed")
+            self._check_open()
         f = self._file
         w = self._writer
         end = w.end if w is not None else self._end
@@ -376,11 +397,37 @@ class LogStore:
                 pos += ATOM_PREFIX_SIZE + n
         return CheckReport(problems, commits, atoms, atom_bytes, f.size(), end)
 
+    def _check_open(self):
+        if self._abandoned:
+            raise DatabaseClosedError(f"{self.path!r} cannot be used in this process: "
+                                      + FORK_MESSAGE.format(pid=self._opened_by))
+        if self._closed:
+            raise DatabaseClosedError("the store is closed")
+
+    def _abandon(self):
+        """In a forked child: drop this store without touching the file (see the module
+        docstring). Closing the child's descriptors does not unlock or affect the parent's."""
+        if self._closed:
+            return
+        self._closed = self._reader.closed = True
+        self._abandoned = True
+        self._writer = None            # its thread exists only in the parent
+        _open_stores.discard(self)
+        self._reader.unmap()
+        try:
+            self._file.close()
+        finally:
+            abandon = getattr(self._lock, "abandon", None)
+            if abandon is not None:
+                abandon()
+            self._lock = None
+
     def close(self):
         """Flush and fsync what is queued, append a sync mark, release the lock. Raises
         StorageError if that final write or fsync failed (the store is closed anyway)."""
         if self._closed:
             return
+        _open_stores.discard(self)
         self._closed = self._reader.closed = True
         self._reader.unmap()
         try:
@@ -406,7 +453,7 @@ class LogStore:
 
     def __repr__(self):
         mode = "readonly" if self.readonly else self.durability
-        closed = " closed" if self._closed else ""
+        closed = " abandoned after fork" if self._abandoned else " closed" if self._closed else ""
         return f"<LogStore {self.path!r} {mode} head={self.head}{closed}>"
 
 

@@ -55,11 +55,11 @@ import math
 
 import numpy as np
 
-from ..errors import QueryError, VectorError
+from ..errors import MissingDependencyError, QueryError, VectorError
 from ..query import MISSING, extract
 from ..query.expr import All, split_path
 from .._core import load
-from . import METRICS, as_vector
+from . import METRICS, as_vector, require_hnswlib
 from .hnsw import _BLOCK, distances, normalize
 
 _vk = load("vkernel")
@@ -277,6 +277,12 @@ def _search(query, field, spec, qs, k, ef, metric):
             index = indexes[field] if field in indexes else indexes.setdefault(
                 field, source.vector_index(field))
         why = "hnswlib is not installed"
+        if index is None:
+            try:
+                require_hnswlib()
+                why = "the vector index is not committed yet"
+            except MissingDependencyError:
+                pass
     if index is None:
         keys, values, dists, ranked = _scan_items(query, split_path(field), qs, metric, k)
         if not ranked and spec is None:
