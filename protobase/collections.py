@@ -23,7 +23,7 @@ import operator
 from .errors import ConflictError, ReadOnlyError, TransactionClosedError
 from . import vector
 from .errors import QueryError, VectorError
-from .index import Index, IndexSpec
+from .index import Index, IndexSpec, refuse_references
 from .query import Query, make_predicate
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, CollState, btree, codec, hamt, idset
@@ -455,6 +455,13 @@ class _Rows:
     def drop_index(self, field):
         del self.indexes[field]
 
+    def _check_row(self, value):
+        """Refuse a row value an index or vector index cannot take, before any change."""
+        for field, spec in self.vectors.items():
+            _check_vector(value, field, spec)
+        for field, ix in self.indexes.items():
+            refuse_references(field, ix.spec.extract(value))
+
     def add_vector_index(self, spec):
         decode = self.owner._decode
         for raw in self._raws():
@@ -512,8 +519,7 @@ class _Indexed(_Rows):
         """Set key to (raw, value), or delete it when raw is MISSING; indexes follow."""
         self._row_cache = None
         if raw is not MISSING:
-            for field, spec in self.vectors.items():   # refuse a bad vector before any change
-                _check_vector(value, field, spec)
+            self._check_row(value)
         old_raw = self.data.get(key, MISSING)
         if old_raw is MISSING:
             if raw is MISSING:
@@ -616,8 +622,7 @@ class _IndexedList(_Rows):
     def insert(self, pos, raw, value, rid=None):
         """Insert (raw, value) as the row at position pos (0 <= pos <= len)."""
         self._row_cache = None
-        for field, spec in self.vectors.items():     # refuse a bad vector before any change
-            _check_vector(value, field, spec)
+        self._check_row(value)
         if rid is None:
             rid = self._allocate()
         else:
@@ -636,8 +641,7 @@ class _IndexedList(_Rows):
 
     def set(self, pos, raw, value):
         self._row_cache = None
-        for field, spec in self.vectors.items():
-            _check_vector(value, field, spec)
+        self._check_row(value)
         rid = self.rowid_at(pos)
         old = self.owner._decode(self.data[pos])
         for ix in self.indexes.values():
