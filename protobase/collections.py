@@ -20,7 +20,7 @@ from functools import cmp_to_key
 from itertools import islice, repeat
 import operator
 
-from .errors import ConflictError, ReadOnlyError, TransactionClosedError
+from .errors import ConflictError, CorruptionError, ReadOnlyError, TransactionClosedError
 from . import vector
 from .errors import QueryError, VectorError
 from .index import Index, IndexSpec, refuse_references
@@ -723,28 +723,56 @@ class _Source:
         self._index_cache[id(cs)] = (cs, found)
         return found
 
+    def _stored_rows(self):
+        """The CollState whose row parts a query reads (the handle has no working rows);
+        QueryError when the collection has no row ids (no index of any kind)."""
+        cs = self.h._base
+        if cs is None or not cs.meta.get("rowids"):
+            raise QueryError(
+                f"this {type(self.h).__name__} has no index, so its entries have no row ids: "
+                "call create_index(field) (or create_vector_index) first to use "
+                "matching_ids(); iterating a query answers by scan without one")
+        return cs
+
     def _parts(self):
         h = self.h
         h._struct()
         if h._ix is not None:
             return h._ix.keyof, h._ix.ids.finish()
-        return h._base.part("keyof"), h._base.part("ids")
+        cs = self._stored_rows()
+        return cs.part("keyof"), cs.part("ids")
+
+    def _missing_row(self, rowid):
+        return CorruptionError(
+            f"an index of this {type(self.h).__name__} names row {rowid!r}, which holds no "
+            "entry: the file is damaged or forged; run `protobase check PATH` and restore "
+            "from a backup")
 
     def all_ids(self):
         return self._parts()[1]
 
     def row(self, rowid):
-        key = self._parts()[0][rowid]
-        return key, self.h._decode(self.h._struct()[key])
+        key = self.key(rowid)
+        try:
+            raw = self.h._struct()[key]
+        except KeyError:
+            raise self._missing_row(rowid) from None
+        return key, self.h._decode(raw)
 
     def key(self, rowid):
         """The key of the entry with row id ``rowid``, its value left undecoded."""
-        return self._parts()[0][rowid]
+        try:
+            return self._parts()[0][rowid]
+        except KeyError:
+            raise self._missing_row(rowid) from None
 
     def keys_of(self, rowids):
         """key() of each row id in the sequence ``rowids``, as a list."""
         keyof = self._parts()[0]
-        return [keyof[rid] for rid in rowids]
+        try:
+            return [keyof[rid] for rid in rowids]
+        except KeyError as exc:
+            raise self._missing_row(exc.args[0] if exc.args else None) from None
 
     def unwritten(self):
         """Whether the transaction is open and the collection has no writes of its own in
@@ -771,15 +799,18 @@ class _Source:
         h = self.h
         data = h._struct()
         ix = h._ix
-        keyof = h._base.part("keyof") if ix is None else ix.keyof
+        keyof = self._stored_rows().part("keyof") if ix is None else ix.keyof
         decode = h._tx._decode         # what h._decode calls, one frame less per row
-        if h.KIND == "sorted":        # a SortedDict answers in key order, as its scan does
-            for key in sorted((keyof[rid] for rid in ids), key=_sort_key):
+        try:
+            if h.KIND == "sorted":    # a SortedDict answers in key order, as its scan does
+                for key in sorted((keyof[rid] for rid in ids), key=_sort_key):
+                    yield key, decode(data[key])
+                return
+            for rid in ids:
+                key = keyof[rid]
                 yield key, decode(data[key])
-            return
-        for rid in ids:
-            key = keyof[rid]
-            yield key, decode(data[key])
+        except KeyError as exc:
+            raise self._missing_row(exc.args[0] if exc.args else None) from None
 
     def count(self):
         return len(self.h._struct())
@@ -837,29 +868,35 @@ class _ListSource(_Source):
         data = h._struct()
         if h._ix is not None:
             return data, h._ix.order, h._ix.label, h._ix.ids.finish()
-        cs = h._base
+        cs = self._stored_rows()
         return data, cs.part("order"), cs.part("label"), cs.part("ids")
+
+    def _position(self, order, label, rowid):
+        try:
+            return order.bisect_left(label[rowid])
+        except KeyError:
+            raise self._missing_row(rowid) from None
 
     def all_ids(self):
         return self._rows_parts()[3]
 
     def row(self, rowid):
         data, order, label, _ = self._rows_parts()
-        pos = order.bisect_left(label[rowid])
+        pos = self._position(order, label, rowid)
         return pos, self.h._decode(data[pos])
 
     def key(self, rowid):
         _, order, label, _ = self._rows_parts()
-        return order.bisect_left(label[rowid])
+        return self._position(order, label, rowid)
 
     def keys_of(self, rowids):
         _, order, label, _ = self._rows_parts()
-        return [order.bisect_left(label[rid]) for rid in rowids]
+        return [self._position(order, label, rid) for rid in rowids]
 
     def rows(self, ids):
         data, order, label, _ = self._rows_parts()
         decode = self.h._decode
-        for pos in sorted(order.bisect_left(label[rid]) for rid in ids):
+        for pos in sorted(self._position(order, label, rid) for rid in ids):
             yield pos, decode(data[pos])
 
     def written_ids(self):
