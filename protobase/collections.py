@@ -873,9 +873,12 @@ class _ListSource(_Source):
 
     def _position(self, order, label, rowid):
         try:
-            return order.bisect_left(label[rowid])
+            pos = order.bisect_left(label[rowid])
         except KeyError:
             raise self._missing_row(rowid) from None
+        if pos >= len(self.h._struct()):      # the order names more rows than the data holds
+            raise self._missing_row(rowid)
+        return pos
 
     def all_ids(self):
         return self._rows_parts()[3]
