@@ -34,7 +34,8 @@ INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0xC0, 0xC2, 0xC3, 0xCC, 0xCD, 0xCE,
 
 def build_database(path, seed=0):
     """A small real database: every collection kind, indexes on a map and a list, nested
-    values of many types, stored collections inside values, several commits."""
+    values of many types, stored collections inside values, several commits. (The fuzz
+    also reads a compacted copy, where every atom is live.)"""
     import protobase as pb
     rng = random.Random(seed)
     with pb.open(path) as db:
@@ -247,14 +248,16 @@ def fuzz(seed, rounds, workdir, batch=25, timeout=60, env=None, log=print):
     if not os.path.exists(base):
         subprocess.run([sys.executable, os.path.abspath(__file__), "--build", base, str(seed)],
                        check=True, env=env, timeout=120, cwd=tempfile.gettempdir())
-    with open(base, "rb") as f:
-        data = f.read()
+    bases = []
+    for name in ("base.pb", "base-compacted.pb"):   # history; only live atoms
+        with open(os.path.join(workdir, name), "rb") as f:
+            bases.append(f.read())
     counts, failures = {}, []
     done = 0
     while done < rounds:
         paths, what = [], {}
         for i in range(done, min(rounds, done + batch)):
-            crafted, desc = mutate(data, rng)
+            crafted, desc = mutate(bases[i % 2], rng)
             p = os.path.join(workdir, f"r{i:06d}.pb")
             with open(p, "wb") as f:
                 f.write(crafted)
@@ -289,7 +292,14 @@ def main(argv=None):
     if args.read:
         return _read_files(args.read)
     if args.build:
-        build_database(args.build[0], int(args.build[1]))
+        path = args.build[0]
+        build_database(path, int(args.build[1]))
+        import shutil
+        import protobase as pb
+        compacted = path[:-3] + "-compacted.pb"
+        shutil.copyfile(path, compacted)
+        with pb.open(compacted) as db:
+            db.compact()
         return 0
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     print(f"seed {seed}, {args.rounds} rounds", flush=True)
