@@ -220,7 +220,13 @@ class _Queryable:
     def create_index(self, field):
         """Index entries by `field` (a dict key or attribute; "a.b" nests). The index is
         built over the current contents, persisted with the collection and maintained by
-        every write. Creating an index that exists already does nothing."""
+        every write. Creating an index that exists already does nothing.
+
+        A field holding a stored collection (a pb.Set, pb.List or pb.Dict inside the
+        entry, at any depth) cannot be indexed: the collection can change without its
+        entry being written, so the index would go stale. create_index refuses such a
+        field with QueryError, and so does a later write (or a commit) that puts one into
+        an indexed field; queries on the field answer by scan."""
         if isinstance(field, tuple):
             raise QueryError(f"create_index({field!r}): composite indexes are not supported "
                              f"yet, and a tuple never means a nested path; index each field "

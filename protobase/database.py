@@ -671,9 +671,9 @@ class Database:
         raise AssertionError("unreachable")
 
     def transactional(self, retries=10):
-        _check_retries(retries)
         """Decorator: the function runs in a transaction (received as its first argument),
         committed on return and retried on ConflictError."""
+        _check_retries(retries)
         def decorate(fn):
             @wraps(fn)
             def wrapper(*args, **kwargs):
