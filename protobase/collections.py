@@ -388,6 +388,7 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
         return head.replace(data=m.finish())
 
 
+_PLAIN_FIELD = frozenset((str, int, float, bool, bytes, type(None)))   # never hold a reference
 _WHOLE = object()   # decode_field's answer for a stored value that is not a plain dict
 
 
@@ -466,7 +467,9 @@ class _Rows:
         for field, spec in self.vectors.items():
             _check_vector(value, field, spec)
         for field, ix in self.indexes.items():
-            refuse_references(field, ix.spec.extract(value))
+            fv = ix.spec.extract(value)
+            if type(fv) not in _PLAIN_FIELD:
+                refuse_references(field, fv)
 
     def add_vector_index(self, spec):
         decode = self.owner._decode

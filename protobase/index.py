@@ -101,7 +101,8 @@ def _flag_reference(obj):
 
 def _reference_in(field_value):
     """The first stored collection (a pb collection handle) inside ``field_value``, or None."""
-    if type(field_value) in _HASHABLE or field_value is MISSING:
+    t = type(field_value)
+    if t in _HASHABLE or field_value is MISSING:
         return None
     if isinstance(field_value, _HandleCore):
         return field_value
@@ -117,6 +118,8 @@ def _reference_in(field_value):
 def refuse_references(field, field_value):
     """QueryError when ``field_value`` (the value at index path ``field``) holds a stored
     collection: an index over it would go stale when that collection changes."""
+    if type(field_value) in _HASHABLE:
+        return
     handle = _reference_in(field_value)
     if handle is not None:
         kind = type(handle).__name__
