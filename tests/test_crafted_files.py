@@ -13,7 +13,7 @@ import random
 import pytest
 
 import protobase as pb
-from protobase.errors import CorruptionError
+from protobase.errors import CorruptionError, DecodeError
 from protobase.query import F
 from protobase.state import State, pvec
 
@@ -117,3 +117,28 @@ def test_crafted_files_with_valid_checksums_never_crash_hang_or_raise_untyped_er
     assert not failures, (seed, failures[:5])
     typed = sum(v for k, v in counts.items() if k.startswith("typed"))
     assert typed >= 50, counts      # the mutations reach the decoders, not only dead atoms
+
+
+@pytest.mark.parametrize("stored", [7, {"a": 1}, "text", [b"x"]], ids=repr)
+@pytest.mark.parametrize("kind", ["Dict", "List", "SortedDict"])
+def test_a_node_holding_a_non_bytes_value_where_an_encoded_value_belongs_is_a_decode_error(
+        tmp_path, kind, stored):
+    # Found by the fuzz (seed 12345): a forged leaf whose value slot decodes to an int.
+    path = str(tmp_path / "slot.pb")
+    with pb.open(path) as db, db.transaction() as tx:
+        tx["c"] = pb.List([1, 2]) if kind == "List" else getattr(pb, kind)({1: "a", 2: "b"})
+
+    def swap(cs):
+        if kind == "List":
+            return cs.replace(data=pvec.Vector([cs.data[0], stored]))
+        m = cs.data.mutate()
+        m[2] = stored
+        return cs.replace(data=m.finish())
+    _forge(path, "c", swap)
+    with pb.open(path, readonly=True) as db, db.transaction(readonly=True) as tx:
+        c = tx["c"]
+        assert (c[0] if kind == "List" else c[1]) == (1 if kind == "List" else "a")
+        with pytest.raises(DecodeError, match="damaged or forged"):
+            list(c) if kind == "List" else list(c.items())
+        with pytest.raises(DecodeError):
+            c[1] if kind == "List" else c[2]
