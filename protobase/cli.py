@@ -290,10 +290,14 @@ def _records(stream: IO[bytes], fmt: str, resolve: Callable[[int], _Collection],
                 raw = json.loads(line)
             except ValueError as exc:
                 raise UsageError(f"line {n} of the dump is not JSON: {exc}") from None
+            except RecursionError:
+                raise UsageError(_too_nested(f"line {n}")) from None
             try:
                 record = _from_json(raw, resolve)
             except errors.ProtoBaseError:
                 raise
+            except RecursionError:
+                raise UsageError(_too_nested(f"line {n}")) from None
             except (ValueError, TypeError, KeyError, IndexError) as exc:   # a malformed tag
                 raise UsageError(f"line {n} of the dump holds a bad value: {exc}") from None
             yield record
@@ -304,6 +308,11 @@ def _records(stream: IO[bytes], fmt: str, resolve: Callable[[int], _Collection],
     while pos < len(data):
         record, pos = _next_msgpack(data, pos, resolve)
         yield record
+
+
+def _too_nested(where: str) -> str:
+    return (f"{where} of the dump nests values deeper than protobase stores (at most "
+            f"{codec.MAX_DEPTH} levels): it was not written by `protobase dump`")
 
 
 def _next_msgpack(data: bytes, pos: int, resolve: Callable[[int], _Collection]) -> Any:
@@ -400,12 +409,16 @@ def load(db: Database, stream: IO[bytes], fmt: Optional[str] = None,
                 field = "v" if isinstance(coll, List) else "k"
                 if field not in rec or (isinstance(coll, (Dict, SortedDict)) and "v" not in rec):
                     raise UsageError(f"record {n} of the dump is an incomplete entry")
-                if isinstance(coll, List):
-                    coll.append(rec["v"])
-                elif isinstance(coll, Set):
-                    coll.add(rec["k"])
-                else:
-                    coll[rec["k"]] = rec["v"]
+                try:
+                    if isinstance(coll, List):
+                        coll.append(rec["v"])
+                    elif isinstance(coll, Set):
+                        coll.add(rec["k"])
+                    else:
+                        coll[rec["k"]] = rec["v"]
+                except errors.SerializationError as exc:   # a bad key, a value too deep...
+                    where = f"line {n}" if fmt == "jsonl" else f"record {n}"
+                    raise UsageError(f"{where} of the dump cannot be stored: {exc}") from None
                 entries += 1
             elif "collection" in rec:
                 did, kind = rec["collection"], rec.get("kind")

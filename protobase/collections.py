@@ -24,10 +24,10 @@ from functools import cmp_to_key
 from itertools import islice, repeat
 import operator
 
-from .errors import ConflictError, TransactionClosedError
+from .errors import ConflictError, CorruptionError, TransactionClosedError
 from . import vector
 from .errors import QueryError, VectorError
-from .index import Index, IndexSpec
+from .index import Index, IndexSpec, refuse_references
 from .query import Query, make_predicate
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, CollState, btree, codec, hamt, idset
@@ -271,7 +271,13 @@ class _Queryable:
     def create_index(self, field):
         """Index entries by `field` (a dict key or attribute; "a.b" nests). The index is
         built over the current contents, persisted with the collection and maintained by
-        every write. Creating an index that exists already does nothing."""
+        every write. Creating an index that exists already does nothing.
+
+        A field holding a stored collection (a pb.Set, pb.List or pb.Dict inside the
+        entry, at any depth) cannot be indexed: the collection can change without its
+        entry being written, so the index would go stale. create_index refuses such a
+        field with QueryError, and so does a later write (or a commit) that puts one into
+        an indexed field; queries on the field answer by scan."""
         if isinstance(field, tuple):
             raise QueryError(f"create_index({field!r}): composite indexes are not supported "
                              f"yet, and a tuple never means a nested path; index each field "
@@ -434,6 +440,7 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
         return head.replace(data=m.finish())
 
 
+_PLAIN_FIELD = frozenset((str, int, float, bool, bytes, type(None)))   # never hold a reference
 _WHOLE = object()   # decode_field's answer for a stored value that is not a plain dict
 
 
@@ -507,6 +514,15 @@ class _Rows:
     def drop_index(self, field):
         del self.indexes[field]
 
+    def _check_row(self, value):
+        """Refuse a row value an index or vector index cannot take, before any change."""
+        for field, spec in self.vectors.items():
+            _check_vector(value, field, spec)
+        for field, ix in self.indexes.items():
+            fv = ix.spec.extract(value)
+            if type(fv) not in _PLAIN_FIELD:
+                refuse_references(field, fv)
+
     def add_vector_index(self, spec):
         decode = self.owner._decode
         for raw in self._raws():
@@ -564,8 +580,7 @@ class _Indexed(_Rows):
         """Set key to (raw, value), or delete it when raw is MISSING; indexes follow."""
         self._row_cache = None
         if raw is not MISSING:
-            for field, spec in self.vectors.items():   # refuse a bad vector before any change
-                _check_vector(value, field, spec)
+            self._check_row(value)
         old_raw = self.data.get(key, MISSING)
         if old_raw is MISSING:
             if raw is MISSING:
@@ -668,8 +683,7 @@ class _IndexedList(_Rows):
     def insert(self, pos, raw, value, rid=None):
         """Insert (raw, value) as the row at position pos (0 <= pos <= len)."""
         self._row_cache = None
-        for field, spec in self.vectors.items():     # refuse a bad vector before any change
-            _check_vector(value, field, spec)
+        self._check_row(value)
         if rid is None:
             rid = self._allocate()
         else:
@@ -688,8 +702,7 @@ class _IndexedList(_Rows):
 
     def set(self, pos, raw, value):
         self._row_cache = None
-        for field, spec in self.vectors.items():
-            _check_vector(value, field, spec)
+        self._check_row(value)
         rid = self.rowid_at(pos)
         old = self.owner._decode(self.data[pos])
         for ix in self.indexes.values():
@@ -771,28 +784,56 @@ class _Source:
         self._index_cache[id(cs)] = (cs, found)
         return found
 
+    def _stored_rows(self):
+        """The CollState whose row parts a query reads (the handle has no working rows);
+        QueryError when the collection has no row ids (no index of any kind)."""
+        cs = self.h._base
+        if cs is None or not cs.meta.get("rowids"):
+            raise QueryError(
+                f"this {type(self.h).__name__} has no index, so its entries have no row ids: "
+                "call create_index(field) (or create_vector_index) first to use "
+                "matching_ids(); iterating a query answers by scan without one")
+        return cs
+
     def _parts(self):
         h = self.h
         h._struct()
         if h._ix is not None:
             return h._ix.keyof, h._ix.ids.finish()
-        return h._base.part("keyof"), h._base.part("ids")
+        cs = self._stored_rows()
+        return cs.part("keyof"), cs.part("ids")
+
+    def _missing_row(self, rowid):
+        return CorruptionError(
+            f"an index of this {type(self.h).__name__} names row {rowid!r}, which holds no "
+            "entry: the file is damaged or forged; run `protobase check PATH` and restore "
+            "from a backup")
 
     def all_ids(self):
         return self._parts()[1]
 
     def row(self, rowid):
-        key = self._parts()[0][rowid]
-        return key, self.h._decode(self.h._struct()[key])
+        key = self.key(rowid)
+        try:
+            raw = self.h._struct()[key]
+        except KeyError:
+            raise self._missing_row(rowid) from None
+        return key, self.h._decode(raw)
 
     def key(self, rowid):
         """The key of the entry with row id ``rowid``, its value left undecoded."""
-        return self._parts()[0][rowid]
+        try:
+            return self._parts()[0][rowid]
+        except KeyError:
+            raise self._missing_row(rowid) from None
 
     def keys_of(self, rowids):
         """key() of each row id in the sequence ``rowids``, as a list."""
         keyof = self._parts()[0]
-        return [keyof[rid] for rid in rowids]
+        try:
+            return [keyof[rid] for rid in rowids]
+        except KeyError as exc:
+            raise self._missing_row(exc.args[0] if exc.args else None) from None
 
     def unwritten(self):
         """Whether the transaction is open and the collection has no writes of its own in
@@ -819,15 +860,18 @@ class _Source:
         h = self.h
         data = h._struct()
         ix = h._ix
-        keyof = h._base.part("keyof") if ix is None else ix.keyof
+        keyof = self._stored_rows().part("keyof") if ix is None else ix.keyof
         decode = h._tx._decode         # what h._decode calls, one frame less per row
-        if h.KIND == "sorted":        # a SortedDict answers in key order, as its scan does
-            for key in sorted((keyof[rid] for rid in ids), key=_sort_key):
+        try:
+            if h.KIND == "sorted":    # a SortedDict answers in key order, as its scan does
+                for key in sorted((keyof[rid] for rid in ids), key=_sort_key):
+                    yield key, decode(data[key])
+                return
+            for rid in ids:
+                key = keyof[rid]
                 yield key, decode(data[key])
-            return
-        for rid in ids:
-            key = keyof[rid]
-            yield key, decode(data[key])
+        except KeyError as exc:
+            raise self._missing_row(exc.args[0] if exc.args else None) from None
 
     def count(self):
         return len(self.h._struct())
@@ -885,29 +929,38 @@ class _ListSource(_Source):
         data = h._struct()
         if h._ix is not None:
             return data, h._ix.order, h._ix.label, h._ix.ids.finish()
-        cs = h._base
+        cs = self._stored_rows()
         return data, cs.part("order"), cs.part("label"), cs.part("ids")
+
+    def _position(self, order, label, rowid):
+        try:
+            pos = order.bisect_left(label[rowid])
+        except KeyError:
+            raise self._missing_row(rowid) from None
+        if pos >= len(self.h._struct()):      # the order names more rows than the data holds
+            raise self._missing_row(rowid)
+        return pos
 
     def all_ids(self):
         return self._rows_parts()[3]
 
     def row(self, rowid):
         data, order, label, _ = self._rows_parts()
-        pos = order.bisect_left(label[rowid])
+        pos = self._position(order, label, rowid)
         return pos, self.h._decode(data[pos])
 
     def key(self, rowid):
         _, order, label, _ = self._rows_parts()
-        return order.bisect_left(label[rowid])
+        return self._position(order, label, rowid)
 
     def keys_of(self, rowids):
         _, order, label, _ = self._rows_parts()
-        return [order.bisect_left(label[rid]) for rid in rowids]
+        return [self._position(order, label, rid) for rid in rowids]
 
     def rows(self, ids):
         data, order, label, _ = self._rows_parts()
         decode = self.h._decode
-        for pos in sorted(order.bisect_left(label[rid]) for rid in ids):
+        for pos in sorted(self._position(order, label, rid) for rid in ids):
             yield pos, decode(data[pos])
 
     def written_ids(self):

@@ -245,9 +245,12 @@ def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, f
     if path is None or path == ":memory:":
         return Database(None, durability=durability, readonly=readonly)
     from .storage import LogStore
+    # The database is the file the path names: through a symbolic link, compaction must
+    # replace that file (not the link), and side files sit beside it. db.path reports it.
+    path = os.path.realpath(os.fspath(path))
     store = LogStore.open(path, durability=durability, readonly=readonly, bytes_cache_size=cache_size,
                           file_layer=file_layer, upgrade=_upgrade)
-    leftover = os.fspath(path) + ".compact"
+    leftover = path + ".compact"
     if not readonly and os.path.exists(leftover):
         os.remove(leftover)          # an interrupted compaction; the database file is intact
     try:
@@ -813,9 +816,9 @@ class Database:
         raise AssertionError("unreachable")
 
     def transactional(self, retries=10):
-        _check_retries(retries)
         """Decorator: the function runs in a transaction (received as its first argument),
         committed on return and retried on ConflictError."""
+        _check_retries(retries)
         def decorate(fn):
             @wraps(fn)
             def wrapper(*args, **kwargs):
@@ -1028,6 +1031,9 @@ class Database:
 
     @property
     def path(self):
+        """The database file's path as resolved at open: absolute, with symbolic links
+        followed (the file compaction replaces and side files are named after); None in
+        memory."""
         return None if self._store is None else self._store.path
 
     @property

@@ -39,6 +39,15 @@ emptied postings. After ``finish()`` the mutation stays usable (the kernels give
 tokens) and never changes the snapshot it returned. Queries only ever read ``Index``
 snapshots: a writing transaction hands them ``mutation.finish()``.
 
+Stored collections are refused
+--------------------------------
+A pb.Set/pb.List/pb.Dict inside an entry is stored as a reference: the collection can
+change without its entry being written, so nothing would re-file the row. A field value
+that holds one (at any depth) is refused with ``QueryError`` by ``refuse_references``:
+``_build`` asks it for every value that is not a plain key (so ``create_index`` refuses
+such a field), and the collection layer asks it before any change a write makes. Queries
+on such a field answer by scan.
+
 Persistence: ``index.parts()`` is ``{"tree": SortedMap, "other": IdSet, "missing": IdSet}``,
 three ordinary persistent structures the collection stores beside its data (the tree's
 values are ``IdSet``s, which the codec hooks encode); ``Index.from_parts(field, parts)``
@@ -59,7 +68,7 @@ from .query.expr import (MISSING, extract, key_class, split_path, values_equal,
                          LT, LE, GT, GE, BETWEEN, STARTSWITH)
 
 __all__ = ["Index", "IndexMutation", "IndexSpec", "MISSING", "extract", "SAMPLE",
-           "UNION_CACHE"]
+           "UNION_CACHE", "refuse_references"]
 
 _btree = load("btree")
 _idset = load("idset")
@@ -67,12 +76,58 @@ SortedMap = _btree.SortedMap
 IdSet = _idset.IdSet
 IdSetMutation = _idset.IdSetMutation
 _type_class = _btree.type_class
+_HandleCore = load("handle").HandleCore
+_dumps = load("codec").dumps
 
 SAMPLE = 32
 UNION_CACHE = 8          # span unions an Index keeps (see Index.span_ids)
 _EMPTY = IdSet()
 # Field value types that are always hashable keys (others go through key_class first).
 _HASHABLE = frozenset((str, int, float, bool, bytes, type(None)))
+
+
+class _Reference(Exception):
+    def __init__(self, handle):
+        self.handle = handle
+
+
+def _flag_reference(obj):
+    # Encoder ref_hook: asked about every value that is not a plain built-in, so it sees
+    # each collection the codec would store by reference, inside any container or object.
+    if isinstance(obj, _HandleCore):
+        raise _Reference(obj)
+    return None
+
+
+def _reference_in(field_value):
+    """The first stored collection (a pb collection handle) inside ``field_value``, or None."""
+    t = type(field_value)
+    if t in _HASHABLE or field_value is MISSING:
+        return None
+    if isinstance(field_value, _HandleCore):
+        return field_value
+    try:
+        _dumps(field_value, ref_hook=_flag_reference)
+    except _Reference as found:
+        return found.handle
+    except Exception:
+        return None      # not encodable at all: the write itself says so
+    return None
+
+
+def refuse_references(field, field_value):
+    """QueryError when ``field_value`` (the value at index path ``field``) holds a stored
+    collection: an index over it would go stale when that collection changes."""
+    if type(field_value) in _HASHABLE:
+        return
+    handle = _reference_in(field_value)
+    if handle is not None:
+        kind = type(handle).__name__
+        raise QueryError(
+            f"field {field!r} holds a pb.{kind}, which is stored by reference and can change "
+            f"without its entry being written, so an index on {field!r} would go stale: it "
+            f"cannot be indexed. Queries on {field!r} (contains, ==, ...) answer by scan "
+            f"without an index; store a plain list/set copy in the field to index it")
 
 
 class IndexSpec:
@@ -190,6 +245,9 @@ class Index:
         index = cls(spec, tree, _EMPTY, IdSet(missing) if missing else _EMPTY)
         if not odd:
             return index
+        field = spec.field
+        for _, fv in odd:
+            refuse_references(field, fv)
         m = index.mutate()
         for rowid, fv in odd:
             m._target(fv).add(rowid)

@@ -78,6 +78,13 @@ _PART_TAGS = {cls: tag for tag, cls in _PART_TYPES.items()}
 _IdSet = idset.IdSet
 _idset_from_bytes = _IdSet.from_bytes
 _EMPTY = {"dict": hamt.Map, "set": hamt.HashSet, "list": pvec.Vector, "sorted": btree.SortedMap}
+# What a descriptor must name, part by part (name -> part type tag), for its kind and meta:
+# every reader takes these parts as present and of their type.
+_DATA_TAG = {"dict": "map", "set": "hset", "list": "vec", "sorted": "smap"}
+_ROW_PARTS = {"dict": {"rowid": "map", "keyof": "map", "ids": "ids"},
+              "sorted": {"rowid": "map", "keyof": "map", "ids": "ids"},
+              "list": {"order": "smap", "label": "map", "ids": "ids"}}
+_INDEX_PART_TAGS = {"tree": "smap", "other": "ids", "missing": "ids"}
 
 
 def _persist_part(struct, io):
@@ -182,11 +189,47 @@ class CollState:
                 raise ValueError(kind)
             cs = cls(kind, {}, meta)
             cs._ptrs = {str(n): (str(r[0]), int(r[1])) for n, r in ptrs.items()}
+            _check_descriptor(kind, meta, cs._ptrs)
         except (TypeError, ValueError, IndexError) as exc:
-            raise CorruptionError(f"damaged collection descriptor: {desc!r:.80}") from exc
+            raise CorruptionError(f"damaged collection descriptor ({exc}): {desc!r:.80}") from exc
         cs._io = io
         cs._enc = data
         return cs
+
+
+def _check_descriptor(kind, meta, ptrs):
+    """ValueError unless ``meta`` is well formed and ``ptrs`` names every part the kind and
+    meta need, each of its type (a checksum-valid forged descriptor stops here, not as an
+    AttributeError deep in a read)."""
+    need = {"data": _DATA_TAG[kind]}
+    rowids = meta.get("rowids", False)
+    indexes = meta.get("indexes", [])
+    vectors = meta.get("vectors", {})
+    if rowids is not True and rowids is not False:
+        raise ValueError(f"rowids is {rowids!r}")
+    if not isinstance(indexes, list) or not all(type(f) is str and f for f in indexes):
+        raise ValueError("bad index list")
+    if not isinstance(vectors, dict) or not all(type(f) is str and isinstance(v, dict)
+                                                for f, v in vectors.items()):
+        raise ValueError("bad vector index settings")
+    next_rowid = meta.get("next_rowid", 0)
+    if type(next_rowid) is not int or next_rowid < 0:
+        raise ValueError(f"next_rowid is {next_rowid!r}")
+    if rowids:
+        if kind not in _ROW_PARTS:
+            raise ValueError(f"a {kind} has no row ids")
+        need.update(_ROW_PARTS[kind])
+    elif indexes or vectors:
+        raise ValueError("indexes without row ids")
+    for field in indexes:
+        for name, tag in _INDEX_PART_TAGS.items():
+            need[f"ix/{field}/{name}"] = tag
+    for name, tag in need.items():
+        ref = ptrs.get(name)
+        if ref is None:
+            raise ValueError(f"the {kind} has no {name!r} part")
+        if ref[0] != tag:
+            raise ValueError(f"part {name!r} is a {ref[0]!r}, not a {tag!r}")
 
 
 class State:

@@ -77,7 +77,9 @@ rules): first the type class (`type_class`), then the value within the class:
 
 Numbers (bool, int, float, Decimal, Fraction) compare exactly as Python compares them
 (so 1, 1.0, True and Decimal(1) are one key, and 2**63 + 1 > 2.0**63 is kept), with
-every NaN after all other numbers and equal to every NaN. Naive times sort before aware
+every NaN after all other numbers and equal to every NaN. A signaling NaN
+(`Decimal('sNaN')`) is no key, nor is a value of any other type: both are a
+SerializationError (a TypeError) naming the type, raised before a tree is touched. Naive times sort before aware
 ones. Tuples compare lexicographically by this order, frozensets as the tuple of their
 elements sorted by this order, Enum members by class `__qualname__` then by value.
 The same-type int/float/str/bytes case is decided first with C-level type checks, so a
@@ -128,7 +130,7 @@ from fractions import Fraction
 from functools import cmp_to_key
 from uuid import UUID
 
-from protobase.errors import CorruptionError
+from protobase.errors import CorruptionError, SerializationError
 
 cdef extern from *:
     const char *PB_SOURCE_DIGEST
@@ -191,9 +193,10 @@ cpdef int type_class(object x) except -1:
         return 10
     if isinstance(x, frozenset):
         return 11
-    raise TypeError(f"unsupported key type: {type(x).__name__!r} (keys must be None, bool, "
-                    "int, float, Decimal, Fraction, str, bytes, date/time/datetime, "
-                    "timedelta, UUID, Enum, or tuples/frozensets of those)")
+    raise SerializationError(f"unsupported key type: {type(x).__name__!r} (keys must be None, "
+                             "bool, int, float, Decimal, Fraction, str, bytes, "
+                             "date/time/datetime, timedelta, UUID, Enum, or tuples/frozensets "
+                             "of those)", type_name=type(x).__name__)
 
 
 cdef int _check_key(object x) except -1:
@@ -207,6 +210,10 @@ cdef int _check_key(object x) except -1:
             _check_key(e)
     elif c == 12:
         _check_key(x.value)
+    elif c == 1 and isinstance(x, _Decimal) and x.is_snan():
+        raise SerializationError("Decimal('sNaN') cannot be a key: a signaling NaN cannot be "
+                                 "compared (dict refuses it too); use Decimal('NaN') or "
+                                 "float('nan'), which are one key", type_name="Decimal")
     return 0
 
 

@@ -85,7 +85,8 @@ least N bytes), so a forged header cannot cause a huge allocation. An extension 
 ``end`` to its payload and must consume it exactly. Nesting deeper than ``MAX_DEPTH``, bad
 UTF-8, unknown codes, values of the wrong type inside an extension, and trailing bytes are
 all ``DecodeError``; any other failure while building a value from forged fields (an
-invalid date, an unhashable key) is converted to ``DecodeError`` too. Exceptions raised by
+invalid date, an unhashable key) is converted to ``DecodeError`` too, and so is input that
+is no buffer at all (a forged node can hold an int where a stored value's bytes belong). Exceptions raised by
 the caller's own hooks (``ref_resolver``, ``ext_hook``) pass through unchanged.
 
 ``Decoder.decode_field(data, name, ...)`` reads one entry of an encoded plain dict: it walks
@@ -123,7 +124,7 @@ times (short payloads in practice). Class metadata is O(1) after a class's first
 """
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.dict cimport PyDict_New, PyDict_SetItem, PyDict_Next, PyDict_GetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_ITEM
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM, PyTuple_GET_ITEM
@@ -2144,6 +2145,10 @@ cdef object _decode(object data, object ref_resolver, object ext_hook, bint stri
     cdef _Decoder d = _spare_decoder
     cdef Py_buffer view
     cdef bint release = False
+    if not PyBytes_CheckExact(data) and not PyObject_CheckBuffer(data):
+        raise DecodeError(f"expected the bytes of an encoded value, not "
+                          f"{type(data).__name__}: the stored value is damaged or forged",
+                          offset=0)
     if d is None:
         d = _Decoder.__new__(_Decoder)
     else:

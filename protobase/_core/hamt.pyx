@@ -24,9 +24,11 @@ The trie is persisted, so it cannot use `hash()` (randomized per process for str
   date, datetime, time, timedelta, UUID, Enum     a seeded combination of canonical integer
                                                   fields (aware datetimes by UTC instant)
 
-Anything else is a TypeError naming the type, raised before the structure is touched.
-Keys compare as in `dict` (identity, then ==), except that all NaNs are one key: a NaN must
-find itself again after a round trip through the file, where identity is lost.
+Anything else is a SerializationError (a TypeError) naming the type and the allowed key
+types, raised before the structure is touched; so is a signaling NaN (`Decimal('sNaN')`,
+which `dict` refuses too: it cannot be hashed). Keys compare as in `dict` (identity, then
+==), except that all NaNs are one key: a NaN must find itself again after a round trip
+through the file, where identity is lost.
 
 Node layout (CHAMP)
 -------------------
@@ -191,7 +193,7 @@ import uuid as _uuid
 from collections.abc import (ItemsView, KeysView, Mapping, MutableMapping, MutableSet, Set,
                              ValuesView)
 
-from protobase.errors import CorruptionError
+from protobase.errors import CorruptionError, SerializationError
 
 cdef extern from *:
     const char *PB_SOURCE_DIGEST
@@ -397,6 +399,8 @@ cdef uint64_t SEED_TIMEDELTA = 0xD1310BA698DFB5ACULL
 cdef uint64_t SEED_UUID = 0x2FFD72DBD01ADFB7ULL
 cdef uint64_t SEED_ENUM = 0xB8E1AFED6A267E96ULL
 cdef uint64_t NAN_HASH = 0x7FF8A5A5C3C3F00DULL
+SNAN_KEY = ("Decimal('sNaN') cannot be a key: a signaling NaN cannot be hashed or compared "
+            "(dict refuses it too); use Decimal('NaN') or float('nan'), which are one key")
 cdef uint64_t HASH_ERROR = 0xFFFFFFFFFFFFFFFFULL
 
 cdef object _Decimal = _decimal.Decimal
@@ -462,7 +466,11 @@ cdef uint64_t _hash_other(object key) except? 0xFFFFFFFFFFFFFFFF:
     cdef type t = type(key)
     cdef uint64_t h
     if t is _Decimal:
-        return NAN_HASH if key.is_nan() else _hash_number(key)
+        if key.is_nan():
+            if key.is_snan():
+                raise SerializationError(SNAN_KEY, type_name="Decimal")
+            return NAN_HASH
+        return _hash_number(key)
     if t is _Fraction:
         return _hash_number(key)
     if t is frozenset:
@@ -501,9 +509,10 @@ cdef uint64_t _hash_other(object key) except? 0xFFFFFFFFFFFFFFFF:
         h = pb_combine(SEED_ENUM, _hash_str(t.__module__))
         h = pb_combine(h, _hash_str(t.__qualname__))
         return pb_combine(h, _hash_str(key._name_))
-    raise TypeError(f"unsupported key type {t.__name__!r}: keys must be None, bool, int, float, "
-                    f"str, bytes, tuple/frozenset of keys, date/time/datetime/timedelta, "
-                    f"Decimal, Fraction, UUID or Enum members")
+    raise SerializationError(
+        f"unsupported key type {t.__name__!r}: keys must be None, bool, int, float, str, "
+        f"bytes, tuple/frozenset of keys, date/time/datetime/timedelta, Decimal, Fraction, "
+        f"UUID or Enum members", type_name=t.__name__)
 
 
 cdef uint64_t stable_hash_c(object key) except? 0xFFFFFFFFFFFFFFFF:
