@@ -827,6 +827,20 @@ class Database:
                 os.remove(tmp)
             raise
 
+    def checkpoint(self) -> None:
+        """Write and fsync every commit made so far, now: once this returns they survive a
+        power cut in any durability mode. For durability="none" bulk loads (commit often,
+        checkpoint now and then); "full" commits are durable already. An in-memory or
+        read-only database has nothing to sync, so it returns at once."""
+        self._check_open()
+        store = self._store
+        if store is None or self._readonly:
+            return
+        # Every acknowledged commit was queued to the writer before its commit() returned
+        # (normal/none write on the committer's thread), so a checkpoint queued now follows
+        # them all; a failed write or fsync raises StorageError here.
+        store.checkpoint()
+
     def check(self):
         """Verify every checksum in the file and every structure reachable from the newest
         state. Returns a report whose `problems` list is empty when all is well."""
