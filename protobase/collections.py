@@ -911,8 +911,10 @@ class Dict(_MapBase[_K, _V]):
 
 
 class SortedDict(_MapBase[_K, _V]):
-    """A persistent mapping whose keys are kept in order (DESIGN.md §6 total order, so
-    mixed-type keys never raise). Rank operations are O(log n)."""
+    """A persistent mapping whose keys are kept in order. Keys of different types never
+    raise: they sort by type first (None < numbers < str < bytes < date < naive datetime
+    < aware datetime < time < timedelta < UUID < tuple < frozenset < Enum), then by value
+    (1, 1.0 and True are one key). Rank operations are O(log n)."""
 
     __slots__ = ()
     KIND = "sorted"

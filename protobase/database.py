@@ -130,7 +130,7 @@ def _check_retries(retries):
                                    f"not {retries}")
 
 
-def open(path: Union[str, "os.PathLike[str]", None] = None, *, durability: Durability = "full",
+def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability = "full",
          readonly: bool = False, cache_size: int = 64 << 20, file_layer: Any = None) -> "Database":
     """Open (creating if needed) the database at `path`; no path or ":memory:" opens an
     in-memory database with the same semantics and no files.
@@ -743,7 +743,7 @@ class Database:
         c.finish(root_ptr).result()
         return copy
 
-    def compact(self) -> "dict[str, int]":
+    def compact(self) -> dict[str, int]:
         """Rewrite the file to hold only the live data of the newest state, while reads and
         writes go on; commits made meanwhile are carried over, and the new file replaces the
         old atomically (a crash at any point leaves a valid database). Returns a dict with
@@ -807,7 +807,7 @@ class Database:
                 raise
             return {"before": before, "after": os.path.getsize(path)}
 
-    def backup(self, path: Union[str, "os.PathLike[str]"]) -> None:
+    def backup(self, path: Union[str, os.PathLike]) -> None:
         """Write a consistent copy of the newest state to a new database file at `path`
         while this database stays in use."""
         self._check_open()
@@ -909,7 +909,7 @@ class Database:
         self.close()
         return False
 
-    def stats(self) -> "dict[str, Any]":
+    def stats(self) -> dict[str, Any]:
         """Counters: commits, conflicts, sequence, collections, and storage figures."""
         out = {"commits": self._commits, "conflicts": self._conflicts, "sequence": self._head.seq,
                "collections": len(self._head.colls), "durability": self._durability,

@@ -111,8 +111,10 @@ class Query(Generic[_K, _V]):
         return self._derive(_pred=And((self._pred, extra)))
 
     def order_by(self, field: Any, descending: bool = False) -> "Query[_K, _V]":
-        """Sorted by ``field`` (a path such as ``"a.b"``); see plans.py for the order of
-        mixed types, unorderable and missing values (missing sort last)."""
+        """Sorted by ``field`` (a path such as ``"a.b"``). Values of different types sort
+        by type first, in SortedDict's key order; entries whose field is unorderable (a
+        list, a dict...) come after them and entries missing the field last, each of
+        those two groups in key order. ``descending`` reverses only the orderable values."""
         if isinstance(field, Field):
             field = ".".join(field._parts)
         if not isinstance(field, str):
