@@ -9,6 +9,7 @@ public methods and properties defined in protobase (not those inherited from the
 The output is deterministic, so a stale reference shows up as a diff.
 """
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,34 @@ HEADER = """# ProtoBase API reference
 
 Generated from the docstrings by `python docs/gen_api.py`; do not edit by hand.
 The command line (`protobase --help`) and its dump format close the page.
+
+## What to know first
+
+- **Values are copies.** A value is encoded when it is written and decoded at every read,
+  so `cart = tx["carts"]["u1"]` is a new object the caller owns: changing it changes
+  nothing stored. Mutate it and write it back (`cart["items"].append(x);
+  tx["carts"]["u1"] = cart`). The pb collections (`Dict`, `List`, `Set`, `SortedDict`) are
+  the exception: they are stored by reference, and a handle read in a transaction writes
+  through to the database.
+- **Missing fields.** A term on a field an entry does not have is false, so `F.x != v`
+  skips entries without `x`; `~(F.x == v)` is the complement over the collection and
+  includes them. `F.x.exists()` tests presence.
+- **One comparison rule.** Values of different type classes are unequal and unordered
+  (`<`, `>`... are false, `!=` is true); int, float, Decimal and bool compare as numbers.
+  An index never changes a query's answer, only its speed.
+- **Distances** (`hits.scored()`, `hits.distances()`, ascending): `"l2"` is the squared
+  Euclidean distance, `"ip"` is 1 − dot product, `"cosine"` is 1 − cosine similarity.
+- **Files.** A database at `PATH` is the one file `PATH`; a writer holds an `flock` on
+  that file itself (there is no lock file). Beside it: `PATH-vec-<collection id>-<field>.hnsw`,
+  one per vector index, the checkpoint of its graph, written at close (written through a
+  temporary `....hnsw.tmp-*` file; rebuilt when missing or not matching the database);
+  `PATH.compact` only while a compaction runs (an interrupted one is removed at the next
+  open); `db.backup(target)` writes `target.partial` and renames it to `target` when
+  complete. `pb.open()` or `":memory:"` makes no files.
+- **Durability.** `durability="full"` (default) fsyncs before `commit()` returns;
+  `"normal"` writes before it returns and fsyncs within a second; `"none"` fsyncs at
+  `close()` and `db.checkpoint()` only. A new transaction sees every commit acknowledged
+  before it began (a read-only database re-reads the file's head when it starts one).
 """
 
 
@@ -36,13 +65,19 @@ def _doc(obj):
 
 def _signature(obj, method=False):
     try:
-        sig = inspect.signature(obj)
+        try:
+            sig = inspect.signature(obj, eval_str=True)   # "Database" -> Database
+        except NameError:                                 # a name imported for type checkers only
+            sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
     params = list(sig.parameters.values())
     if method and params and params[0].name in ("self", "cls"):
         sig = sig.replace(parameters=params[1:])
-    return str(sig).replace(" -> None", "")
+    text = str(sig).replace(" -> None", "")
+    # Annotations as a reader writes them: no module paths, no TypeVar tildes.
+    text = re.sub(r"'(\w+\[[^']*\])'", r"\1", text)           # 'Hits[_K, _V]' -> Hits[_K, _V]
+    return re.sub(r"\b(?:protobase|typing|collections\.abc)\.(?:\w+\.)*(?=\w)", "", text).replace("~", "")
 
 
 def _own_members(cls):

@@ -5,7 +5,7 @@
         with db.transaction() as tx:
             tx.root["carts"] = pb.Dict()
 """
-from . import errors
+from . import build_info, errors
 from .errors import (ConflictError, CorruptionError, DatabaseClosedError, DatabaseLockedError,
                      DecodeError, InvalidArgumentError, MissingDependencyError, NotADatabaseError, ProtoBaseError,
                      QueryError, ReadOnlyError, SerializationError, StorageError,
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "open", "Database", "Transaction", "Dict", "List", "Set", "SortedDict", "register_class",
     "F", "Query",
-    "errors", "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
+    "build_info", "errors", "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
     "ReadOnlyError", "SerializationError", "DecodeError", "CorruptionError", "NotADatabaseError",
     "DatabaseLockedError", "DatabaseClosedError", "StorageError", "QueryError",
     "MissingDependencyError", "VectorError", "InvalidArgumentError",

@@ -23,6 +23,8 @@ from fractions import Fraction
 from functools import cmp_to_key
 from itertools import islice, repeat
 import operator
+from typing import (TYPE_CHECKING, Any, Generic, Iterable, Iterator, Mapping, Optional, Tuple,
+                    TypeVar, Union, overload)
 
 from .errors import ConflictError, CorruptionError, TransactionClosedError
 from . import vector
@@ -33,7 +35,15 @@ from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, CollState, btree, codec, hamt, idset
 from ._core import load as _load_core
 
-_handle = _load_core("handle")
+if TYPE_CHECKING:
+    from ._core import handle as _handle
+    from .vector.search import Hits
+else:
+    _handle = _load_core("handle")
+
+_K = TypeVar("_K")   # a map's key type
+_V = TypeVar("_V")   # a collection's value type
+_T = TypeVar("_T")
 
 IdSet = idset.IdSet
 
@@ -248,10 +258,10 @@ class _Collection(_handle.HandleCore):
             return f"<pb.{type(self).__name__} #{self._cid} (transaction ended)>"
         return f"pb.{type(self).__name__}({self._repr_body()})"
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]   # mutable containers are unhashable
 
 
-class _Queryable:
+class _Queryable(Generic[_K, _V]):
     """Secondary indexes, vector indexes and queries: shared by the maps and List. A
     subclass names the working row state (`_ROWS`) and the query source (`_SOURCE`)
     for its kind."""
@@ -259,7 +269,7 @@ class _Queryable:
     __slots__ = ()
 
     @property
-    def indexes(self):
+    def indexes(self) -> "list[str]":
         """The field paths this collection is indexed on."""
         if self._tx is None:
             return []
@@ -268,7 +278,7 @@ class _Queryable:
             return list(self._ix.indexes)
         return [] if self._base is None else list(self._base.meta.get("indexes", ()))
 
-    def create_index(self, field):
+    def create_index(self, field: str) -> None:
         """Index entries by `field` (a dict key or attribute; "a.b" nests). The index is
         built over the current contents, persisted with the collection and maintained by
         every write. Creating an index that exists already does nothing.
@@ -298,7 +308,7 @@ class _Queryable:
         self._ix.add_index(spec.field)
         self._schema = True
 
-    def drop_index(self, field):
+    def drop_index(self, field: str) -> None:
         """Remove the index on `field`; KeyError if there is none."""
         spec = IndexSpec(field)
         if spec.field not in self.indexes:
@@ -307,7 +317,8 @@ class _Queryable:
         self._ix.drop_index(spec.field)
         self._schema = True
 
-    def create_vector_index(self, field, dim, metric="cosine", M=16, ef_construction=200):
+    def create_vector_index(self, field: str, dim: int, metric: str = "cosine", M: int = 16,
+                            ef_construction: int = 200) -> None:
         """Index the vectors at `field` (numpy arrays or sequences of floats of length `dim`)
         for nearest-neighbour search with hnswlib ("cosine", "l2" or "ip"). Every existing
         and future vector at `field` must have that dimension. Needs protobase[vector]."""
@@ -323,7 +334,7 @@ class _Queryable:
         self._schema = True
 
     @property
-    def vector_indexes(self):
+    def vector_indexes(self) -> "dict[str, dict[str, Any]]":
         """Field path -> settings of each vector index."""
         if self._tx is None:
             return {}
@@ -332,11 +343,11 @@ class _Queryable:
             return dict(self._ix.vectors)
         return {} if self._base is None else dict(self._base.meta.get("vectors", {}))
 
-    def nearest(self, field, vector, k=10, ef=None):
+    def nearest(self, field: str, vector: Any, k: int = 10, ef: Optional[int] = None) -> "Hits[_K, _V]":
         """The k entries whose vector at `field` is nearest to `vector`: where().nearest()."""
         return self.where().nearest(field, vector, k=k, ef=ef)
 
-    def where(self, *predicates, **equalities):
+    def where(self, *predicates: Any, **equalities: Any) -> "Query[_K, _V]":
         """A lazy Query over this collection: predicates (F expressions) and keyword
         equalities are ANDed; no arguments selects everything."""
         self._struct()
@@ -344,13 +355,23 @@ class _Queryable:
         return Query(self._SOURCE(self), make_predicate(*predicates, **equalities))
 
 
-class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
+class _MapBase(_Queryable[_K, _V], _Collection, _handle.MapCore, MutableMapping[_K, _V]):
     """Shared by Dict and SortedDict: a mapping from keys to encoded values."""
 
     __slots__ = ()
     _PLAIN = dict
 
-    def __init__(self, mapping=(), **kwargs):
+    if TYPE_CHECKING:   # MapCore's C slots, as the type checker should see them
+        def __getitem__(self, key: _K) -> _V: ...
+        def __setitem__(self, key: _K, value: _V) -> None: ...
+        def __delitem__(self, key: _K) -> None: ...
+        def __contains__(self, key: object) -> bool: ...
+        @overload
+        def get(self, key: _K) -> Optional[_V]: ...
+        @overload
+        def get(self, key: _K, default: Union[_V, _T]) -> Union[_V, _T]: ...
+
+    def __init__(self, mapping: Union[Mapping[_K, _V], Iterable[Tuple[_K, _V]]] = (), **kwargs: _V) -> None:
         d = dict(mapping, **kwargs)
         super().__init__(d)
 
@@ -373,13 +394,13 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
             self._ix.put(key, MISSING, MISSING)
         self._writes.append(key)
 
-    def keys(self):
+    def keys(self) -> KeysView[_K]:
         return KeysView(self)
 
-    def items(self):
+    def items(self) -> ItemsView[_K, _V]:
         return _ItemsView(self)
 
-    def values(self):
+    def values(self) -> ValuesView[_V]:
         return _ValuesView(self)
 
     def _iter_items(self):
@@ -391,7 +412,7 @@ class _MapBase(_Queryable, _Collection, _handle.MapCore, MutableMapping):
         for k, raw in self._struct().items():
             yield k, decode(raw)
 
-    def copy(self):
+    def copy(self) -> "dict[_K, _V]":
         """A plain dict with the current contents (the caller owns it)."""
         return dict(self._iter_items())
 
@@ -984,7 +1005,7 @@ class _ValuesView(ValuesView):
             yield v
 
 
-class Dict(_MapBase):
+class Dict(_MapBase[_K, _V]):
     """A persistent mapping (``collections.abc.MutableMapping``), insertion order not kept:
     iteration follows the hash trie. ``len()`` is O(1)."""
 
@@ -994,9 +1015,11 @@ class Dict(_MapBase):
     _SOURCE = _Source
 
 
-class SortedDict(_MapBase):
-    """A persistent mapping whose keys are kept in order (DESIGN.md §6 total order, so
-    mixed-type keys never raise). Rank operations are O(log n)."""
+class SortedDict(_MapBase[_K, _V]):
+    """A persistent mapping whose keys are kept in order. Keys of different types never
+    raise: they sort by type first (None < numbers < str < bytes < date < naive datetime
+    < aware datetime < time < timedelta < UUID < tuple < frozenset < Enum), then by value
+    (1, 1.0 and True are one key). Rank operations are O(log n)."""
 
     __slots__ = ()
     KIND = "sorted"
@@ -1019,22 +1042,23 @@ class SortedDict(_MapBase):
             return
         yield from super()._iter_items()
 
-    def irange(self, minimum=None, maximum=None, inclusive=(True, True), reverse=False):
+    def irange(self, minimum: Optional[_K] = None, maximum: Optional[_K] = None,
+               inclusive: Tuple[bool, bool] = (True, True), reverse: bool = False) -> Iterator[_K]:
         """Keys from minimum to maximum (None: unbounded) in order, or reversed."""
         self._read_all()
         return iter(self._bound_struct().irange(minimum, maximum, inclusive, reverse))
 
-    def peekitem(self, index=-1):
+    def peekitem(self, index: int = -1) -> Tuple[_K, _V]:
         """The (key, value) pair at a position in key order; IndexError if out of range."""
         self._read_all()
         k, raw = self._bound_struct().peekitem(index)
         return k, self._decode(raw)
 
-    def bisect_left(self, key):
+    def bisect_left(self, key: _K) -> int:
         self._read_all()
         return self._bound_struct().bisect_left(key)
 
-    def bisect_right(self, key):
+    def bisect_right(self, key: _K) -> int:
         self._read_all()
         return self._bound_struct().bisect_right(key)
 
@@ -1049,14 +1073,14 @@ class SortedDict(_MapBase):
 _sort_key = cmp_to_key(btree.compare)
 
 
-class Set(_Collection, MutableSet):
+class Set(_Collection, MutableSet[_T]):
     """A persistent set (``collections.abc.MutableSet``) of immutable built-in values."""
 
     __slots__ = ()
     KIND = "set"
     _PLAIN = set
 
-    def __init__(self, iterable=()):
+    def __init__(self, iterable: Iterable[_T] = ()) -> None:
         super().__init__(set(iterable))
 
     @classmethod
@@ -1067,14 +1091,14 @@ class Set(_Collection, MutableSet):
         for x in initial:
             self.add(x)
 
-    def __contains__(self, x):
+    def __contains__(self, x: object) -> bool:
         if self._tx is None:
             return x in self._initial
         if self._reads is not None:
             self._reads.add(x)
         return x in self._struct()
 
-    def add(self, x):
+    def add(self, x: _T) -> None:
         m = self._writable()
         if m is None:
             self._initial.add(x)
@@ -1082,7 +1106,7 @@ class Set(_Collection, MutableSet):
         m.add(x)
         self._writes.append(x)
 
-    def discard(self, x):
+    def discard(self, x: _T) -> None:
         m = self._writable()
         if m is None:
             self._initial.discard(x)
@@ -1090,7 +1114,7 @@ class Set(_Collection, MutableSet):
         m.discard(x)
         self._writes.append(x)
 
-    def update(self, *iterables):
+    def update(self, *iterables: Iterable[_T]) -> None:
         for it in iterables:
             for x in it:
                 self.add(x)
@@ -1114,7 +1138,7 @@ class Set(_Collection, MutableSet):
         return head.replace(data=m.finish())
 
 
-class List(_Queryable, _Collection, MutableSequence):
+class List(_Queryable[int, _T], _Collection, MutableSequence[_T]):
     """A persistent list (``collections.abc.MutableSequence``): index, assign, insert and
     delete anywhere in O(log n), append amortized O(1). Appends from concurrent
     transactions never conflict; other concurrent edits of one list do. Queries answer
@@ -1126,7 +1150,7 @@ class List(_Queryable, _Collection, MutableSequence):
     _ROWS = _IndexedList
     _SOURCE = _ListSource
 
-    def __init__(self, iterable=()):
+    def __init__(self, iterable: Iterable[_T] = ()) -> None:
         super().__init__(list(iterable))
 
     def _load_initial(self, initial):
@@ -1134,6 +1158,11 @@ class List(_Queryable, _Collection, MutableSequence):
 
     def _note_edit(self):
         self._writes.append(ALL)   # anything but an append: merges at list level
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> "list[_T]": ...
 
     def __getitem__(self, index):
         if self._tx is None:
@@ -1145,7 +1174,7 @@ class List(_Queryable, _Collection, MutableSequence):
             return [_loads(raw, ref_resolver=resolve) for raw in _slice(s, index)]
         return _loads(s[_index(index)], ref_resolver=resolve)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[_T]:
         if self._tx is None:
             yield from self._initial
             return
@@ -1256,7 +1285,7 @@ class List(_Queryable, _Collection, MutableSequence):
         self.extend(values)
         return self
 
-    def pop(self, index=-1):
+    def pop(self, index: int = -1) -> _T:
         m = self._writable()
         if m is None:
             return self._initial.pop(index)

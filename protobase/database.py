@@ -27,6 +27,7 @@ import threading
 import time
 import weakref
 from functools import wraps
+from typing import Any, Callable, Concatenate, Literal, Optional, ParamSpec, TypeVar, Union
 
 from . import vector
 from .collections import indexed_rows
@@ -40,6 +41,11 @@ from .storage.store import FORK_MESSAGE, CheckReport, Problem
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
+
+_P = ParamSpec("_P")   # the arguments a db.run / @db.transactional function takes after tx
+_R = TypeVar("_R")     # ... and what it returns
+Durability = Literal["full", "normal", "none"]
+Isolation = Literal["snapshot", "serializable"]
 
 _LIVE_PRUNE = 1024   # open-transaction table size that triggers a sweep of dropped ones
 _weakref = weakref.ref
@@ -230,7 +236,8 @@ def _check_retries(retries):
                                    f"not {retries}")
 
 
-def open(path=None, *, durability="full", readonly=False, cache_size=64 << 20, file_layer=None):
+def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability = "full",
+         readonly: bool = False, cache_size: int = 64 << 20, file_layer: Any = None) -> "Database":
     """Open (creating if needed) the database at `path`; no path or ":memory:" opens an
     in-memory database with the same semantics and no files.
 
@@ -518,7 +525,7 @@ class Database:
                              f"({where}); to write, open it with {again}, without readonly=True "
                              f"(one process at a time may write)")
 
-    def transaction(self, readonly=False, isolation="snapshot"):
+    def transaction(self, readonly: bool = False, isolation: Isolation = "snapshot") -> Transaction:
         """A new transaction on the newest published state."""
         self._check_open()
         store = self._store
@@ -796,7 +803,9 @@ class Database:
                 colls[h._cid] = h._commit_state(None)
         return colls.finish()
 
-    def run(self, fn, *args, retries=10, **kwargs):
+    # Typed by its return value only: a keyword (retries) cannot follow a ParamSpec's args.
+    def run(self, fn: Callable[Concatenate[Transaction, ...], _R], *args: Any, retries: int = 10,
+            **kwargs: Any) -> _R:
         """Call fn(tx, *args, **kwargs) in a transaction and commit it, retrying up to
         `retries` times (with a short randomized backoff) when the commit conflicts."""
         _check_retries(retries)
@@ -815,7 +824,8 @@ class Database:
                     tx.abort()
         raise AssertionError("unreachable")
 
-    def transactional(self, retries=10):
+    def transactional(self, retries: int = 10) -> Callable[[Callable[Concatenate[Transaction, _P], _R]],
+                                                          Callable[_P, _R]]:
         """Decorator: the function runs in a transaction (received as its first argument),
         committed on return and retried on ConflictError."""
         _check_retries(retries)
@@ -882,7 +892,7 @@ class Database:
         c.finish(root_ptr).result()
         return copy
 
-    def compact(self):
+    def compact(self) -> dict[str, int]:
         """Rewrite the file to hold only the live data of the newest state, while reads and
         writes go on; commits made meanwhile are carried over, and the new file replaces the
         old atomically (a crash at any point leaves a valid database). Returns a dict with
@@ -947,7 +957,7 @@ class Database:
                 raise
             return {"before": before, "after": os.path.getsize(path)}
 
-    def backup(self, path):
+    def backup(self, path: Union[str, os.PathLike]) -> None:
         """Write a consistent copy of the newest state to a new database file at `path`
         while this database stays in use."""
         self._check_open()
@@ -1002,7 +1012,21 @@ class Database:
             written.append(target)
             _copy_whole(side, target)
 
-    def check(self):
+    def checkpoint(self) -> None:
+        """Write and fsync every commit made so far, now: once this returns they survive a
+        power cut in any durability mode. For durability="none" bulk loads (commit often,
+        checkpoint now and then); "full" commits are durable already. An in-memory or
+        read-only database has nothing to sync, so it returns at once."""
+        self._check_open()
+        store = self._store
+        if store is None or self._readonly:
+            return
+        # Every acknowledged commit was queued to the writer before its commit() returned
+        # (normal/none write on the committer's thread), so a checkpoint queued now follows
+        # them all; a failed write or fsync raises StorageError here.
+        store.checkpoint()
+
+    def check(self) -> CheckReport:
         """Verify every checksum in the file and every structure reachable from the newest
         state, and that every stored reference names a collection that exists. Returns a
         report whose `problems` list is empty when all is well."""
@@ -1030,21 +1054,21 @@ class Database:
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
-    def path(self):
+    def path(self) -> Optional[str]:
         """The database file's path as resolved at open: absolute, with symbolic links
         followed (the file compaction replaces and side files are named after); None in
         memory."""
         return None if self._store is None else self._store.path
 
     @property
-    def durability(self):
+    def durability(self) -> str:
         return self._durability
 
     @property
-    def readonly(self):
+    def readonly(self) -> bool:
         return self._readonly
 
-    def close(self):
+    def close(self) -> None:
         """Wait for background work, make everything durable and release the file."""
         if self._closed:
             return                   # closed, or abandoned in a forked child: nothing to do
@@ -1062,15 +1086,15 @@ class Database:
             if self._store is not None:
                 self._store.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Database":
         self._check_open()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
-    def stats(self):
+    def stats(self) -> dict[str, Any]:
         """Counters: commits, conflicts, sequence, collections, and storage figures."""
         if self._abandoned:
             self._check_open()
@@ -1081,7 +1105,7 @@ class Database:
             out.update(self._store.stats())
         return out
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         where = self.path or ":memory:"
         state = ("abandoned after fork" if self._abandoned else
                  "closed" if self._closed else self._durability)

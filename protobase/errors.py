@@ -1,5 +1,6 @@
 """ProtoBase's errors: one base class, each error co-inheriting from the built-in whose
 meaning it shares, carrying structured attributes and a hint on what to do."""
+from typing import Any, Optional
 
 __all__ = [
     "ProtoBaseError", "TransactionError", "ConflictError", "TransactionClosedError",
@@ -28,8 +29,9 @@ class ConflictError(TransactionError):
 
     _RETRY_HINT = "; retry the transaction (db.run(fn) retries it for you)"
 
-    def __init__(self, message, *, collection=None, key=None, reason=None,
-                 collection_name=None, attempts=None):
+    def __init__(self, message: str, *, collection: Any = None, key: Any = None,
+                 reason: Optional[str] = None, collection_name: Optional[str] = None,
+                 attempts: Optional[int] = None) -> None:
         super().__init__(message)
         self.collection = collection
         self.key = key
@@ -60,7 +62,7 @@ class SerializationError(ProtoBaseError, TypeError):
     """A value cannot be stored. ``type_name`` is the offending type, ``path`` where it sits
     inside the value being written (for example ``value['bad'][1]``)."""
 
-    def __init__(self, message, *, type_name=None, path=None):
+    def __init__(self, message: str, *, type_name: Optional[str] = None, path: Any = None) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.path = path
@@ -69,7 +71,7 @@ class SerializationError(ProtoBaseError, TypeError):
 class DecodeError(ProtoBaseError, ValueError):
     """Bytes handed to the decoder are not a valid encoded value (damaged, truncated or forged)."""
 
-    def __init__(self, message, *, offset=None):
+    def __init__(self, message: str, *, offset: Optional[int] = None) -> None:
         super().__init__(message)
         self.offset = offset
 
@@ -78,7 +80,7 @@ class CorruptionError(ProtoBaseError):
     """Committed data failed its checksum or structure check. ``offset`` is the byte offset in
     the file; run ``protobase check PATH`` and restore from a backup if needed."""
 
-    def __init__(self, message, *, offset=None, path=None):
+    def __init__(self, message: str, *, offset: Optional[int] = None, path: Optional[str] = None) -> None:
         super().__init__(message)
         self.offset = offset
         self.path = path

@@ -11,7 +11,8 @@ every key read (and whole-collection reads: iteration, len, queries) and fails t
 when a concurrent commit changed any of them, which rules out write skew.
 """
 from time import monotonic as _monotonic
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
+from typing import Any, Iterator, Literal, Mapping, Optional, Type
 
 from .collections import Dict, List, Set, SortedDict, _Collection
 from .state import codec
@@ -22,7 +23,7 @@ __all__ = ["Transaction"]
 
 _KINDS = {"dict": Dict, "list": List, "set": Set, "sorted": SortedDict}
 ISOLATION_LEVELS = ("snapshot", "serializable")
-_NO_HANDLES = MappingProxyType({})   # a closed transaction's handle table: empty, read-only
+_NO_HANDLES: Mapping[Any, Any] = MappingProxyType({})   # a closed transaction's handle table: empty, read-only
 
 
 class Transaction:
@@ -60,48 +61,48 @@ class Transaction:
     # -- the root ----------------------------------------------------------------------
 
     @property
-    def root(self):
+    def root(self) -> "Dict[str, Any]":
         """The persistent root mapping (a pb.Dict)."""
         return self._handle(0)
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> Any:
         return self._handle(0)[name]
 
-    def __setitem__(self, name, value):
+    def __setitem__(self, name: str, value: Any) -> None:
         self.root[name] = value
 
-    def __delitem__(self, name):
+    def __delitem__(self, name: str) -> None:
         del self.root[name]
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         return name in self.root
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         """The root's names, as iterating a mapping gives its keys."""
         return iter(self.root)
 
-    def __len__(self):
+    def __len__(self) -> int:
         """How many names the root holds."""
         return len(self.root)
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         # A transaction is an object, not a container: an empty root must not make
         # `if tx:` false (and a closed one must not raise there).
         return True
 
-    def get(self, name, default=None):
+    def get(self, name: str, default: Any = None) -> Optional[Any]:
         return self.root.get(name, default)
 
     @property
-    def readonly(self):
+    def readonly(self) -> bool:
         return self._readonly
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
     @property
-    def isolation(self):
+    def isolation(self) -> Literal["snapshot", "serializable"]:
         return "serializable" if self._serializable else "snapshot"
 
     # -- handles ---------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Transaction:
 
     # -- ending ------------------------------------------------------------------------
 
-    def commit(self):
+    def commit(self) -> None:
         """Make every write durable and visible (per the database's durability mode), or
         raise ConflictError and leave the database unchanged."""
         self._check_open()
@@ -188,7 +189,7 @@ class Transaction:
         finally:
             self._close()
 
-    def abort(self):
+    def abort(self) -> None:
         """Drop every write of this transaction. Aborting twice is harmless. Free-standing
         collections it adopted (stored) are free-standing again, with the contents they
         were built with, so a retry stores them afresh."""
@@ -220,11 +221,12 @@ class Transaction:
         raise TransactionClosedError("this transaction has ended (committed or aborted); "
                                      "start a new one with db.transaction()")
 
-    def __enter__(self):
+    def __enter__(self) -> "Transaction":
         self._check_open()
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> Literal[False]:
         if self._closed:
             return False
         if exc_type is None:
@@ -233,6 +235,6 @@ class Transaction:
             self.abort()
         return False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else ("read-only" if self._readonly else "open")
         return f"<pb.Transaction {state} at seq {self._snapshot.seq}, {self.isolation}>"

@@ -67,3 +67,15 @@ def test_the_installed_package_records_its_build():
     assert build_info.MODE in ("release", "profile", "debug")
     assert set(build_info.DIGESTS) >= {"hamt", "pvec", "btree", "idset", "codec"}
     assert protobase.__version__
+
+
+def test_build_info_is_an_attribute_of_the_package_after_a_plain_import():
+    """README: `protobase.build_info.MODE` says which build is installed. A fresh process
+    that only ran `import protobase` reads it without importing the submodule itself."""
+    home = os.path.dirname(os.path.dirname(os.path.abspath(protobase.__file__)))
+    code = "import protobase; print(protobase.build_info.MODE, 'build_info' in protobase.__all__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=home))
+    assert out.returncode == 0, out.stderr
+    mode, listed = out.stdout.split()
+    assert mode in ("release", "profile", "debug") and listed == "True"

@@ -950,3 +950,55 @@ def test_backup_of_an_in_memory_database(tmp_path):
             mutate(model, i)
         db.backup(backup)
     reopen_and_verify(backup, model)
+
+
+# ---- db.checkpoint(): fsync now ------------------------------------------------------------
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpointed", "not_checkpointed"])
+def test_checkpoint_makes_every_earlier_commit_survive_a_power_cut_in_none_mode(tmp_path,
+                                                                               checkpoint):
+    """durability="none" fsyncs only at close and checkpoint(): a commit acknowledged before
+    checkpoint() returned survives the power going; one made after it does not."""
+    path = str(tmp_path / "bulk.pb")
+    inj = FaultInjector()
+    db = pb.open(path, durability="none", file_layer=inj)
+    with db.transaction() as tx:
+        tx["bulk"] = pb.Dict({i: f"row {i}" for i in range(200)})
+    if checkpoint:
+        assert db.checkpoint() is None
+    with db.transaction() as tx:
+        tx["late"] = "after the checkpoint"
+    survivors = inj.crash()          # the power goes: only fsynced bytes are on the disk
+    close_quietly(db)
+    fresh = str(tmp_path / "fresh.pb")
+    write_file(fresh, survivors)
+    with pb.open(fresh) as db2:
+        assert db2.check().problems == []
+        with db2.transaction(readonly=True) as tx:
+            names = set(tx.root.keys())
+            bulk = dict(tx["bulk"].items()) if "bulk" in tx else None
+    assert "late" not in names
+    if checkpoint:
+        assert names == {"bulk"} and bulk == {i: f"row {i}" for i in range(200)}
+    else:
+        assert names == set()
+
+
+def test_checkpoint_of_in_memory_and_read_only_databases_is_harmless_and_of_a_closed_one_an_error(
+        tmp_path):
+    with pb.open() as db:
+        with db.transaction() as tx:
+            tx["a"] = 1
+        db.checkpoint()
+        with db.transaction(readonly=True) as tx:
+            assert tx["a"] == 1
+    path = str(tmp_path / "ro.pb")
+    with pb.open(path, durability="none") as db:
+        with db.transaction() as tx:
+            tx["a"] = 1
+    with pb.open(path, readonly=True) as ro:
+        ro.checkpoint()
+        with ro.transaction() as tx:
+            assert tx["a"] == 1
+    with pytest.raises(pb.DatabaseClosedError):
+        ro.checkpoint()

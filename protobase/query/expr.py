@@ -27,6 +27,7 @@ term is built.
 """
 import itertools
 import types
+from typing import Any, Iterable
 from collections.abc import Mapping, MutableSequence, MutableSet
 
 from .._core import load
@@ -169,7 +170,7 @@ class Predicate:
 
     __slots__ = ("_fn",)
 
-    def matches(self, value):
+    def matches(self, value: Any) -> bool:
         """Whether ``value`` (a whole entry) satisfies this predicate."""
         return self.matcher()(value)
 
@@ -223,22 +224,22 @@ class Predicate:
         """Python source of an expression over ``value``; constants go into ``ns``."""
         raise NotImplementedError(type(self).__name__)
 
-    def __and__(self, other):
+    def __and__(self, other: Any) -> "Predicate":
         return And((self, _as_predicate(other)))
 
-    def __rand__(self, other):
+    def __rand__(self, other: Any) -> "Predicate":
         return And((_as_predicate(other), self))
 
-    def __or__(self, other):
+    def __or__(self, other: Any) -> "Predicate":
         return Or((self, _as_predicate(other)))
 
-    def __ror__(self, other):
+    def __ror__(self, other: Any) -> "Predicate":
         return Or((_as_predicate(other), self))
 
-    def __invert__(self):
+    def __invert__(self) -> "Predicate":
         return Not(self)
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         raise QueryError("a predicate has no truth value: combine predicates with &, | and ~, "
                          "not with `and`, `or`, `not` or chained comparisons")
 
@@ -533,10 +534,10 @@ class Field:
     def __init__(self, parts=()):
         object.__setattr__(self, "_parts", parts)
 
-    def __call__(self, path):
+    def __call__(self, path: str) -> "Field":
         return Field(self._parts + split_path(path))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> "Field":
         if name.startswith("__"):
             raise AttributeError(name)
         kid = Field(self._parts + (name,))
@@ -545,10 +546,10 @@ class Field:
             kids[name] = kid
         return kid
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> "Field":
         return Field(self._parts + split_path(name))
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         raise QueryError("F expressions are read-only; compare them (F.x == 1) to build a query")
 
     def _term(self, op, operand=None):
@@ -557,66 +558,66 @@ class Field:
         return Term(self._parts, op, operand)
 
     # Plain operands (the common case) skip validation: see Term._simple.
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> "Predicate":  # type: ignore[override]
         c = _FAST_CLASS.get(type(other))
         if c is not None and self._parts:
             return Term._simple(self._parts, EQ, other, c)
         return self._term(EQ, other)
 
-    def __ne__(self, other):
+    def __ne__(self, other: object) -> "Predicate":  # type: ignore[override]
         c = _FAST_CLASS.get(type(other))
         if c is not None and self._parts:
             return Term._simple(self._parts, NE, other, c)
         return self._term(NE, other)
 
-    def __lt__(self, other):
+    def __lt__(self, other: Any) -> "Predicate":
         c = _FAST_CLASS.get(type(other))
         if c is not None and self._parts:
             return Term._simple(self._parts, LT, other, c)
         return self._term(LT, other)
 
-    def __le__(self, other):
+    def __le__(self, other: Any) -> "Predicate":
         c = _FAST_CLASS.get(type(other))
         if c is not None and self._parts:
             return Term._simple(self._parts, LE, other, c)
         return self._term(LE, other)
 
-    def __gt__(self, other):
+    def __gt__(self, other: Any) -> "Predicate":
         c = _FAST_CLASS.get(type(other))
         if c is not None and self._parts:
             return Term._simple(self._parts, GT, other, c)
         return self._term(GT, other)
 
-    def __ge__(self, other):
+    def __ge__(self, other: Any) -> "Predicate":
         c = _FAST_CLASS.get(type(other))
         if c is not None and self._parts:
             return Term._simple(self._parts, GE, other, c)
         return self._term(GE, other)
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]   # == builds a query term
 
-    def between(self, lo, hi):
+    def between(self, lo: Any, hi: Any) -> "Predicate":
         """``lo <= field <= hi`` (inclusive); empty when ``lo > hi`` or the classes differ."""
         return self._term(BETWEEN, (lo, hi))
 
-    def in_(self, values):
+    def in_(self, values: Iterable[Any]) -> "Predicate":
         """The field equals one of ``values`` (an iterable, taken once)."""
         return self._term(IN, values)
 
-    def startswith(self, prefix):
+    def startswith(self, prefix: Any) -> "Predicate":
         """A str (or bytes) field starting with ``prefix``."""
         return self._term(STARTSWITH, prefix)
 
-    def contains(self, item):
+    def contains(self, item: Any) -> "Predicate":
         """A list, tuple, set or frozenset field, or a stored ``pb.List``/``pb.Set``,
         holding an element equal to ``item`` (a stored ``pb.Dict`` is not looked into)."""
         return self._term(CONTAINS, item)
 
-    def exists(self):
+    def exists(self) -> "Predicate":
         """The path is present (its value may be None)."""
         return self._term(EXISTS)
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         raise QueryError("a field has no truth value: compare it (F.x == 1) or use F.x.exists()")
 
     def __repr__(self):

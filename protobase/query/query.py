@@ -10,14 +10,20 @@ The hook for vector search: ``protobase.vector`` builds ``nearest(...)`` on
 ``Query.matching_ids()`` (the exact row ids the filter selects, computed from indexes when
 possible) and the source's ``row``/``rows``; nothing here knows about vectors.
 """
-from typing import Iterator, Protocol, Tuple, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Iterator, List, Optional, Protocol, Tuple, TypeVar, runtime_checkable
 
 from ..errors import QueryError
-from .expr import All, And, Field, Term, EQ, split_path, _as_predicate
+from .expr import All, And, Field, Predicate, Term, EQ, split_path, _as_predicate
 from .planner import Planner, build_plan, few_rows, normalize
 from .plans import Count
 
 __all__ = ["Query", "QuerySource", "make_predicate"]
+
+if TYPE_CHECKING:
+    from ..vector.search import Hits
+
+_K = TypeVar("_K")   # the keys of the queried collection (a List's are positions)
+_V = TypeVar("_V")   # its values
 
 
 @runtime_checkable
@@ -50,7 +56,7 @@ class QuerySource(Protocol):
     # ``vector_spec/vector_index/snapshot_seq/written_ids`` (see collections._Source).
 
 
-def make_predicate(*preds, **equalities):
+def make_predicate(*preds: Any, **equalities: Any) -> Predicate:
     """AND of ``preds`` and of ``field == value`` for each keyword; All() when empty."""
     if not equalities and len(preds) > 1:
         for p in preds:
@@ -71,7 +77,7 @@ def _count_arg(name, n):
     return n
 
 
-class Query:
+class Query(Generic[_K, _V]):
     """A lazy, re-runnable query over one collection snapshot.
 
     ``list(q)`` values, ``q.items()``, ``q.keys()``, ``q.count()``, ``q.first()``,
@@ -80,7 +86,7 @@ class Query:
     __slots__ = ("_source", "_pred", "_order", "_descending", "_limit", "_offset", "_plan",
                  "_memo")
 
-    def __init__(self, source, predicate=None):
+    def __init__(self, source: Any, predicate: Any = None) -> None:
         self._source = source
         self._pred = All() if predicate is None else _as_predicate(predicate)
         self._order = None
@@ -99,14 +105,16 @@ class Query:
 
     # ------------------------------------------------------------------ building
 
-    def where(self, *preds, **equalities):
+    def where(self, *preds: Any, **equalities: Any) -> "Query[_K, _V]":
         """This query further restricted (AND) by ``preds`` and keyword equalities."""
         extra = make_predicate(*preds, **equalities)
         return self._derive(_pred=And((self._pred, extra)))
 
-    def order_by(self, field, descending=False):
-        """Sorted by ``field`` (a path such as ``"a.b"``); see plans.py for the order of
-        mixed types, unorderable and missing values (missing sort last)."""
+    def order_by(self, field: Any, descending: bool = False) -> "Query[_K, _V]":
+        """Sorted by ``field`` (a path such as ``"a.b"``). Values of different types sort
+        by type first, in SortedDict's key order; entries whose field is unorderable (a
+        list, a dict...) come after them and entries missing the field last, each of
+        those two groups in key order. ``descending`` reverses only the orderable values."""
         if isinstance(field, Field):
             field = ".".join(field._parts)
         if not isinstance(field, str):
@@ -116,11 +124,11 @@ class Query:
             raise QueryError("order_by(descending=...) takes True or False")
         return self._derive(_order=split_path(field), _descending=descending)
 
-    def limit(self, n):
+    def limit(self, n: int) -> "Query[_K, _V]":
         """At most ``n`` results."""
         return self._derive(_limit=_count_arg("limit", n))
 
-    def offset(self, n):
+    def offset(self, n: int) -> "Query[_K, _V]":
         """Skip the first ``n`` results."""
         return self._derive(_offset=_count_arg("offset", n))
 
@@ -141,25 +149,25 @@ class Query:
         self._plan = plan
         return plan.rows(self._source)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[_V]:
         """The values of the matching entries."""
         return (value for _, value in self._rows())
 
-    def items(self):
+    def items(self) -> List[Tuple[_K, _V]]:
         """``[(key, value), ...]`` of the matching entries."""
         return list(self._rows())
 
-    def keys(self):
+    def keys(self) -> List[_K]:
         """``[key, ...]`` of the matching entries."""
         return [key for key, _ in self._rows()]
 
-    def first(self):
+    def first(self) -> Optional[_V]:
         """The first matching value, or None when there is none."""
         for _, value in self._rows(limit=1):
             return value
         return None
 
-    def count(self):
+    def count(self) -> int:
         """The number of results; from id sets alone when the predicate is indexable."""
         source = self._source
         planner = Planner(source)
@@ -174,7 +182,7 @@ class Query:
         n = max(0, node.run(source) - self._offset)
         return n if self._limit is None else min(n, self._limit)
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         """Whether anything matches (after offset and limit): from id sets alone when the
         predicate is indexable, else by running the query to its first result."""
         if self._limit == 0:
@@ -212,9 +220,9 @@ class Query:
 
     # The vector layer (protobase.vector, which sits above this one) installs the
     # implementation at import; the query layer itself knows nothing about vectors.
-    _nearest = None
+    _nearest: Any = None
 
-    def nearest(self, field, vector, k=10, ef=None):
+    def nearest(self, field: str, vector: Any, k: int = 10, ef: Optional[int] = None) -> "Hits[_K, _V]":
         """The k matching entries whose vector at `field` is nearest to `vector`, in
         ascending distance: ``list(hits)`` values, ``hits.scored()`` (key, value, distance)."""
         if Query._nearest is None:
@@ -222,7 +230,7 @@ class Query:
                              "imported (import protobase does)")
         return Query._nearest(self, field, vector, k=k, ef=ef)
 
-    def explain(self):
+    def explain(self) -> str:
         """The plan as text: node types with estimated rows and, once run, actual rows."""
         plan = self._plan
         if plan is None:
@@ -230,7 +238,7 @@ class Query:
                               self._limit, self._offset)
         return plan.explain()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         parts = [f"where {self._pred!r}"]
         if self._order is not None:
             parts.append(f"order_by {'.'.join(self._order)!r}"

@@ -82,7 +82,7 @@ class Problem:
 
     __slots__ = ("offset", "message")
 
-    def __init__(self, offset, message):
+    def __init__(self, offset: "int | None", message: str) -> None:
         self.offset, self.message = offset, message
 
     def __repr__(self):
@@ -92,7 +92,8 @@ class Problem:
 class CheckReport:
     """What check() found. ``problems`` is empty when every atom and footer verified."""
 
-    def __init__(self, problems, commits, atoms, atom_bytes, file_size, end):
+    def __init__(self, problems: "list[Problem]", commits: int, atoms: int, atom_bytes: int,
+                 file_size: "int | None", end: int) -> None:
         self.problems = problems
         self.commits = commits
         self.atoms = atoms
@@ -101,7 +102,7 @@ class CheckReport:
         self.end = end
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return not self.problems
 
     def __repr__(self):

@@ -52,6 +52,7 @@ own rows are scanned exactly with numpy. Results: ascending distance, ties by ro
 order of the query's rows when there are no row ids).
 """
 import math
+from typing import Any, Generic, Iterator, List, Tuple, TypeVar
 
 import numpy as np
 
@@ -138,7 +139,11 @@ def _frozen(query):
     return None
 
 
-class Hits:
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class Hits(Generic[_K, _V]):
     """The result of ``nearest()``, computed on first use: iterating yields values in
     ascending distance; ``scored()`` yields ``(key, value, distance)``. Values are decoded
     on first use, each row once."""
@@ -187,34 +192,34 @@ class Hits:
             self._read = None
         return self._values
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[_V]:
         return iter(self._decoded())
 
-    def scored(self):
+    def scored(self) -> Iterator[Tuple[_K, _V, float]]:
         """``(key, value, distance)`` triples, ascending distance."""
         values = self._decoded()
         return iter(list(zip(self._keys, values, self._dists)))
 
-    def keys(self):
+    def keys(self) -> List[_K]:
         """The keys, ascending distance."""
         return list(self._run())
 
-    def values(self):
+    def values(self) -> List[_V]:
         """The values, ascending distance."""
         return list(self._decoded())
 
-    def distances(self):
+    def distances(self) -> List[float]:
         """The distances, ascending."""
         self._run()
         return list(self._dists)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._run())
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self._run())
 
-    def explain(self):
+    def explain(self) -> str:
         """The plan chosen and why, as text."""
         self._run()
         if callable(self._explain):          # written out on demand, not on every query
