@@ -83,9 +83,10 @@ class _Bytes:
 def layout(data):
     """``(salt, [(footer, [atom offsets])])`` for every commit of the file's bytes."""
     from protobase.storage import log
-    salt = log.parse_header(data[:log.HEADER_SIZE])
+    header = log.parse_header(data[:log.HEADER_SIZE])
+    salt = header.salt
     commits = []
-    for ft in log.walk_commits(_Bytes(data), len(data), salt):
+    for ft in log.walk_commits(_Bytes(data), len(data), salt, header.size):
         offsets, pos, stop = [], ft.start, ft.end - log.FOOTER_SIZE
         while pos < stop:
             n, _crc = log.ATOM_PREFIX.unpack_from(data, pos)
