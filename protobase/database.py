@@ -207,30 +207,39 @@ class Database:
             return None
         return State.load(root_ptr, self._io)
 
-    def _write_state(self, state, bulk=True, rollbacks=None, carries=1):
+    def _write_state(self, state, bulk=True, rollbacks=None, carries=1, queued=None):
         """Hand a state to storage; returns its durability future (storage.CommitFuture).
         Caller holds the commit lock (or is the constructor) and publishes the state once
         the future succeeds (_publish). ``bulk``: see State.persist. ``rollbacks``: the
         storage rollback count the state was built under; if storage has rolled back
         since (checked once the commit is begun, so a rollback after that fails the
         commit at finish instead), the state may stand on lost commits and is not
-        written (StorageError). ``carries``: how many transactions the state holds."""
+        written (StorageError). ``carries``: how many transactions the state holds.
+        ``queued(fut)``: called when finish() raised (an interrupt: KeyboardInterrupt,
+        SystemExit) after storage had queued the commit, which storage then writes anyway
+        (writer.py "Interrupts"): the caller records it as handed over, so that nothing is
+        built as if it did not exist; the exception then propagates."""
         store = self._store
-        c = store.begin_commit()
         io = self._io
-        io.commit = c
+        c = None
         try:
+            c = store.begin_commit()
+            io.commit = c
             root_ptr = state.persist(io, bulk)
             if rollbacks is not None and store.rollbacks != rollbacks:
                 raise StorageError(5, "the commit was not written: an earlier write or fsync "
                                       "failed while it was being built; the database is "
                                       "back at its last durable commit, retry")
-        except BaseException:
-            c.abort()
-            raise
-        finally:
             io.commit = None
-        return c.finish(root_ptr, carries)
+            return c.finish(root_ptr, carries)
+        except BaseException:
+            # First the commit lock: also a commit an interrupt kept from reaching `c`, or
+            # one interrupted before finish queued it. A queued one is storage's to write.
+            store.abort_own_commit()
+            io.commit = None
+            if c is not None and c.queued and queued is not None:
+                queued(c.future)
+            raise
 
     def _publish(self, state, rollbacks):
         """A durable state becomes the head new transactions start from (never an older
@@ -263,6 +272,13 @@ class Database:
         state = self._load_head() or State.initial()
         with self._publish_lock:
             self._head = self._pending = state
+
+    def _handed_anyway(self, fut, state, rollbacks):
+        """Caller holds the commit lock: an interrupt left finish() after storage queued
+        the commit of ``state``; it is the pending state now, published once durable."""
+        self._last_future = fut
+        self._pending = state
+        fut.add_done_callback(lambda f, s=state, r=rollbacks: self._on_durable(f, s, r))
 
     def _on_durable(self, fut, state, rollbacks):
         # A committer stopped waiting (an exception while blocked): publish when durable.
@@ -476,7 +492,9 @@ class Database:
                 # "normal"/"none": finish() writes at once on this thread, so there is no
                 # wait for others to share: each transaction is its own storage commit.
                 w = None
-                fut = self._last_future = self._write_state(state, bulk, rollbacks)
+                fut = self._last_future = self._write_state(
+                    state, bulk, rollbacks,
+                    queued=lambda f: self._handed_anyway(f, state, rollbacks))
             self._pending = state
         if w is None:
             self._await_commit(fut, state, rollbacks)
@@ -539,9 +557,17 @@ class Database:
         bulk = False
         for w in batch:
             bulk = bulk or w.bulk
+        def queued(f):
+            # Interrupted after storage queued it: the group is handed over all the same.
+            for w in batch:
+                w.handed = last.state
+                w.settle(f, None)
+            self._handed_anyway(f, last.state, last.rollbacks)
         try:
-            fut = self._write_state(last.state, bulk, last.rollbacks, len(batch))
+            fut = self._write_state(last.state, bulk, last.rollbacks, len(batch), queued)
         except BaseException as exc:
+            if batch[-1].fut is not None:
+                raise                            # handed over (queued above)
             self._pending = batch[0].base        # no state of the batch was written
             for w in batch:
                 w.settle(None, exc)
@@ -723,14 +749,15 @@ class Database:
                 if cid not in state.colls:
                     del colls[cid]
         copy = State(colls.finish(), state.next_coll_id, state.seq)
-        c = store.begin_commit()
-        io.commit = c
         try:
+            c = store.begin_commit()
+            io.commit = c
             root_ptr = copy.persist(io)
+            fut = c.finish(root_ptr)
         except BaseException:
-            c.abort()
+            store.abort_own_commit()
             raise
-        c.finish(root_ptr).result()
+        fut.result()
         return copy
 
     def compact(self):
