@@ -28,6 +28,7 @@ from .errors import (ConflictError, CorruptionError, DatabaseClosedError, Invali
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, State, StoreIO, codec, copy_collection, hamt
 from .storage.store import CheckReport, Problem
+from .storage.writer import complete as _complete
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
@@ -167,7 +168,7 @@ class Database:
         self._commit_lock = threading.Lock()
         self._arrived = threading.Condition(self._commit_lock)   # a commit was queued
         self._waiting = []           # _Waiter: built states not yet handed to storage
-        self._persister = False      # a committer holds the persister role
+        self._persister = None       # the _Waiter whose committer holds the persister role
         self._gathering = False      # ... and waits in _gather for more commits
         self._full = durability == "full"
         self._fsync_ewma = 0.0       # recent write+fsync time of a group (full mode)
@@ -449,73 +450,78 @@ class Database:
             return                                  # nothing written: nothing to publish
         if self._readonly:
             raise ReadOnlyError("the database was opened read-only")
-        with self._commit_lock:
-            store = self._store
-            if store is not None and store.rollbacks != self._rollbacks_seen:
-                # A failed write or fsync always rolls storage back: then nothing is built
-                # on the commits that failed (or on anything queued after them).
-                self._catch_up_rollback()
-            rollbacks = self._rollbacks_seen
-            base = self._pending
-            try:
-                if len(dirty) == 1 and not new and not tx._serializable:
-                    # The common small commit: one collection written, nothing read to
-                    # check. One functional set instead of a mutation of the table.
-                    h = dirty[0]
-                    head_cs = h._base if base is tx._snapshot else base.colls.get(h._cid)
-                    colls = base.colls.set(h._cid, h._commit_state(head_cs))
+        w = None
+        try:
+            with self._commit_lock:
+                store = self._store
+                if store is not None and store.rollbacks != self._rollbacks_seen:
+                    # A failed write or fsync always rolls storage back: then nothing is built
+                    # on the commits that failed (or on anything queued after them).
+                    self._catch_up_rollback()
+                rollbacks = self._rollbacks_seen
+                base = self._pending
+                try:
+                    if len(dirty) == 1 and not new and not tx._serializable:
+                        # The common small commit: one collection written, nothing read to
+                        # check. One functional set instead of a mutation of the table.
+                        h = dirty[0]
+                        head_cs = h._base if base is tx._snapshot else base.colls.get(h._cid)
+                        colls = base.colls.set(h._cid, h._commit_state(head_cs))
+                    else:
+                        colls = self._merged_colls(tx, base)
+                except ConflictError:
+                    self._conflicts += 1
+                    raise
+                nxt = self._next_coll_id
+                state = State(colls, nxt if nxt > base.next_coll_id else base.next_coll_id,
+                              base.seq + 1)
+                if self._vectors:
+                    self._follow_vectors(tx, base, state)
+                if self._store is None:
+                    self._head = self._pending = state
+                    self._commits += 1
+                    return
+                bulk = _is_bulk(dirty, new)
+                if self._full:
+                    w = _Waiter(state, base, rollbacks, bulk)
+                    self._waiting.append(w)
+                    if self._persister:
+                        w.hold()
+                        if self._gathering:
+                            self._arrived.notify()
+                    else:
+                        w.lead = True
+                        self._persister = w
                 else:
-                    colls = self._merged_colls(tx, base)
-            except ConflictError:
-                self._conflicts += 1
-                raise
-            nxt = self._next_coll_id
-            state = State(colls, nxt if nxt > base.next_coll_id else base.next_coll_id,
-                          base.seq + 1)
-            if self._vectors:
-                self._follow_vectors(tx, base, state)
-            if self._store is None:
-                self._head = self._pending = state
+                    # "normal"/"none": finish() writes at once on this thread, so there is no
+                    # wait for others to share: each transaction is its own storage commit.
+                    w = None
+                    fut = self._last_future = self._write_state(
+                        state, bulk, rollbacks,
+                        queued=lambda f: self._handed_anyway(f, state, rollbacks))
+                self._pending = state
+            if w is None:
+                self._await_commit(fut, state, rollbacks)
                 self._commits += 1
                 return
-            bulk = _is_bulk(dirty, new)
-            if self._full:
-                w = _Waiter(state, base, rollbacks, bulk)
-                self._waiting.append(w)
-                if self._persister:
-                    w.hold()
-                    if self._gathering:
-                        self._arrived.notify()
-                else:
-                    self._persister = w.lead = True
-            else:
-                # "normal"/"none": finish() writes at once on this thread, so there is no
-                # wait for others to share: each transaction is its own storage commit.
-                w = None
-                fut = self._last_future = self._write_state(
-                    state, bulk, rollbacks,
-                    queued=lambda f: self._handed_anyway(f, state, rollbacks))
-            self._pending = state
-        if w is None:
-            self._await_commit(fut, state, rollbacks)
-            self._commits += 1
-            return
-        try:
             if not w.lead:
-                try:
-                    w.wait()         # until a persister hands it over, or makes us persister
-                except BaseException:
-                    with self._commit_lock:    # interrupted: leave nothing queued behind
-                        if not w.lead and w.fut is None and w.error is None:
-                            self._flush_waiting()
-                    raise
+                w.wait()             # until a persister hands it over, or makes us persister
             if w.fut is None and w.error is None:
                 with self._commit_lock:
                     self._hand_over()
             self._await(w)
+        except BaseException:
+            # Interrupted (a signal) anywhere from queueing our state to its hand-over,
+            # also between two statements: leave nothing queued behind. The caller is
+            # interrupted, not the commit: it is written with the others.
+            if w is not None and w.fut is None and w.error is None:
+                with self._commit_lock:
+                    if w.fut is None and w.error is None:
+                        self._flush_waiting()
+            raise
         finally:
-            if w.lead:
-                self._pass_role()
+            if w is not None and w.lead:
+                _complete(self._pass_role, w)
         self._commits += 1
 
     # -- commit combining ("full" mode): one storage commit for the transactions that
@@ -614,16 +620,24 @@ class Database:
         finally:
             self._gathering = False
 
-    def _pass_role(self):
-        """The persister's commit is settled: the next queued committer takes the role
-        (it writes what queued meanwhile), or nobody holds it."""
+    def _pass_role(self, w):
+        """The persister ``w``'s commit is settled: the next queued committer takes the
+        role (it writes what queued meanwhile), or nobody holds it. Called through
+        complete(): safe to restart after an interrupt anywhere (a role passed already is
+        not passed twice; a successor not yet woken is woken)."""
         with self._commit_lock:
+            p = self._persister
+            if p is not w:
+                if p is not None and p._gate is not None:
+                    p.settle(None, None)       # passed, then cut short before the wake-up
+                return
             if self._waiting:
                 nxt = self._waiting[0]
                 nxt.lead = True
+                self._persister = nxt
                 nxt.settle(None, None)
             else:
-                self._persister = False
+                self._persister = None
 
     def _await(self, w):
         """Full mode: wait until w's storage commit is durable; publish it."""

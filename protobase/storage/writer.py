@@ -63,9 +63,11 @@ from ..errors import (CorruptionError, DatabaseClosedError, StorageError,
 from .log import (FLAG_SYNC_MARK, FOOTER_SIZE, HEADER_SIZE,
                   find_last_commit, make_footer, pack_footer)
 
-__all__ = ["Writer", "Commit", "CommitFuture", "NORMAL_SYNC_INTERVAL"]
+__all__ = ["Writer", "Commit", "CommitFuture", "NORMAL_SYNC_INTERVAL", "complete"]
 
-AtomBatch = _load_core("frame").AtomBatch
+_frame = _load_core("frame")
+AtomBatch = _frame.AtomBatch
+complete = _frame.complete     # fn(*args) finished through interrupts (frame.pyx's essay)
 
 logger = logging.getLogger("protobase")
 
@@ -451,15 +453,17 @@ class Writer:
         next group (written by the next waiter that finds the file free, or by the
         writer thread), so group commit is unchanged; what goes is the hand-off to the
         writer thread and back, two thread switches per group."""
-        with self._mutex:
-            if self._writing or not self._queue or self._closing:
-                return
-            batch, self._queue = self._queue, []
-            self._writing = batch
+        batch = None
         try:
+            with self._mutex:
+                if self._writing or not self._queue or self._closing:
+                    return
+                batch, self._queue = self._queue, []
+                self._writing = batch
             self._write_here(batch, chain=True)
         except BaseException:
-            self._interrupted(batch)       # also an interrupt on entering _write_here
+            if batch is not None:          # also an interrupt between taking it and writing
+                self._interrupted(batch)
             raise
 
     def _nudge(self):
