@@ -7,7 +7,7 @@ entering a Python function, right after a call returns, and on a backward jump.
 ``SignalPoint`` finds those points with an opcode trace of the main thread's frames inside
 protobase and raises KeyboardInterrupt at the k-th one, so a test can land a signal at
 every point of a commit in turn: a deterministic sweep of the windows a real signal can
-hit ."""
+hit."""
 import dis
 import os
 import sys
