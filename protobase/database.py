@@ -38,6 +38,7 @@ from .errors import (ConflictError, CorruptionError, DatabaseClosedError, Decode
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
 from .state import MISSING, State, StoreIO, codec, copy_collection, hamt
 from .storage.store import FORK_MESSAGE, CheckReport, Problem
+from .storage.writer import complete as _complete
 from .transaction import Transaction
 
 __all__ = ["open", "Database"]
@@ -293,7 +294,7 @@ class Database:
         self._commit_lock = threading.Lock()
         self._arrived = threading.Condition(self._commit_lock)   # a commit was queued
         self._waiting = []           # _Waiter: built states not yet handed to storage
-        self._persister = False      # a committer holds the persister role
+        self._persister = None       # the _Waiter whose committer holds the persister role
         self._gathering = False      # ... and waits in _gather for more commits
         self._full = durability == "full"
         self._fsync_ewma = 0.0       # recent write+fsync time of a group (full mode)
@@ -334,30 +335,39 @@ class Database:
             return None
         return State.load(root_ptr, self._io)
 
-    def _write_state(self, state, bulk=True, rollbacks=None, carries=1):
+    def _write_state(self, state, bulk=True, rollbacks=None, carries=1, queued=None):
         """Hand a state to storage; returns its durability future (storage.CommitFuture).
         Caller holds the commit lock (or is the constructor) and publishes the state once
         the future succeeds (_publish). ``bulk``: see State.persist. ``rollbacks``: the
         storage rollback count the state was built under; if storage has rolled back
         since (checked once the commit is begun, so a rollback after that fails the
         commit at finish instead), the state may stand on lost commits and is not
-        written (StorageError). ``carries``: how many transactions the state holds."""
+        written (StorageError). ``carries``: how many transactions the state holds.
+        ``queued(fut)``: called when finish() raised (an interrupt: KeyboardInterrupt,
+        SystemExit) after storage had queued the commit, which storage then writes anyway
+        (writer.py "Interrupts"): the caller records it as handed over, so that nothing is
+        built as if it did not exist; the exception then propagates."""
         store = self._store
-        c = store.begin_commit()
         io = self._io
-        io.commit = c
+        c = None
         try:
+            c = store.begin_commit()
+            io.commit = c
             root_ptr = state.persist(io, bulk)
             if rollbacks is not None and store.rollbacks != rollbacks:
                 raise StorageError(5, "the commit was not written: an earlier write or fsync "
                                       "failed while it was being built; the database is "
                                       "back at its last durable commit, retry")
-        except BaseException:
-            c.abort()
-            raise
-        finally:
             io.commit = None
-        return c.finish(root_ptr, carries)
+            return c.finish(root_ptr, carries)
+        except BaseException:
+            # First the commit lock: also a commit an interrupt kept from reaching `c`, or
+            # one interrupted before finish queued it. A queued one is storage's to write.
+            store.abort_own_commit()
+            io.commit = None
+            if c is not None and c.queued and queued is not None:
+                queued(c.future)
+            raise
 
     def _publish(self, state, rollbacks):
         """A durable state becomes the head new transactions start from (never an older
@@ -390,6 +400,13 @@ class Database:
         state = self._load_head() or State.initial()
         with self._publish_lock:
             self._head = self._pending = state
+
+    def _handed_anyway(self, fut, state, rollbacks):
+        """Caller holds the commit lock: an interrupt left finish() after storage queued
+        the commit of ``state``; it is the pending state now, published once durable."""
+        self._last_future = fut
+        self._pending = state
+        fut.add_done_callback(lambda f, s=state, r=rollbacks: self._on_durable(f, s, r))
 
     def _on_durable(self, fut, state, rollbacks):
         # A committer stopped waiting (an exception while blocked): publish when durable.
@@ -586,73 +603,80 @@ class Database:
             return                                  # nothing written: nothing to publish
         if self._readonly:
             raise self._readonly_error()
-        with self._commit_lock:
-            store = self._store
-            if store is not None and store.rollbacks != self._rollbacks_seen:
-                # A failed write or fsync always rolls storage back: then nothing is built
-                # on the commits that failed (or on anything queued after them).
-                self._catch_up_rollback()
-            rollbacks = self._rollbacks_seen
-            base = self._pending
-            try:
-                if len(dirty) == 1 and not new and not tx._serializable:
-                    # The common small commit: one collection written, nothing read to
-                    # check. One functional set instead of a mutation of the table.
-                    h = dirty[0]
-                    head_cs = h._base if base is tx._snapshot else base.colls.get(h._cid)
-                    colls = base.colls.set(h._cid, h._commit_state(head_cs))
+        w = None
+        try:
+            with self._commit_lock:
+                store = self._store
+                if store is not None and store.rollbacks != self._rollbacks_seen:
+                    # A failed write or fsync always rolls storage back: then nothing is built
+                    # on the commits that failed (or on anything queued after them).
+                    self._catch_up_rollback()
+                rollbacks = self._rollbacks_seen
+                base = self._pending
+                try:
+                    if len(dirty) == 1 and not new and not tx._serializable:
+                        # The common small commit: one collection written, nothing read to
+                        # check. One functional set instead of a mutation of the table.
+                        h = dirty[0]
+                        head_cs = h._base if base is tx._snapshot else base.colls.get(h._cid)
+                        colls = base.colls.set(h._cid, h._commit_state(head_cs))
+                    else:
+                        colls = self._merged_colls(tx, base)
+                except ConflictError:
+                    self._conflicts += 1
+                    raise
+                if tx._foreign is not None:
+                    _check_references(tx, colls)
+                nxt = self._next_coll_id
+                state = State(colls, nxt if nxt > base.next_coll_id else base.next_coll_id,
+                              base.seq + 1)
+                if self._vectors:
+                    self._follow_vectors(tx, base, state)
+                if self._store is None:
+                    self._head = self._pending = state
+                    self._commits += 1
+                    return
+                bulk = _is_bulk(dirty, new)
+                if self._full:
+                    w = _Waiter(state, base, rollbacks, bulk)
+                    self._waiting.append(w)
+                    if self._persister:
+                        w.hold()
+                        if self._gathering:
+                            self._arrived.notify()
+                    else:
+                        w.lead = True
+                        self._persister = w
                 else:
-                    colls = self._merged_colls(tx, base)
-            except ConflictError:
-                self._conflicts += 1
-                raise
-            if tx._foreign is not None:
-                _check_references(tx, colls)
-            nxt = self._next_coll_id
-            state = State(colls, nxt if nxt > base.next_coll_id else base.next_coll_id,
-                          base.seq + 1)
-            if self._vectors:
-                self._follow_vectors(tx, base, state)
-            if self._store is None:
-                self._head = self._pending = state
+                    # "normal"/"none": finish() writes at once on this thread, so there is no
+                    # wait for others to share: each transaction is its own storage commit.
+                    w = None
+                    fut = self._last_future = self._write_state(
+                        state, bulk, rollbacks,
+                        queued=lambda f: self._handed_anyway(f, state, rollbacks))
+                self._pending = state
+            if w is None:
+                self._await_commit(fut, state, rollbacks)
                 self._commits += 1
                 return
-            bulk = _is_bulk(dirty, new)
-            if self._full:
-                w = _Waiter(state, base, rollbacks, bulk)
-                self._waiting.append(w)
-                if self._persister:
-                    w.hold()
-                    if self._gathering:
-                        self._arrived.notify()
-                else:
-                    self._persister = w.lead = True
-            else:
-                # "normal"/"none": finish() writes at once on this thread, so there is no
-                # wait for others to share: each transaction is its own storage commit.
-                w = None
-                fut = self._last_future = self._write_state(state, bulk, rollbacks)
-            self._pending = state
-        if w is None:
-            self._await_commit(fut, state, rollbacks)
-            self._commits += 1
-            return
-        try:
             if not w.lead:
-                try:
-                    w.wait()         # until a persister hands it over, or makes us persister
-                except BaseException:
-                    with self._commit_lock:    # interrupted: leave nothing queued behind
-                        if not w.lead and w.fut is None and w.error is None:
-                            self._flush_waiting()
-                    raise
+                w.wait()             # until a persister hands it over, or makes us persister
             if w.fut is None and w.error is None:
                 with self._commit_lock:
                     self._hand_over()
             self._await(w)
+        except BaseException:
+            # Interrupted (a signal) anywhere from queueing our state to its hand-over,
+            # also between two statements: leave nothing queued behind. The caller is
+            # interrupted, not the commit: it is written with the others.
+            if w is not None and w.fut is None and w.error is None:
+                with self._commit_lock:
+                    if w.fut is None and w.error is None:
+                        self._flush_waiting()
+            raise
         finally:
-            if w.lead:
-                self._pass_role()
+            if w is not None and w.lead:
+                _complete(self._pass_role, w)
         self._commits += 1
 
     # -- commit combining ("full" mode): one storage commit for the transactions that
@@ -694,9 +718,17 @@ class Database:
         bulk = False
         for w in batch:
             bulk = bulk or w.bulk
+        def queued(f):
+            # Interrupted after storage queued it: the group is handed over all the same.
+            for w in batch:
+                w.handed = last.state
+                w.settle(f, None)
+            self._handed_anyway(f, last.state, last.rollbacks)
         try:
-            fut = self._write_state(last.state, bulk, last.rollbacks, len(batch))
+            fut = self._write_state(last.state, bulk, last.rollbacks, len(batch), queued)
         except BaseException as exc:
+            if batch[-1].fut is not None:
+                raise                            # handed over (queued above)
             self._pending = batch[0].base        # no state of the batch was written
             for w in batch:
                 w.settle(None, exc)
@@ -743,16 +775,24 @@ class Database:
         finally:
             self._gathering = False
 
-    def _pass_role(self):
-        """The persister's commit is settled: the next queued committer takes the role
-        (it writes what queued meanwhile), or nobody holds it."""
+    def _pass_role(self, w):
+        """The persister ``w``'s commit is settled: the next queued committer takes the
+        role (it writes what queued meanwhile), or nobody holds it. Called through
+        complete(): safe to restart after an interrupt anywhere (a role passed already is
+        not passed twice; a successor not yet woken is woken)."""
         with self._commit_lock:
+            p = self._persister
+            if p is not w:
+                if p is not None and p._gate is not None:
+                    p.settle(None, None)       # passed, then cut short before the wake-up
+                return
             if self._waiting:
                 nxt = self._waiting[0]
                 nxt.lead = True
+                self._persister = nxt
                 nxt.settle(None, None)
             else:
-                self._persister = False
+                self._persister = None
 
     def _await(self, w):
         """Full mode: wait until w's storage commit is durable; publish it."""
@@ -882,14 +922,15 @@ class Database:
                 if cid not in state.colls:
                     del colls[cid]
         copy = State(colls.finish(), state.next_coll_id, state.seq)
-        c = store.begin_commit()
-        io.commit = c
         try:
+            c = store.begin_commit()
+            io.commit = c
             root_ptr = copy.persist(io)
+            fut = c.finish(root_ptr)
         except BaseException:
-            c.abort()
+            store.abort_own_commit()
             raise
-        c.finish(root_ptr).result()
+        fut.result()
         return copy
 
     def compact(self) -> dict[str, int]:

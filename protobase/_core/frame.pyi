@@ -1,12 +1,16 @@
 """Atom framing for the storage log (see frame.pyx's essay)."""
 from typing import Any, Callable, Final, Iterable
 
-__all__ = ["AtomBatch", "AtomReader", "frame_atoms", "PREFIX_SIZE", "MAX_ATOM"]
+__all__ = ["AtomBatch", "AtomReader", "frame_atoms", "complete", "PREFIX_SIZE", "MAX_ATOM",
+           "COMPLETE_TRIES"]
 
 __source_digest__: str
 PREFIX_SIZE: Final[int]    # 8: u32 length + u32 crc32 before each atom
 MAX_ATOM: Final[int]       # 2**32 - 1
 
+COMPLETE_TRIES: Final[int]
+
+def complete(fn: Callable[..., Any], *args: Any) -> Any: ...
 def frame_atoms(datas: Iterable[bytes | bytearray | memoryview], salt: int) -> bytes: ...
 
 class AtomBatch:

@@ -299,6 +299,12 @@ class LogStore:
             raise ReadOnlyError(f"{self.path!r} is open read-only")
         return self._writer.begin()
 
+    def abort_own_commit(self):
+        """Abort the commit the calling thread is building, if any (also one begun by a
+        begin_commit() whose result an interrupt kept from its caller); nothing if none."""
+        if self._writer is not None:
+            self._writer.abort_own()
+
     def checkpoint(self):
         """Write and fsync everything queued (any durability mode), closing the log with a
         sync mark so the next open reads a single footer."""

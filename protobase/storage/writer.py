@@ -31,13 +31,26 @@ names the one thread writing (a caller's flag is its batch), commits that arrive
 meanwhile queue up and form the next group. The background thread also does the
 once-a-second fsync of "normal" mode, checkpoints and close.
 
+Interrupts: an exception raised into a thread by a signal handler (KeyboardInterrupt,
+SystemExit from a SIGTERM handler) interrupts the caller, never the write. CPython runs
+those handlers on the main thread at call boundaries, so one can land between any two
+calls here. Three rules keep that harmless: the commit lock is an RLock, so the paths
+that may leave after acquiring it (begin, finish) can tell whether this thread holds it
+and release it; a commit marked ``queued`` (set next to the append, with no call between)
+belongs to the writer, and whatever happens to its caller it is written (or fails with
+its group on an I/O error), never dropped; a group whose writer was interrupted before
+its bookkeeping went back to the front of the queue with its bodies intact and is written
+again, at the same offsets, by the background thread (rewriting bytes already accepted
+writes the same bytes). Nothing is cut back: only an I/O error does that. Waiters block
+on locks they cannot leave held (a C-level ``with`` for untimed waits, a private lock per
+timed waiter), so an interrupted waiter never blocks another.
+
 On a failed write or fsync the writer fails the group and everything queued after it
 (their pointers assumed the failed bytes), bumps the epoch so a commit being built right
 now fails at finish too, rolls the state back to the last *fsynced* commit, and cuts the
 file back to it. It never trusts that a failed fsync's data reached the disk. If the cut
 itself fails, the next group retries it before writing anything.
 """
-import errno
 import logging
 import threading
 import time
@@ -50,9 +63,11 @@ from ..errors import (CorruptionError, DatabaseClosedError, StorageError,
 from .log import (FLAG_SYNC_MARK, FOOTER_SIZE, HEADER_SIZE,
                   find_last_commit, make_footer, pack_footer)
 
-__all__ = ["Writer", "Commit", "CommitFuture", "NORMAL_SYNC_INTERVAL"]
+__all__ = ["Writer", "Commit", "CommitFuture", "NORMAL_SYNC_INTERVAL", "complete"]
 
-AtomBatch = _load_core("frame").AtomBatch
+_frame = _load_core("frame")
+AtomBatch = _frame.AtomBatch
+complete = _frame.complete     # fn(*args) finished through interrupts (frame.pyx's essay)
 
 logger = logging.getLogger("protobase")
 
@@ -84,20 +99,27 @@ class CommitFuture:
         self._error = None
         self._callbacks = None
         self._writer = None      # full mode: the writer this commit's waiter may write for
-        self._gate = None        # made (held) by the first waiter; released on settling
+        self._gate = None        # made (held) by the first untimed waiter; released on settling
+        self._timed = None       # one private held lock per timed waiter
 
     def _settle(self, value, error):
         # The writer settles each future exactly once: value first, then _done (under
         # the callbacks lock, so no callback or gate is added after it is set), then the
-        # gate. Whoever sees _done, or gets through the gate, sees the value.
+        # gates, released under that lock too: an interrupt after any of these calls
+        # leaves no gate held. Whoever sees _done, or gets through a gate, sees the value.
+        if self._done:
+            return
         self._value = value
         self._error = error
         with _callbacks_lock:
             self._done = True
             callbacks, self._callbacks = self._callbacks, None
             gate = self._gate
-        if gate is not None:
-            gate.release()
+            if gate is not None:
+                gate.release()
+            timed = self._timed
+            while timed:
+                timed.pop().release()
         if callbacks:
             for fn in callbacks:
                 try:
@@ -120,13 +142,24 @@ class CommitFuture:
         with _callbacks_lock:
             if self._done:
                 return
-            gate = self._gate
-            if gate is None:
-                gate = self._gate = _allocate_lock()
-                gate.acquire()          # held until _settle releases it
-        if not gate.acquire(True, -1 if timeout is None else max(timeout, 0)):
+            if timeout is None:
+                gate = self._gate
+                if gate is None:
+                    gate = self._gate = _allocate_lock()
+                    gate.acquire()          # held until _settle releases it
+            else:
+                # A private lock: a waiter that times out, or is interrupted, holds
+                # nothing anyone else waits on.
+                gate = _allocate_lock()
+                gate.acquire()
+                if self._timed is None:
+                    self._timed = []
+                self._timed.append(gate)
+        if timeout is None:
+            with gate:                  # acquire and pass on in C: no signal point between
+                pass
+        elif not gate.acquire(True, max(timeout, 0)):
             raise FutureTimeoutError()
-        gate.release()              # let the next waiter through
 
     def result(self, timeout=None):
         """(seq, root_ptr) once the commit is as durable as the mode promises; raises
@@ -187,7 +220,7 @@ class Commit:
     """
 
     __slots__ = ("_w", "_atoms", "write_atom", "_body", "_start", "_epoch", "seq", "root",
-                 "future", "carries")
+                 "future", "carries", "queued")
 
     def __init__(self, writer, start, seq, epoch):
         self._w = writer
@@ -202,6 +235,9 @@ class Commit:
         self.root = -1
         self.future = None
         self.carries = 1
+        # Handed to the writer: from then on it is written (or fails with its group on an
+        # I/O error) whatever happens to the thread that finished it.
+        self.queued = False
 
     @property
     def _pos(self):
@@ -237,11 +273,18 @@ class Commit:
         if w._full:                            # future is an aborted one (see
             fut._writer = w                    # lookup_unwritten)
         atoms.close()
-        batch = w._enqueue(self)
-        if batch is not None:
-            # "normal"/"none": this thread writes its group itself (see _enqueue); the
-            # future is settled before we return.
-            w._write_here(batch)
+        try:
+            batch = w._enqueue(self)
+            if batch is not None:
+                # "normal"/"none": this thread writes its group itself (see _enqueue);
+                # the future is settled before we return (unless an interrupt lands in
+                # the write: then the background thread writes it).
+                w._write_here(batch)
+        except BaseException:
+            # Interrupted: release what this thread still holds; a commit already
+            # queued goes on (see the essay, "Interrupts").
+            w._enqueue_interrupted(self)
+            raise
         return fut
 
     def abort(self):
@@ -273,8 +316,11 @@ class Writer:
         # Held through the plain lock (a C-level `with`); the condition only waits/notifies.
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
-        self._commit_lock = threading.Lock()
+        # An RLock only so that an interrupted begin/finish can ask whether this thread
+        # holds it (_is_owned); begin refuses to take it twice.
+        self._commit_lock = threading.RLock()
         self._queue = []
+        self._chained = None         # the group a chaining writer took next (_write_group)
         self._epoch = 0
         self._closing = False
         self._closed = False
@@ -309,17 +355,44 @@ class Writer:
     # ---- caller side -------------------------------------------------------------
 
     def begin(self):
-        self._commit_lock.acquire()
-        if self._closing:
-            self._commit_lock.release()
-            raise DatabaseClosedError("the store is closed")
-        # No condition lock needed: under the commit lock only _fail changes tail/seq,
-        # and it bumps the epoch last, so a stale (tail, seq) always comes with a stale
-        # epoch and finish() refuses it.
-        epoch = self._epoch
-        c = Commit(self, self._tail, self._next_seq + 1, epoch)
-        self._building = c
+        lock = self._commit_lock
+        if lock._is_owned():
+            raise TransactionClosedError("this thread is already building a commit of this "
+                                         "store; finish or abort it before beginning another")
+        try:
+            lock.acquire()
+            if self._closing:
+                raise DatabaseClosedError("the store is closed")
+            # No condition lock needed: under the commit lock only _fail changes tail/seq,
+            # and it bumps the epoch last, so a stale (tail, seq) always comes with a stale
+            # epoch and finish() refuses it.
+            epoch = self._epoch
+            c = Commit(self, self._tail, self._next_seq + 1, epoch)
+            self._building = c
+        except BaseException:
+            # Also an interrupt right after acquire() returned: never leave it held.
+            if lock._is_owned():
+                self._building = None
+                lock.release()
+            raise
         return c
+
+    def abort_own(self):
+        """Abort the commit this thread is building, if any, and release the commit lock
+        if this thread still holds it: for a caller interrupted right after begin()
+        returned, before it could keep the commit (an interrupt lands between a call's
+        return and the assignment of its result)."""
+        lock = self._commit_lock
+        if not lock._is_owned():
+            return
+        b = self._building
+        if b is not None and not b._atoms.closed:
+            b.abort()
+        elif b is not None and not b.queued:
+            self._release(b, queued=False)   # closed in finish, never queued
+        if lock._is_owned():
+            self._building = None
+            lock.release()
 
     def _enqueue(self, c):
         """Queue a finished commit and release the commit lock. Returns the group to
@@ -331,8 +404,9 @@ class Writer:
         with self._mutex:
             ok = c._epoch == self._epoch and not self._closing
             if ok:
-                self._tail = c._pos + FOOTER_SIZE
+                self._tail = c._atoms.pos + FOOTER_SIZE
                 self._next_seq = c.seq
+                c.queued = True              # no call between this and the append
                 self._queue.append(c)
                 if not self._writing:
                     if self._caller_writes:
@@ -350,18 +424,47 @@ class Writer:
         self._commit_lock.release()
         return lead
 
+    def _enqueue_interrupted(self, c):
+        """An exception was raised into finish() while it handed ``c`` over (_enqueue):
+        release the commit lock if this thread still holds it; a commit that was queued
+        stays queued, and a group this thread took to write ("normal"/"none") goes back to
+        the queue for the background thread. A commit that was not queued is aborted."""
+        lock = self._commit_lock
+        with self._mutex:
+            w = self._writing
+            if type(w) is list and w and w[-1] is c and self._caller_writes:
+                # Our lead, not started: in these modes nobody chains, so a group ending
+                # with our commit is the one our _enqueue took.
+                self._queue[:0] = w
+                self._release_writing()
+        if not c.queued and not c.future._done:
+            c.future._settle(None, self._not_written_error(c))
+        if lock._is_owned():
+            if not c.queued:
+                self._release(c, queued=False)
+            else:
+                if self._building is c:
+                    self._building = None
+                lock.release()
+
     def _help(self):
         """Full mode, from a committer about to wait: if no write is in progress, write
         and fsync the queued group on this thread. The commits queued meanwhile form the
         next group (written by the next waiter that finds the file free, or by the
         writer thread), so group commit is unchanged; what goes is the hand-off to the
         writer thread and back, two thread switches per group."""
-        with self._mutex:
-            if self._writing or not self._queue or self._closing:
-                return
-            batch, self._queue = self._queue, []
-            self._writing = batch
-        self._write_here(batch, chain=True)
+        batch = None
+        try:
+            with self._mutex:
+                if self._writing or not self._queue or self._closing:
+                    return
+                batch, self._queue = self._queue, []
+                self._writing = batch
+            self._write_here(batch, chain=True)
+        except BaseException:
+            if batch is not None:          # also an interrupt between taking it and writing
+                self._interrupted(batch)
+            raise
 
     def _nudge(self):
         """Full mode: someone waits for (or reads) a queued commit without writing it
@@ -375,39 +478,49 @@ class Writer:
         batch itself), and settle its futures. ``chain`` (full mode): if commits queued
         during this group's fsync, write them too, as one more group, before returning
         (see _write_group). An exception raised into this thread part way
-        (KeyboardInterrupt) must not leave the group's waiters hanging: the group is
-        settled as written if it was, else failed as a failed write is (and the file
-        cut back)."""
+        (KeyboardInterrupt, SystemExit) interrupts this thread, not the write: see
+        _interrupted."""
         while True:
             try:
                 ok = self._write_group(batch, chain)
-            except BaseException as exc:
-                self._interrupted(batch, exc)
+                if ok:
+                    self._settle_written(batch)
+                else:
+                    self._done_writing()
+            except BaseException:
+                self._interrupted(batch)
                 raise
-            if not ok:
-                self._done_writing()
-                return
-            self._settle_written(batch)
-            if ok is True:
+            if not ok or ok is True:
                 return
             batch, chain = ok, False
 
-    def _interrupted(self, batch, exc):
+    def _interrupted(self, batch):
+        """Called on the thread writing ``batch`` when an exception (a signal) was raised
+        into it. A group whose bookkeeping was done (head moved to its last commit) was
+        written: settle it. A group that failed (every future settled) needs nothing but
+        the flag. Otherwise its bytes may or may not be in the file, in part or whole:
+        it goes back to the front of the queue, bodies intact, and the background thread
+        writes it again at the same offsets (the same bytes) and settles it. Nothing is
+        cut back and no commit fails: the caller was interrupted, not the write. A group a
+        chaining writer took next (full mode) is handed back the same way."""
         last = batch[-1]
         with self._mutex:
-            ours = self._writing is batch
-            written = not ours or self.head == (last.seq, last.root)
-            if written and ours:
+            w = self._writing
+            chained = self._chained
+            if chained is not None and w is chained and w is not batch:
+                self._chained = None
+                self._queue[:0] = w          # taken, not started: write it later
                 self._release_writing()
-        if written:
+                w = False
+            written = self.head == (last.seq, last.root) and self._written_end >= last._pos
+            if w is batch:
+                if not written and not all(c.future._done for c in batch):
+                    self._queue[:0] = batch
+                    self._release_writing()
+                    return
+                self._release_writing()
+        if written:      # else: failed (settled), or handed back already, or not ours
             self._settle_written(batch)
-            return
-        left = [c for c in batch if not c.future._done]
-        try:
-            if left:
-                self._fail(left, OSError(errno.EINTR, f"writing was interrupted ({exc!r})"))
-        finally:
-            self._done_writing()
 
     @staticmethod
     def _settle_written(batch):
@@ -436,8 +549,9 @@ class Writer:
             f"was being built; the database is at its last durable commit, retry")
 
     def _release(self, c, *, queued):
-        if not queued and c.future is not None:
-            # Only finish puts a commit's atoms into the cache: drop exactly those.
+        if not queued and (c._body is not None or c.future is not None):
+            # Only finish puts a commit's atoms into the cache (after framing the body):
+            # drop exactly those.
             self.cache.discard(c._atoms.ptrs)
         if self._building is c:
             self._building = None
@@ -582,8 +696,7 @@ class Writer:
         if len(batch) == 1:
             # The common case, kept short: one join, two checksums, one footer.
             c = batch[0]
-            body = c._body
-            c._body = None
+            body = c._body     # kept until written: an interrupted group is written again
             footer = make_footer(salt, c.seq, c.root, len(body) + FOOTER_SIZE, synced, 0,
                                  _crc32(body, salt))
             bufs = (body + footer,) if len(body) < _BIG else (body, footer)
@@ -600,7 +713,6 @@ class Writer:
                     pack_footer(buf, pos + n, salt, c.seq, c.root, n + FOOTER_SIZE, synced,
                                 0, _crc32(mv[pos:pos + n], salt))
                     pos += n + FOOTER_SIZE
-                    c._body = None
             bufs = (buf,)
         off = batch[0]._start
         full = self._full
@@ -631,6 +743,7 @@ class Writer:
             n = 0
             for c in batch:
                 n += c.carries
+                c._body = None
             st["commits"] += n
             st["groups"] += 1
             if n > st["max_group"]:
@@ -638,7 +751,7 @@ class Writer:
             st["bytes_written"] += buf_len
             if chain and self._queue and not self._closing:
                 nxt, self._queue = self._queue, []
-                self._writing = nxt
+                self._writing = self._chained = nxt
                 return nxt
             self._release_writing()
         return True
