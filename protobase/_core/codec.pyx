@@ -101,11 +101,32 @@ the type's ``tp_new`` slot, which is what ``cls.__new__(cls)`` calls.
 
 Classes
 -------
-Stored by name ``module:qualname`` (or the name given to ``register_class``). Decoding
-imports the module, finds the class, creates the instance with ``cls.__new__(cls)`` and
-sets its state with ``object.__setattr__`` semantics (``__init__`` is never called), or
-calls its ``__setstate__``; no other code runs: no ``__reduce__``, no arbitrary callables.
-``strict=True`` refuses every class that is not registered.
+Stored by name ``module:qualname`` (or the name given to ``register_class``: dotted
+identifiers or ``module:qualname``, checked at registration). Decoding an instance runs its
+class's code, so the file never picks the class: a decode admits only *trusted* classes,
+
+    registered name        -> _name_to_class       (process-wide)
+    name this process      -> _stored              (process-wide; filled by the encoder the
+      stored a class under                           first time it classifies a class)
+    module:qualname of a   -> sys.modules[module]  (per decode: the Decoder's `trust`, which
+      trusted module          then qualname          pb.open(trust=) imported; the class
+                                                     must belong to that module)
+
+and nothing here ever imports a module. A resolved name is cached in ``_dec_info`` with how
+it was admitted (``trusted``: process-wide; ``trust_module``: for decoders trusting that
+module), and ``_admits`` re-checks that on every cache hit and on the last-class fast path,
+so one database's trusted modules never leak into another's decodes. Any other name is a
+DecodeError naming the class and the fix; with ``opaque=True`` (the command line) it is an
+``Opaque`` instead: the extension code, the exact payload bytes, and the collections the
+payload refers to (found by ``_scan``, which walks nested extensions). Encoding an Opaque
+copies its payload unchanged, or, when it holds references, re-frames it with each reference
+renumbered through ``ref_hook`` (``_copy_renumbered``), so a dump and load keeps it byte for
+byte. The encoder warns once per class (``_warned``) when it stores an unregistered class
+whose module the encoding database does not trust: other processes could not read it.
+Instances are created with ``cls.__new__(cls)`` and given their state with
+``object.__setattr__`` semantics (``__init__`` is never called), or by their ``__setstate__``;
+no other code runs: no ``__reduce__``, no arbitrary callables. ``strict=True`` admits
+registered classes only.
 
 Keys
 ----
