@@ -15,6 +15,10 @@
 /dev/null) is a NotADatabaseError, and is never read. ``dump --format msgpack`` refuses to
 write its binary stream to a terminal: redirect it or give ``-o FILE``.
 
+Reading runs no code of the application's classes: their instances are carried as opaque
+payloads (their stored bytes) unless ``--trust MODULE`` (repeatable, the word
+``pb.open(trust=)`` uses) asks for that module's classes to be decoded.
+
 Every failure the user can cause (bad arguments, a missing, damaged, foreign or locked
 file) ends with one line on stderr and a non-zero exit status, never a traceback.
 Progress bars (tqdm) go to stderr and only when stderr is a terminal.
@@ -56,8 +60,10 @@ object with a single ``$``-key:
 - ``$decimal``, ``$fraction``, ``$uuid``: the ``str()`` of the value;
 - ``{"$codec": "..."}``: anything else (Enum members, numpy arrays and scalars,
   dataclasses, class instances, named time zones): base64 of ProtoBase's own value
-  encoding, whose collection references are dump ids. Loading needs the same classes
-  importable, as opening the database does.
+  encoding, whose collection references are dump ids. An instance of a class the command
+  does not trust (every application class, unless ``--trust`` names its module) is carried
+  as the bytes it was stored as, never decoded: ``load`` writes them back byte for byte
+  (collection references inside renumbered), and reading a dump runs no class code either.
 
 ``--format msgpack`` writes the same records as a stream of MessagePack maps in
 ProtoBase's value encoding (readable with ``msgpack.Unpacker``), with keys and values in
@@ -112,9 +118,11 @@ def _kind(coll: _Collection) -> str:
 class _Writer:
     """Numbers collections as the dump meets them and writes declare-before-use records."""
 
-    def __init__(self, out: IO[bytes], fmt: str):
+    def __init__(self, out: IO[bytes], fmt: str, trust: Optional[frozenset] = None):
         self.out = out
         self.fmt = fmt
+        # the database's trusted modules: storing their classes in the dump is no surprise
+        self.encode = codec.Encoder(ref_hook=self.ref, trust=trust).encode
         self.ids: TDict[int, int] = {}        # database collection id -> dump id
         self.queue: TList[Any] = []          # collections (Sized, iterable) in dump-id order
         self.fresh: TList[_Collection] = []    # met while encoding the current record
@@ -135,7 +143,7 @@ class _Writer:
             line = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
             data = line.encode("utf-8") + b"\n"
         else:
-            data = codec.dumps(record, ref_hook=self.ref)
+            data = self.encode(record)
         # Declarations of collections first met inside this record go before it.
         fresh, self.fresh = self.fresh, []
         for coll in fresh:
@@ -149,14 +157,15 @@ class _Writer:
                 "indexes": indexes, "vector_indexes": vectors}
 
     def value(self, v: Any) -> Any:
-        return _to_json(v, self.ref) if self.fmt == "jsonl" else v
+        return _to_json(v, self.ref, self.encode) if self.fmt == "jsonl" else v
 
 
 def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
 
-def _to_json(v: Any, ref: Callable[[object], Optional[int]]) -> Any:
+def _to_json(v: Any, ref: Callable[[object], Optional[int]],
+             encode: Callable[[Any], bytes]) -> Any:
     """v as a JSON-able tree, tagging what JSON cannot hold (see the module docstring)."""
     t = type(v)
     if v is None or t is bool or t is str:
@@ -168,21 +177,21 @@ def _to_json(v: Any, ref: Callable[[object], Optional[int]]) -> Any:
             return v
         return {"$float": "nan" if v != v else ("inf" if v > 0 else "-inf")}
     if t is list:
-        return [_to_json(x, ref) for x in v]
+        return [_to_json(x, ref, encode) for x in v]
     if t is dict:
         if all(type(k) is str and not k.startswith("$") for k in v):
-            return {k: _to_json(x, ref) for k, x in v.items()}
-        return {"$dict": [[_to_json(k, ref), _to_json(x, ref)] for k, x in v.items()]}
+            return {k: _to_json(x, ref, encode) for k, x in v.items()}
+        return {"$dict": [[_to_json(k, ref, encode), _to_json(x, ref, encode)] for k, x in v.items()]}
     if isinstance(v, _Collection):
         return {"$ref": ref(v)}
     if t is tuple:
-        return {"$tuple": [_to_json(x, ref) for x in v]}
+        return {"$tuple": [_to_json(x, ref, encode) for x in v]}
     if t is set or t is frozenset:
-        return {"$" + t.__name__: [_to_json(x, ref) for x in v]}
+        return {"$" + t.__name__: [_to_json(x, ref, encode) for x in v]}
     if t is bytes or t is bytearray:
         return {"$" + t.__name__: _b64(v)}
     if t is complex:
-        return {"$complex": [_to_json(v.real, ref), _to_json(v.imag, ref)]}
+        return {"$complex": [_to_json(v.real, ref, encode), _to_json(v.imag, ref, encode)]}
     if t in (datetime, dtime) and v.tzinfo is not None and type(v.tzinfo) is not timezone:
         pass                                   # a named zone: only the codec keeps it
     elif t in (datetime, date, dtime):
@@ -191,7 +200,7 @@ def _to_json(v: Any, ref: Callable[[object], Optional[int]]) -> Any:
         return {"$timedelta": [v.days, v.seconds, v.microseconds]}
     if t in (Decimal, Fraction, uuid.UUID):
         return {"$" + {Decimal: "decimal", Fraction: "fraction", uuid.UUID: "uuid"}[t]: str(v)}
-    return {"$codec": _b64(codec.dumps(v, ref_hook=ref))}
+    return {"$codec": _b64(encode(v))}
 
 
 def dump(db: Database, out: IO[bytes], fmt: str = "jsonl") -> TDict[str, int]:
@@ -199,7 +208,7 @@ def dump(db: Database, out: IO[bytes], fmt: str = "jsonl") -> TDict[str, int]:
     Returns {"collections": ..., "entries": ...}."""
     if fmt not in ("jsonl", "msgpack"):
         raise UsageError(f"unknown dump format {fmt!r}: use jsonl or msgpack")
-    w = _Writer(out, fmt)
+    w = _Writer(out, fmt, db._trust)
     with db.transaction(readonly=True) as tx:
         root = tx.root
         w.write({"format": DUMP_FORMAT, "version": DUMP_VERSION, "root": 0})
@@ -253,9 +262,9 @@ _SIMPLE_TAGS: TDict[str, Callable[[Any], Any]] = {
 }
 
 
-def _from_json(v: Any, resolve: Callable[[int], _Collection]) -> Any:
+def _from_json(v: Any, resolve: Callable[[int], _Collection], decode: Callable[[bytes], Any]) -> Any:
     if type(v) is list:
-        return [_from_json(x, resolve) for x in v]
+        return [_from_json(x, resolve, decode) for x in v]
     if type(v) is not dict:
         return v
     if len(v) == 1:
@@ -264,25 +273,25 @@ def _from_json(v: Any, resolve: Callable[[int], _Collection]) -> Any:
             if tag == "$ref":
                 return resolve(arg)
             if tag == "$dict":
-                return {_from_json(k, resolve): _from_json(x, resolve) for k, x in arg}
+                return {_from_json(k, resolve, decode): _from_json(x, resolve, decode) for k, x in arg}
             if tag == "$tuple":
-                return tuple(_from_json(x, resolve) for x in arg)
+                return tuple(_from_json(x, resolve, decode) for x in arg)
             if tag == "$set":
-                return {_from_json(x, resolve) for x in arg}
+                return {_from_json(x, resolve, decode) for x in arg}
             if tag == "$frozenset":
-                return frozenset(_from_json(x, resolve) for x in arg)
+                return frozenset(_from_json(x, resolve, decode) for x in arg)
             if tag == "$complex":
-                return complex(_from_json(arg[0], resolve), _from_json(arg[1], resolve))
+                return complex(_from_json(arg[0], resolve, decode), _from_json(arg[1], resolve, decode))
             if tag == "$codec":
-                return codec.loads(base64.b64decode(arg, validate=True), ref_resolver=resolve)
+                return decode(base64.b64decode(arg, validate=True))
             if tag in _SIMPLE_TAGS:
                 return _SIMPLE_TAGS[tag](arg)
             raise UsageError(f"unknown tag {tag!r} in the dump")
-    return {k: _from_json(x, resolve) for k, x in v.items()}
+    return {k: _from_json(x, resolve, decode) for k, x in v.items()}
 
 
 def _records(stream: IO[bytes], fmt: str, resolve: Callable[[int], _Collection],
-             bar: Any) -> Iterator[TDict[str, Any]]:
+             decode: Callable[[bytes], Any], bar: Any) -> Iterator[TDict[str, Any]]:
     if fmt == "jsonl":
         for n, line in enumerate(stream, 1):
             bar.update(len(line))
@@ -293,7 +302,7 @@ def _records(stream: IO[bytes], fmt: str, resolve: Callable[[int], _Collection],
             except RecursionError:
                 raise UsageError(_too_nested(f"line {n}")) from None
             try:
-                record = _from_json(raw, resolve)
+                record = _from_json(raw, resolve, decode)
             except errors.ProtoBaseError:
                 raise
             except RecursionError:
@@ -306,7 +315,7 @@ def _records(stream: IO[bytes], fmt: str, resolve: Callable[[int], _Collection],
     bar.update(len(data))
     pos = 0
     while pos < len(data):
-        record, pos = _next_msgpack(data, pos, resolve)
+        record, pos = _next_msgpack(data, pos, decode)
         yield record
 
 
@@ -315,11 +324,11 @@ def _too_nested(where: str) -> str:
             f"{codec.MAX_DEPTH} levels): it was not written by `protobase dump`")
 
 
-def _next_msgpack(data: bytes, pos: int, resolve: Callable[[int], _Collection]) -> Any:
+def _next_msgpack(data: bytes, pos: int, decode: Callable[[bytes], Any]) -> Any:
     """Decode the record at data[pos:]; the codec decodes whole buffers, so the record's
     end is found from MessagePack's framing first."""
     end = pos + _msgpack_size(data, pos)
-    return codec.loads(data[pos:end], ref_resolver=resolve), end
+    return decode(data[pos:end]), end
 
 
 def _msgpack_size(data: bytes, pos: int) -> int:
@@ -375,7 +384,8 @@ def _msgpack_size(data: bytes, pos: int) -> int:
 def load(db: Database, stream: IO[bytes], fmt: Optional[str] = None,
          size: Optional[int] = None) -> TDict[str, int]:
     """Load a dump (see the module docstring) into `db`, whose root must be empty, in one
-    transaction. `fmt` is guessed from the first byte when None."""
+    transaction. `fmt` is guessed from the first byte when None. Class instances are decoded
+    only for the modules `db` trusts (pb.open(trust=)); the others stay opaque payloads."""
     if fmt is None:
         first = stream.peek(1)[:1] if hasattr(stream, "peek") else b""
         fmt = "jsonl" if first in (b"{", b"") else "msgpack"
@@ -388,10 +398,14 @@ def load(db: Database, stream: IO[bytes], fmt: Optional[str] = None,
             raise UsageError(f"the dump refers to collection {did} before declaring it")
         return objs[did]
 
+    # No class code runs while reading a dump: classes of modules `db` trusts are decoded,
+    # the others come back as the opaque payloads they were dumped as.
+    decode = codec.Decoder(ref_resolver=resolve, trust=db._trust, opaque=True).decode
+
     with db.transaction() as tx, _progress(total=size, unit="B", unit_scale=True, desc="load") as bar:
         if len(tx.root):
             raise UsageError("the database already holds data; load into a new database path")
-        records = _records(stream, fmt, resolve, bar)
+        records = _records(stream, fmt, resolve, decode, bar)
         head = next(records, None)
         if not isinstance(head, dict) or head.get("format") != DUMP_FORMAT:
             raise UsageError("not a protobase dump (no header record)")
@@ -457,12 +471,21 @@ def _build_indexes(objs: TDict[int, Any], specs: TList[TDict[str, Any]]) -> None
 
 # -- the other commands -------------------------------------------------------------------
 
-def _open_existing(path: str, readonly: bool = True) -> Database:
+def _open_existing(path: str, readonly: bool = True,
+                   trust: Optional[TList[str]] = None) -> Database:
     # Anything that is not a regular file (a directory, a FIFO, /dev/null) is refused by
     # the open itself, as NotADatabaseError, without reading it (storage.fileio).
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
-    return open_db(path, readonly=readonly)
+    return _opaque(open_db(path, readonly=readonly, trust=trust))
+
+
+def _opaque(db: Database) -> Database:
+    """`db` with its reads in the command line's mode: an instance of a class it does not
+    trust is read as a codec.Opaque (its stored bytes), never decoded, so no application
+    code runs and nothing fails for want of the application's modules."""
+    db._opaque = True
+    return db
 
 
 def _size(n: Optional[float]) -> str:
@@ -502,7 +525,7 @@ def _describe(name: Any, value: Any) -> TDict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with _open_existing(args.path) as db:
+    with _open_existing(args.path, trust=args.trust) as db:
         st = db.stats()
         doc: TDict[str, Any] = {"path": args.path, "empty": _is_empty(db),
                                 "format": st.get("format_version"),
@@ -633,7 +656,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if args.format == "msgpack" and args.output in (None, "-") and _is_terminal(sys.stdout):
         raise UsageError("refusing to write MessagePack (binary) to a terminal: redirect "
                          "stdout to a file or a pipe, or give -o FILE")
-    with _open_existing(args.path) as db:
+    with _open_existing(args.path, trust=args.trust) as db:
         if args.output in (None, "-"):
             result = dump(db, sys.stdout.buffer, args.format)
             sys.stdout.flush()
@@ -663,7 +686,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: no such file")
     created = not os.path.exists(args.path)
     try:
-        with open(args.file, "rb") as f, open_db(args.path) as db:
+        with open(args.file, "rb") as f, _opaque(open_db(args.path, trust=args.trust)) as db:
             result = load(db, f, args.format, os.path.getsize(args.file))
     except BaseException:
         if created:                            # no half-made database left behind
@@ -903,6 +926,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- entry point ---------------------------------------------------------------------------
 
+def _trust_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--trust", action="append", metavar="MODULE",
+                   help="decode the classes of this module (imported; repeatable) instead of "
+                        "carrying them as opaque payloads")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
     p = argparse.ArgumentParser(prog="protobase", description="ProtoBase database tool.")
@@ -926,9 +955,12 @@ def _parser() -> argparse.ArgumentParser:
                        if name != "compact" else "the database file (rewritten in place)")
         if json_text is not None:
             s.add_argument("--json", action="store_true", help=json_text)
+        if name == "info":
+            _trust_arg(s)
         s.set_defaults(fn=fn)
     s = sub.add_parser("dump", help="write the root and every reachable collection")
     s.add_argument("path", metavar="PATH", help="the database file (opened read-only)")
+    _trust_arg(s)
     s.add_argument("--format", choices=["jsonl", "msgpack"], default="jsonl",
                    help="jsonl: one JSON object per line (default); msgpack: a binary "
                         "MessagePack stream (needs -o or a redirect, never a terminal)")
@@ -938,6 +970,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("load", help="load a dump into a new database")
     s.add_argument("path", metavar="PATH", help="the database to create (or an empty one)")
     s.add_argument("file", metavar="FILE", help="the dump to read, as written by dump")
+    _trust_arg(s)
     s.add_argument("--format", choices=["jsonl", "msgpack"], default=None,
                    help="the dump's format (default: guessed from the first byte)")
     s.set_defaults(fn=cmd_load)

@@ -32,7 +32,7 @@ from .errors import QueryError, VectorError
 from .index import Index, IndexSpec, refuse_references
 from .query import Query, make_predicate
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
-from .state import MISSING, CollState, btree, codec, hamt, idset
+from .state import MISSING, CollState, btree, hamt, idset
 from ._core import load as _load_core
 
 if TYPE_CHECKING:
@@ -49,8 +49,6 @@ IdSet = idset.IdSet
 
 __all__ = ["Dict", "List", "Set", "SortedDict"]
 
-_dumps = codec.dumps
-_loads = codec.loads
 ALL = object()      # the whole collection was read (iteration, len, queries) or edited
 _APPEND = object()  # List write marker: one append (appends from concurrent commits commute)
 
@@ -1169,10 +1167,10 @@ class List(_Queryable[int, _T], _Collection, MutableSequence[_T]):
             return self._initial[index]
         s = self._struct()
         self._read_all()
-        resolve = self._tx._resolver
+        decode = self._tx._decode
         if isinstance(index, slice):
-            return [_loads(raw, ref_resolver=resolve) for raw in _slice(s, index)]
-        return _loads(s[_index(index)], ref_resolver=resolve)
+            return [decode(raw) for raw in _slice(s, index)]
+        return decode(s[_index(index)])
 
     def __iter__(self) -> Iterator[_T]:
         if self._tx is None:
@@ -1180,9 +1178,9 @@ class List(_Queryable[int, _T], _Collection, MutableSequence[_T]):
             return
         s = self._struct()
         self._read_all()
-        resolve = self._tx._resolver
+        decode = self._tx._decode
         for raw in s:
-            yield _loads(raw, ref_resolver=resolve)
+            yield decode(raw)
 
     def _iter_items(self):
         return enumerate(self)
@@ -1267,7 +1265,7 @@ class List(_Queryable[int, _T], _Collection, MutableSequence[_T]):
         if m is None:
             self._initial.append(value)
             return
-        raw = _dumps(value, ref_hook=self._tx._hook)
+        raw = self._tx._encode(value)
         if self._ix is None:
             m.append(raw)
         else:

@@ -20,6 +20,7 @@ are the parent's. Nothing is written or unlocked there; every use is DatabaseClo
 """
 import builtins
 import glob
+import importlib
 import os
 import random
 import shutil
@@ -27,7 +28,8 @@ import threading
 import time
 import weakref
 from functools import wraps
-from typing import Any, Callable, Concatenate, Literal, Optional, ParamSpec, TypeVar, Union
+from typing import (Any, Callable, Concatenate, Iterable, Literal, Optional, ParamSpec, TypeVar,
+                    Union)
 
 from . import vector
 from .collections import indexed_rows
@@ -237,8 +239,31 @@ def _check_retries(retries):
                                    f"not {retries}")
 
 
+def _import_trusted(trust):
+    """The modules named by open(trust=...), imported now (the codec itself never imports:
+    a class is decoded only from a module the reading program named)."""
+    if trust is None:
+        return None
+    if isinstance(trust, (str, bytes)):
+        raise TypeError(f"trust takes a list of module names, not one {type(trust).__name__}: "
+                        f"write trust=[{trust!r}]")
+    names = list(trust)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"trust takes module names (str), not {type(name).__name__}")
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise InvalidArgumentError(
+                f"trust names module {name!r}, which cannot be imported ({exc}); fix the name, "
+                f"or install the module or put its folder on sys.path") from exc
+    return frozenset(names) or None
+
+
+
 def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability = "full",
-         readonly: bool = False, cache_size: int = 64 << 20, file_layer: Any = None) -> "Database":
+         readonly: bool = False, cache_size: int = 64 << 20, file_layer: Any = None,
+         trust: Optional[Iterable[str]] = None) -> "Database":
     """Open (creating if needed) the database at `path`; no path or ":memory:" opens an
     in-memory database with the same semantics and no files.
 
@@ -247,11 +272,15 @@ def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability =
     readonly: never write; may run beside a writer process.
     cache_size: bytes of recently read atoms kept in memory.
     file_layer: where bytes live (default: real OS files); protobase.storage.faults.FaultInjector
-    wraps the real file to inject I/O errors and simulated power loss in tests."""
+    wraps the real file to inject I/O errors and simulated power loss in tests.
+    trust: names of modules whose classes this database decodes (imported here; a missing one
+    is an InvalidArgumentError). Classes registered with pb.register_class and classes this
+    process stored are decoded without it; any other class is a DecodeError, never an import."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    trust = _import_trusted(trust)
     if path is None or path == ":memory:":
-        return Database(None, durability=durability, readonly=readonly)
+        return Database(None, durability=durability, readonly=readonly, trust=trust)
     from .storage import LogStore
     # The database is the file the path names: through a symbolic link, compaction must
     # replace that file (not the link), and side files sit beside it. db.path reports it.
@@ -263,7 +292,7 @@ def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability =
         os.remove(leftover)          # an interrupted compaction; the database file is intact
     try:
         return Database(store, durability=durability, readonly=readonly, file_layer=file_layer,
-                        cache_size=cache_size)
+                        cache_size=cache_size, trust=trust)
     except BaseException:
         store.close()
         raise
@@ -281,11 +310,14 @@ class Database:
     """A ProtoBase database. Shared by threads; each Transaction belongs to one thread."""
 
     def __init__(self, store, *, durability="full", readonly=False, file_layer=None,
-                 cache_size=64 << 20):
+                 cache_size=64 << 20, trust=None):
         self._store = store
         self._cache_size = cache_size
         self._file_layer = file_layer
-        self._io = StoreIO(store) if store is not None else None
+        self._trust = trust          # frozenset of trusted module names, or None
+        self._opaque = False         # the command line's readers: untrusted classes stay Opaque
+        self._row_decode = codec.Decoder(ref_resolver=_no_ref, trust=trust).decode
+        self._io = StoreIO(store, trust) if store is not None else None
         self._durability = durability
         self._readonly = readonly
         self._closed = False
@@ -423,7 +455,7 @@ class Database:
             from .storage import LogStore
             new = LogStore.open(self._store.path, durability=self._durability, readonly=True,
                                 bytes_cache_size=self._cache_size, file_layer=self._file_layer)
-            old, io = self._store, StoreIO(new)
+            old, io = self._store, StoreIO(new, self._trust)
             root_ptr = new.head[1]
             self._head = self._pending = State.load(root_ptr, io) if root_ptr >= 0 else State.initial()
             self._store, self._io, self._file_id = new, io, file_id
@@ -473,14 +505,13 @@ class Database:
             return None
         return _side_file(self._store.path, cid, spec["field"])
 
-    @staticmethod
-    def _vector_rows(state, cid, spec):
+    def _vector_rows(self, state, cid, spec):
         cs = state.colls.get(cid)
         if cs is None or not cs.meta.get("rowids"):
             return
         parts = split_path(spec["field"])
         for rid, raw in indexed_rows(cs):
-            v = extract(codec.loads(raw, ref_resolver=_no_ref), parts)
+            v = extract(self._row_decode(raw), parts)
             if v is not FIELD_MISSING:
                 yield rid, vector.as_vector(v, spec["dim"])
 
@@ -499,7 +530,7 @@ class Database:
                     continue
                 parts = split_path(field)
                 for rid, raw in h._changed_rows(old, cs):
-                    v = FIELD_MISSING if raw is MISSING else extract(codec.loads(raw, ref_resolver=_no_ref), parts)
+                    v = FIELD_MISSING if raw is MISSING else extract(self._row_decode(raw), parts)
                     if v is FIELD_MISSING:
                         ix.remove(rid, seq=after.seq)
                     else:
@@ -908,7 +939,7 @@ class Database:
     def _write_copy(store, state, changed=None):
         """Write a fresh copy of `state` (or only its `changed` collections on top of what
         `store` already holds) as one commit of `store`; returns the copied State."""
-        io = StoreIO(store)
+        io = StoreIO(store, self._trust)
         if changed is None:
             colls = hamt.Map().mutate()
             items = state.colls.items()
@@ -972,7 +1003,7 @@ class Database:
                                    if first.colls.get(cid) is not cs]
                         copy = self._write_copy(new, last, changed=(copy, changed))
                     new.checkpoint()
-                    io = StoreIO(new)
+                    io = StoreIO(new, self._trust)
                     head = State.load(new.head[1], io)
                     os.replace(tmp, path)
                     # The path now names the new file: switch to it before anything else can

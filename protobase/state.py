@@ -308,14 +308,15 @@ class StoreIO:
 
     __slots__ = ("store", "_commit", "write_atom", "read_atom", "encode", "decode")
 
-    def __init__(self, store):
+    def __init__(self, store, trust=None):
         self.store = store
         self.read_atom = store.read_atom
         # Id sets (one per posting of an index leaf) are written by the codec in C; only
         # collection descriptors reach the Python hook.
         self.encode = codec.Encoder(default=codec.ExtDefault(
             _IdSet, EXT_IDSET, _IdSet.to_bytes, self._default)).encode
-        self.decode = codec.Decoder(ext_hook=self._ext_hook).decode
+        # Keys in nodes may be Enum members: decoded with the database's trusted modules.
+        self.decode = codec.Decoder(ext_hook=self._ext_hook, trust=trust).decode
         self.commit = None
 
     @property

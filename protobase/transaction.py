@@ -54,8 +54,11 @@ class Transaction:
         self._resolver = self._resolve
         # Every value written or read goes through these: the hooks are bound once here
         # instead of being passed by keyword on each call.
-        self._encode = codec.Encoder(ref_hook=self._hook).encode
-        self._decoder = codec.Decoder(ref_resolver=self._resolver)  # index builds read fields
+        # The database's trusted modules admit their classes (and silence the warning about
+        # storing them); the command line's opaque mode carries untrusted classes undecoded.
+        self._encode = codec.Encoder(ref_hook=self._hook, trust=db._trust).encode
+        self._decoder = codec.Decoder(ref_resolver=self._resolver, trust=db._trust,
+                                      opaque=db._opaque)  # index builds read fields
         self._decode = self._decoder.decode
 
     # -- the root ----------------------------------------------------------------------

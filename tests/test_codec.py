@@ -851,8 +851,11 @@ def test_decoding_refuses_classes_of_the_wrong_kind_and_non_classes():
         loads(forged)
     name = b"os:system"
     body = bytes([0x92, 0xa0 | len(name)]) + name + b"\x80"
+    forged = bytes([0xc7, len(body), 18]) + body
+    with pytest.raises(DecodeError, match="not trusted"):   # the file's name is never looked up
+        loads(forged)
     with pytest.raises(DecodeError, match="does not name a class"):
-        loads(bytes([0xc7, len(body), 18]) + body)
+        loads(forged, trust=["os"])
 
 
 # ----------------------------------------------------------------------------- bad bytes

@@ -40,6 +40,9 @@ cdef class _ClassInfo:
     cdef bint has_setstate
     cdef str refusal             # kind == refused: why
     cdef bint registered         # `name` is registered for this class (strict mode accepts it)
+    cdef bint unshared           # encoding: not registered, so other processes need trust= for it
+    cdef bint trusted            # decoding: registered or stored by this process (every decoder)
+    cdef str trust_module        # decoding: admitted as a class of this module (decoders trusting it)
 
 
 cdef class _Encoder:
@@ -48,6 +51,7 @@ cdef class _Encoder:
     cdef Py_ssize_t cap
     cdef object ref_hook
     cdef object default
+    cdef frozenset trust         # modules the encoding database trusts (None: none)
     cdef list steps              # filled only while an error unwinds: (container, kind, key)
 
     cdef bytes take(self)
@@ -60,18 +64,30 @@ cdef class _Decoder:
     cdef object ref_resolver
     cdef object ext_hook
     cdef bint strict
+    cdef frozenset trust         # modules whose classes this decode admits (None: none)
+    cdef bint opaque             # an untrusted class payload becomes an Opaque, not an error
     cdef bint hook_failed        # the pending exception came from a user hook: pass it on
 
 
 cdef class Encoder:
     cdef object ref_hook
     cdef object default
+    cdef frozenset trust
 
 
 cdef class Decoder:
     cdef object ref_resolver
     cdef object ext_hook
     cdef bint strict
+    cdef frozenset trust
+    cdef bint opaque
+
+
+cdef class Opaque:
+    cdef readonly int code
+    cdef readonly str name
+    cdef readonly bytes payload
+    cdef readonly tuple refs
 
 
 cpdef bytes dumps_key(object key)

@@ -1,8 +1,8 @@
 """The value codec: Python values <-> MessagePack bytes with extension types (docs/format.md)."""
-from typing import Any, Callable, Final, Optional, Tuple, Union
+from typing import Any, Callable, Final, Iterable, Optional, Tuple, Union
 
-__all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "dumps_key", "register_class",
-           "refs", "MAX_DEPTH"]
+__all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "Opaque", "dumps_key",
+           "register_class", "refs", "MAX_DEPTH"]
 
 __source_digest__: str
 
@@ -21,14 +21,20 @@ def dumps(obj: Any, *, ref_hook: Optional[RefHook] = ..., default: Optional[Defa
     with `type_name` and `path` for values that cannot be stored."""
 
 def loads(data: Buffer, *, ref_resolver: Optional[RefResolver] = ...,
-          ext_hook: Optional[ExtHook] = ..., strict: bool = ...) -> Any:
+          ext_hook: Optional[ExtHook] = ..., strict: bool = ...,
+          trust: Optional[Iterable[str]] = ..., opaque: bool = ...) -> Any:
     """Decode one value; DecodeError (a ValueError) on damaged, truncated or trailing bytes.
-    `strict=True` refuses classes not registered with register_class."""
+    Instances only of trusted classes: registered, stored by this process, or of a module in
+    `trust` (already imported); any other class is a DecodeError, or an Opaque with
+    `opaque=True`. `strict=True` admits registered classes only. Never imports."""
 
 class Encoder:
     """dumps() with its hooks bound once (the layers above keep one per transaction)."""
 
-    def __init__(self, *, ref_hook: Optional[RefHook] = ..., default: Optional[Default] = ...) -> None: ...
+    def __init__(self, *, ref_hook: Optional[RefHook] = ..., default: Optional[Default] = ...,
+                 trust: Optional[Iterable[str]] = ...) -> None:
+        """`trust`: the modules the encoding database trusts (their classes store without
+        the once-per-class UserWarning that unregistered classes give)."""
 
     def encode(self, obj: Any, /) -> bytes:
         """The same bytes and errors as dumps(obj) with this encoder's hooks."""
@@ -51,7 +57,8 @@ class Decoder:
     """loads() with its hooks bound once (the layers above keep one per transaction)."""
 
     def __init__(self, *, ref_resolver: Optional[RefResolver] = ...,
-                 ext_hook: Optional[ExtHook] = ..., strict: bool = ...) -> None: ...
+                 ext_hook: Optional[ExtHook] = ..., strict: bool = ...,
+                 trust: Optional[Iterable[str]] = ..., opaque: bool = ...) -> None: ...
 
     def decode(self, data: Buffer, /) -> Any:
         """The same value and errors as loads(data) with this decoder's hooks."""
@@ -67,10 +74,21 @@ def refs(data: Buffer) -> list[int]:
     """The collection ids `data` refers to, in order (repeats kept), found without building
     anything or resolving any class. DecodeError on damaged bytes."""
 
+
+class Opaque:
+    """An instance of an untrusted class carried undecoded (decoding with opaque=True):
+    encoding it writes the same bytes, references renumbered through ref_hook."""
+
+    code: int
+    name: str
+    payload: bytes
+    refs: Tuple[Any, ...]
+
 def dumps_key(key: Any) -> bytes:
     """Canonical bytes of a key: equal keys (as in a dict) give identical bytes. Non-key types
     raise SerializationError (a TypeError)."""
 
 def register_class(cls: type, name: str) -> None:
     """Store `cls` under the stable `name` and resolve `name` to `cls` when decoding.
+    `name`: dotted identifiers ('app.Point') or 'module:qualname', else InvalidArgumentError.
     ValueError if `name` is already registered for another class."""

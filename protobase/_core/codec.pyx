@@ -105,11 +105,32 @@ the type's ``tp_new`` slot, which is what ``cls.__new__(cls)`` calls.
 
 Classes
 -------
-Stored by name ``module:qualname`` (or the name given to ``register_class``). Decoding
-imports the module, finds the class, creates the instance with ``cls.__new__(cls)`` and
-sets its state with ``object.__setattr__`` semantics (``__init__`` is never called), or
-calls its ``__setstate__``; no other code runs: no ``__reduce__``, no arbitrary callables.
-``strict=True`` refuses every class that is not registered.
+Stored by name ``module:qualname`` (or the name given to ``register_class``: dotted
+identifiers or ``module:qualname``, checked at registration). Decoding an instance runs its
+class's code, so the file never picks the class: a decode admits only *trusted* classes,
+
+    registered name        -> _name_to_class       (process-wide)
+    name this process      -> _stored              (process-wide; filled by the encoder the
+      stored a class under                           first time it classifies a class)
+    module:qualname of a   -> sys.modules[module]  (per decode: the Decoder's `trust`, which
+      trusted module          then qualname          pb.open(trust=) imported; the class
+                                                     must belong to that module)
+
+and nothing here ever imports a module. A resolved name is cached in ``_dec_info`` with how
+it was admitted (``trusted``: process-wide; ``trust_module``: for decoders trusting that
+module), and ``_admits`` re-checks that on every cache hit and on the last-class fast path,
+so one database's trusted modules never leak into another's decodes. Any other name is a
+DecodeError naming the class and the fix; with ``opaque=True`` (the command line) it is an
+``Opaque`` instead: the extension code, the exact payload bytes, and the collections the
+payload refers to (found by ``_scan``, which walks nested extensions). Encoding an Opaque
+copies its payload unchanged, or, when it holds references, re-frames it with each reference
+renumbered through ``ref_hook`` (``_copy_renumbered``), so a dump and load keeps it byte for
+byte. The encoder warns once per class (``_warned``) when it stores an unregistered class
+whose module the encoding database does not trust: other processes could not read it.
+Instances are created with ``cls.__new__(cls)`` and given their state with
+``object.__setattr__`` semantics (``__init__`` is never called), or by their ``__setstate__``;
+no other code runs: no ``__reduce__``, no arbitrary callables. ``strict=True`` admits
+registered classes only.
 
 Keys
 ----
@@ -138,7 +159,7 @@ from libc.math cimport isnan, isinf
 cimport cpython.datetime as cdt
 
 import sys
-import importlib
+import warnings as _warnings
 import datetime as _dt
 import decimal as _decimal
 import fractions as _fractions
@@ -146,7 +167,7 @@ import uuid as _uuid
 import enum as _enum
 import dataclasses as _dataclasses
 
-from protobase.errors import SerializationError, DecodeError
+from protobase.errors import SerializationError, DecodeError, InvalidArgumentError
 
 cdef extern from *:
     const char *PB_SOURCE_DIGEST
@@ -229,8 +250,8 @@ cdef enum:
     S_STATE = 5
     S_DEPTH = 6
 
-__all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "dumps_key", "register_class",
-           "refs", "MAX_DEPTH"]
+__all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "Opaque", "dumps_key",
+           "register_class", "refs", "MAX_DEPTH"]
 
 MAX_DEPTH = DEPTH_LIMIT
 
@@ -257,19 +278,41 @@ cdef tuple _BUILTIN_VALUE_TYPES = (
 
 cdef dict _name_to_class = {}       # registered name -> class
 cdef dict _class_to_name = {}       # class -> registered name (the latest registration)
+cdef dict _stored = {}              # name -> class this process encoded under that name
+cdef set _warned = set()            # classes already warned about (stored but unshared)
 cdef dict _enc_info = {}            # class -> _ClassInfo, for encoding
-cdef dict _dec_info = {}            # stored name -> _ClassInfo, for decoding
+cdef dict _dec_info = {}            # stored name -> _ClassInfo of a class some decoder admitted
 cdef _ClassInfo _last_dec = None    # the class decoded last: homogeneous data skips the lookup
+
+
+cdef bint _dotted(str s):
+    if not s:
+        return False
+    for part in s.split("."):
+        if not part.isidentifier():
+            return False
+    return True
+
+
+cdef bint _valid_name(str name):
+    module, sep, qualname = name.partition(":")
+    return _dotted(module) and (not sep or _dotted(qualname))
 
 
 def register_class(cls, name):
     """Store instances of `cls` under the stable `name`, and resolve `name` to `cls` when
-    decoding. A renamed or moved class keeps loading old data when registered under the
-    name it was stored with. `strict=True` decoding accepts registered classes only."""
+    decoding, in this process (every process that reads the data registers it too). A
+    renamed or moved class keeps loading old data when registered under the name it was
+    stored with. A name is dotted identifiers (``"app.Point"``) or ``module:qualname``
+    (``"app.models:Point"``, the form of unregistered classes)."""
     if not isinstance(cls, type):
         raise TypeError(f"register_class expects a class, got {type(cls).__name__}")
     if not isinstance(name, str) or not name:
         raise TypeError("register_class expects a non-empty str name")
+    if not _valid_name(name):
+        raise InvalidArgumentError(
+            f"register_class name {name!r} is not a class name: use dotted identifiers "
+            f"('app.Point') or 'module:qualname' ('app.models:Point')")
     other = _name_to_class.get(name)
     if other is not None and other is not cls:
         raise ValueError(f"the name {name!r} is already registered for {other!r}")
@@ -281,15 +324,30 @@ def register_class(cls, name):
     _last_dec = None
 
 
+cdef frozenset _trust_set(object trust, str who):
+    """`trust` (None or an iterable of module names) as the frozenset the codec keeps."""
+    if trust is None:
+        return None
+    if isinstance(trust, (str, bytes)):
+        raise TypeError(f"{who} trust= takes a list of module names, not one "
+                        f"{type(trust).__name__}: write trust=[{trust!r}]")
+    out = frozenset(trust)
+    for m in out:
+        if not isinstance(m, str) or not _dotted(m):
+            raise TypeError(f"{who} trust= takes module names (dotted identifiers such as "
+                            f"'myapp.models'), not {m!r:.60}")
+    return out or None
+
+
 cdef str _default_name(cls):
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
 cdef object _lookup_qualname(str module, str qualname):
-    mod = sys.modules.get(module)
-    if mod is None:
-        mod = importlib.import_module(module)
-    obj = mod
+    """The object `qualname` names in the already imported `module`; never imports."""
+    obj = sys.modules.get(module)
+    if obj is None:
+        raise LookupError(f"module {module!r} is not imported")
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
@@ -403,6 +461,7 @@ cdef _ClassInfo _named(_ClassInfo info):
             return info
     info.name = name
     info.registered = _name_to_class.get(name) is cls
+    info.unshared = not info.registered
     cdef _Encoder e = _Encoder.__new__(_Encoder)
     _w_str(e, name)
     info.name_packed = e.take()
@@ -410,44 +469,112 @@ cdef _ClassInfo _named(_ClassInfo info):
 
 
 cdef inline _ClassInfo _class_info(object cls):
+    """The encoder's view of `cls`; the first time, the class becomes one this process stored."""
     cdef PyObject *p = PyDict_GetItem(_enc_info, cls)
     if p != NULL:
         return <_ClassInfo>p
     info = _classify(cls)
     _enc_info[cls] = info
+    if info.name is not None:
+        _stored.setdefault(info.name, cls)
     return info
 
 
-cdef _ClassInfo _resolve(_Decoder d, str name, int expect):
-    """The class stored under `name`, checked to be of the kind the bytes claim."""
+cdef int _warn_unshared(_Encoder e, _ClassInfo info) except -1:
+    """An unregistered class is being stored: other processes read it only if they trust its
+    module, so say so once per class (unless this encoder's database trusts the module,
+    which a script's __main__ never counts as: it is another module in every process)."""
+    cls = info.cls
+    module = cls.__module__
+    if e.trust is not None and module in e.trust and module != "__main__":
+        return 0
+    info.unshared = False
+    if cls in _warned:
+        return 0
+    _warned.add(cls)
+    fix = (f"call pb.register_class({cls.__qualname__}, 'app.{cls.__qualname__}') in every "
+           f"process that writes or reads it")
+    if module == "__main__":
+        where = "it is defined in __main__ (a script or notebook), another module in every process"
+    else:
+        where = f"other processes decode it only when they trust its module {module!r}"
+        fix += f", or open the database with trust=[{module!r}]"
+    _warnings.warn(f"storing an instance of {module}.{cls.__qualname__}, a class that is not "
+                   f"registered: {where}; {fix}", UserWarning, stacklevel=1)
+    return 0
+
+
+cdef inline bint _admits(_Decoder d, _ClassInfo info):
+    """Whether this decode may build instances of the class `info` resolved."""
+    if d.strict:
+        return info.registered
+    return info.trusted or (info.trust_module is not None and d.trust is not None
+                            and info.trust_module in d.trust)
+
+
+cdef _ClassInfo _find_trusted(_Decoder d, str name):
+    """The class stored under `name` when this decode trusts it, else None. Trusted are the
+    registered names, the names this process stored, and `module:qualname` names of the
+    decoder's trusted modules (already imported by whoever named them: nothing here imports,
+    so a file never chooses what module is loaded or which class runs)."""
     cdef PyObject *p = PyDict_GetItem(_dec_info, name)
     cdef _ClassInfo info
-    if p != NULL:
-        info = <_ClassInfo>p
-    else:
-        cls = _name_to_class.get(name)
-        if cls is None:
-            if d.strict:
-                raise DecodeError(f"class {name!r} is not registered and strict=True refuses "
-                                  f"it; call pb.register_class(cls, {name!r}) to allow it")
-            module, sep, qualname = name.partition(":")
-            if not sep or not module or not qualname:
-                raise DecodeError(f"malformed class name {name!r} in the stored value")
-            try:
-                cls = _lookup_qualname(module, qualname)
-            except Exception as exc:
-                raise DecodeError(
-                    f"class {name!r} of a stored value cannot be found ({exc!r}); import its "
-                    f"module, or call pb.register_class(cls, {name!r}) if it was renamed") from None
-            if not isinstance(cls, type):
-                raise DecodeError(f"{name!r} in the stored value does not name a class")
-        info = _classify(cls)
-        if info.kind == K_REFUSED:
-            raise DecodeError(f"class {name!r} cannot hold a stored value: {info.refusal}")
-        _dec_info[name] = info
+    if p != NULL and _admits(d, <_ClassInfo>p):
+        return <_ClassInfo>p
+    cls = _name_to_class.get(name)
+    if cls is None and not d.strict:
+        cls = _stored.get(name)
+    module = None
+    if cls is None:
+        if d.strict or d.trust is None:
+            return None
+        module, sep, qualname = name.partition(":")
+        if not sep or module not in d.trust:
+            return None
+        try:
+            cls = _lookup_qualname(module, qualname)
+        except Exception as exc:
+            raise DecodeError(f"class {name!r} of a stored value is not in its trusted module "
+                              f"{module!r} ({exc!r}); register the class it was renamed to with "
+                              f"pb.register_class(cls, {name!r})") from None
+        if not isinstance(cls, type):
+            raise DecodeError(f"{name!r} in the stored value does not name a class")
+        if cls.__module__ != module or cls.__qualname__ != qualname:
+            # found through an import into the module: the class belongs elsewhere
+            raise DecodeError(f"{name!r} in the stored value names {_default_name(cls)!r}, a "
+                              f"class outside the trusted module {module!r}")
+    info = _classify(cls)
+    if info.kind == K_REFUSED:
+        raise DecodeError(f"class {name!r} cannot hold a stored value: {info.refusal}")
+    info.trusted = module is None
+    info.trust_module = module
+    _dec_info[name] = info
+    return info
+
+
+cdef object _untrusted(_Decoder d, str name):
+    """The DecodeError for a class name this decode does not trust."""
+    if d.strict:
+        return DecodeError(f"class {name!r} is not registered and strict=True refuses it; "
+                           f"call pb.register_class(cls, {name!r}) to allow it")
+    module, sep, qualname = name.partition(":")
+    if not sep:
+        return DecodeError(
+            f"class name {name!r} of a stored value is not registered in this process; "
+            f"call pb.register_class(cls, {name!r}) before reading, as the writer did")
+    return DecodeError(
+        f"class {name!r} of a stored value is not trusted by this process, so it was not "
+        f"decoded (a file never chooses what code runs); call pb.register_class(cls, {name!r}) "
+        f"or open the database with trust=[{module!r}]")
+
+
+cdef _ClassInfo _resolve(_Decoder d, str name, int expect):
+    """The class stored under `name`, trusted and checked to be of the kind the bytes claim."""
+    cdef _ClassInfo info = _find_trusted(d, name)
+    if info is None:
+        raise _untrusted(d, name)
     if d.strict and _name_to_class.get(name) is not info.cls:
-        raise DecodeError(f"class {name!r} is not registered and strict=True refuses it; "
-                          f"call pb.register_class(cls, {name!r}) to allow it")
+        raise _untrusted(d, name)
     if not _kind_ok(info.kind, expect):
         raise DecodeError(f"class {name!r} is not of the kind the stored value needs "
                           f"(the class changed since the value was written?)")
@@ -465,7 +592,7 @@ cdef _ClassInfo _dec_class(_Decoder d, int depth, int expect):
     global _last_dec
     cdef _ClassInfo last = _last_dec
     cdef Py_ssize_t n
-    if last is not None and _kind_ok(last.kind, expect) and (last.registered or not d.strict):
+    if last is not None and _kind_ok(last.kind, expect) and _admits(d, last):
         n = PyBytes_GET_SIZE(last.name_packed)
         if d.end - d.pos >= n and memcmp(d.buf + d.pos, PyBytes_AS_STRING(last.name_packed), n) == 0:
             d.pos += n
@@ -1028,6 +1155,8 @@ cdef class ExtDefault:
 cdef int _enc_hooked(_Encoder e, object obj, int depth) except -1:
     """Not a plain built-in value: the caller's hooks first, then the class."""
     cdef Py_ssize_t start
+    if type(obj) is Opaque:
+        return _enc_opaque(e, <Opaque>obj, depth)
     if e.ref_hook is not None:
         ref = PyObject_CallOneArg(e.ref_hook, obj)
         if ref is not None:
@@ -1054,6 +1183,8 @@ cdef int _enc_hooked(_Encoder e, object obj, int depth) except -1:
             _w_ext_header(e, res[0], len(res[1]))
             return _w_raw(e, PyBytes_AS_STRING(res[1]), PyBytes_GET_SIZE(res[1]))
     cdef _ClassInfo info = _class_info(type(obj))
+    if info.unshared:
+        _warn_unshared(e, info)
     if info.kind == K_DATACLASS:
         return _enc_dataclass(e, info, obj, depth)
     if info.kind == K_OBJECT:
@@ -1122,6 +1253,89 @@ cdef int _enc_ndarray(_Encoder e, object arr, int depth) except -1:
     _w_byte(e, 0xc3 if fortran else 0xc2)
     _w_bin(e, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
     return _ext_end(e, start, EXT_NDARRAY)
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class Opaque:
+    """A class instance carried undecoded because its class is not trusted here (decoders
+    with ``opaque=True`` make them: the command line reads untrusted data so). `code` is its
+    extension code, `name` the class name it was stored under, `payload` the exact bytes,
+    `refs` the collections referenced inside, in order. Encoding it writes the same bytes,
+    with each reference renumbered through ``ref_hook``; no class code ever runs."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("Opaque values are made by decoding with opaque=True, not by hand")
+
+    def __repr__(self):
+        return f"<opaque {self.name} instance: {len(self.payload)} bytes>"
+
+    def __eq__(self, other):
+        if type(other) is not Opaque:
+            return NotImplemented
+        o = <Opaque>other
+        return self.code == o.code and self.payload == o.payload and self.refs == o.refs
+
+    def __hash__(self):
+        return hash((self.code, self.payload))
+
+
+cdef int _enc_opaque(_Encoder e, Opaque o, int depth) except -1:
+    if not o.refs:
+        _w_ext_header(e, o.code, PyBytes_GET_SIZE(o.payload))
+        return _w_raw(e, PyBytes_AS_STRING(o.payload), PyBytes_GET_SIZE(o.payload))
+    if e.ref_hook is None:
+        raise SerializationError(f"an opaque {o.name} instance refers to collections: encode it "
+                                 f"with a ref_hook", type_name="Opaque")
+    cdef _Decoder d = _Decoder.__new__(_Decoder)
+    d.buf = <const unsigned char *>PyBytes_AS_STRING(o.payload)
+    d.end = PyBytes_GET_SIZE(o.payload)
+    cdef Py_ssize_t k = 0
+    cdef Py_ssize_t start = _ext_begin(e)
+    while d.pos < d.end:
+        _copy_renumbered(e, d, o.refs, &k, depth + 1)
+    return _ext_end(e, start, o.code)
+
+
+cdef int _copy_renumbered(_Encoder e, _Decoder d, tuple refs, Py_ssize_t *k, int depth) except -1:
+    """Copy one value of an Opaque's payload byte for byte, except that the k-th collection
+    reference becomes ``ref_hook(refs[k])`` (enclosing extension headers re-sized to fit)."""
+    cdef Py_ssize_t i, n, saved, s = d.pos, es
+    cdef int code = 0
+    n = _container_items(d)
+    if n >= 0:
+        _w_raw(e, <const char *>d.buf + s, d.pos - s)
+        for i in range(n):
+            _copy_renumbered(e, d, refs, k, depth + 1)
+        return 0
+    n = _ext_header(d, &code)
+    if n < 0 or not _structured(code):
+        if n < 0:
+            _skip(d, depth)
+        else:
+            d.pos += n
+        return _w_raw(e, <const char *>d.buf + s, d.pos - s)
+    if code == EXT_REF:
+        d.pos += n
+        if k[0] >= PyTuple_GET_SIZE(refs):
+            raise SerializationError("an opaque value holds more references than it resolved",
+                                     type_name="Opaque")
+        ref = PyObject_CallOneArg(e.ref_hook, <object>PyTuple_GET_ITEM(refs, k[0]))
+        k[0] += 1
+        if not PyLong_CheckExact(ref):
+            raise SerializationError(f"ref_hook returned {type(ref).__name__} for a collection "
+                                     f"an opaque value refers to, expected an int",
+                                     type_name="Opaque")
+        es = _ext_begin(e)
+        _w_int(e, ref)
+        return _ext_end(e, es, EXT_REF)
+    saved = d.end
+    d.end = d.pos + n
+    es = _ext_begin(e)
+    while d.pos < d.end:
+        _copy_renumbered(e, d, refs, k, depth + 1)
+    d.end = saved
+    return _ext_end(e, es, code)
 
 
 cdef int _enc_enum(_Encoder e, _ClassInfo info, object obj, int depth) except -1:
@@ -1263,7 +1477,7 @@ cdef enum:
     KEEP_BUFFER = 16384     # a spare state keeps a buffer up to this size for the next call
 
 
-cdef inline _Encoder _take_encoder(object ref_hook, object default):
+cdef inline _Encoder _take_encoder(object ref_hook, object default, frozenset trust):
     global _spare_encoder
     cdef _Encoder e = _spare_encoder
     if e is None:
@@ -1272,6 +1486,7 @@ cdef inline _Encoder _take_encoder(object ref_hook, object default):
         _spare_encoder = None
     e.ref_hook = ref_hook
     e.default = default
+    e.trust = trust
     return e
 
 
@@ -1280,6 +1495,7 @@ cdef inline void _give_back_encoder(_Encoder e) noexcept:
     e.length = 0
     e.ref_hook = None
     e.default = None
+    e.trust = None
     e.steps = None
     if e.cap > KEEP_BUFFER:
         PyMem_Free(e.buf)
@@ -1288,8 +1504,8 @@ cdef inline void _give_back_encoder(_Encoder e) noexcept:
     _spare_encoder = e
 
 
-cdef bytes _encode(object obj, object ref_hook, object default):
-    cdef _Encoder e = _take_encoder(ref_hook, default)
+cdef bytes _encode(object obj, object ref_hook, object default, frozenset trust):
+    cdef _Encoder e = _take_encoder(ref_hook, default, trust)
     try:
         _enc(e, obj, 0)
         return e.take()
@@ -1306,7 +1522,7 @@ def dumps(obj, *, ref_hook=None, default=None):
     encoded as a class instance: an int N stores "a reference to collection N". `default(x)`
     may return ``(code, bytes)`` with code in 64..127. Unsupported values raise
     SerializationError with `type_name` and `path`."""
-    return _encode(obj, ref_hook, default)
+    return _encode(obj, ref_hook, default, None)
 
 
 @cython.final
@@ -1316,15 +1532,16 @@ cdef class Encoder:
     ``dumps(x, ref_hook=h)`` without the keyword handling on every call (the layers
     above encode every written value through one per transaction)."""
 
-    def __init__(self, *, ref_hook=None, default=None):
+    def __init__(self, *, ref_hook=None, default=None, trust=None):
         self.ref_hook = ref_hook
         self.default = default
+        self.trust = _trust_set(trust, "Encoder")
 
     @cython.binding(False)                 # a plain C method: called without cyfunction dispatch
     @cython.always_allow_keywords(False)   # METH_O: one positional argument, no parsing
     def encode(self, obj):
         """Encode `obj` exactly as dumps() with this encoder's hooks does."""
-        return _encode(obj, self.ref_hook, self.default)
+        return _encode(obj, self.ref_hook, self.default, self.trust)
 
 
 # --------------------------------------------------------------------------- keys
@@ -1441,6 +1658,8 @@ cdef int _key(_Encoder e, object k, int depth) except -1:
         info = _class_info(t)
         if info.kind != K_ENUM:
             return _refuse(k, info.refusal)
+        if info.unshared:
+            _warn_unshared(e, info)
         return _enc_enum(e, info, k, depth)
     if isinstance(k, tuple) and _class_info(t).kind == K_NAMEDTUPLE:
         return _key(e, tuple(k), depth)
@@ -1721,6 +1940,12 @@ cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
     if depth >= DEPTH_LIMIT and code != EXT_BIGINT and code != EXT_SURROGATE_STR:
         _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
     d.end = d.pos + n
+    if d.opaque and (code == EXT_ENUM or code == EXT_NAMEDTUPLE or code == EXT_DATACLASS
+                     or code == EXT_OBJECT):
+        out = _untrusted_opaque(d, code, start, n, depth)
+        if out is not None:
+            d.end = saved_end
+            return out
     if code == EXT_TUPLE:
         m = _rd_array_header(d)
         out = PyTuple_New(m)
@@ -1846,6 +2071,112 @@ cdef object _dec_ext(_Decoder d, Py_ssize_t n, int depth):
         _fail(d, f"extension type {code} has {d.end - d.pos} unread payload bytes")
     d.end = saved_end
     return out
+
+
+cdef object _untrusted_opaque(_Decoder d, int code, Py_ssize_t start, Py_ssize_t n, int depth):
+    """The class payload at [start, start + n) as an Opaque when its class is not trusted
+    (None when it is: decode it as usual). References inside are resolved, so that the
+    collections they name are reached and can be renumbered when the Opaque is encoded."""
+    _rd_array_header(d)
+    name = _dec_of(d, depth + 1, str, "a class name")
+    try:
+        info = _find_trusted(d, name)
+    except DecodeError:
+        info = None
+    d.pos = start
+    if info is not None:
+        return None
+    cdef list ids = []
+    while d.pos < d.end:
+        _scan(d, depth + 1, ids)
+    cdef Opaque out = Opaque.__new__(Opaque)
+    out.code = code
+    out.name = name
+    out.payload = PyBytes_FromStringAndSize(<const char *>d.buf + start, n)
+    if ids and d.ref_resolver is None:
+        _fail(d, "the value holds a collection reference but no ref_resolver was given")
+    d.hook_failed = True
+    out.refs = tuple([PyObject_CallOneArg(d.ref_resolver, i) for i in ids])
+    d.hook_failed = False
+    return out
+
+
+cdef inline bint _structured(int code) noexcept:
+    """Extension codes whose payload is nested values (the others hold raw bytes)."""
+    return (code == EXT_TUPLE or code == EXT_SET or code == EXT_FROZENSET
+            or (EXT_DATETIME <= code <= EXT_TIMEZONE) or code == EXT_FRACTION
+            or (EXT_ENUM <= code <= EXT_REF))
+
+
+cdef Py_ssize_t _container_items(_Decoder d) except -2:
+    """Move past the array or map header at d.pos; the number of values that follow (-1 and
+    nothing moved when the next value is not an array or map)."""
+    cdef uint8_t b = d.buf[d.pos]
+    cdef Py_ssize_t n
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+    elif 0x80 <= b <= 0x8f:
+        n = 2 * (b & 0x0f)
+    elif b == 0xdc or b == 0xdd:
+        d.pos += 1
+        n = <Py_ssize_t>_rd(d, 2 if b == 0xdc else 4)
+        d.pos -= 1
+    elif b == 0xde or b == 0xdf:
+        d.pos += 1
+        n = 2 * <Py_ssize_t>_rd(d, 2 if b == 0xde else 4)
+        d.pos -= 1
+    else:
+        return -1
+    d.pos += 1
+    _need(d, n)                                # every item takes at least one byte
+    return n
+
+
+cdef Py_ssize_t _ext_header(_Decoder d, int *code) except -2:
+    """Move past the extension header at d.pos and set `code`; the payload's length (-1 and
+    nothing moved when the next value is not an extension)."""
+    cdef uint8_t b = d.buf[d.pos]
+    cdef Py_ssize_t n
+    if 0xd4 <= b <= 0xd8:
+        d.pos += 1
+        n = 1 << (b - 0xd4)
+    elif 0xc7 <= b <= 0xc9:
+        d.pos += 1
+        n = <Py_ssize_t>_rd(d, 1 << (b - 0xc7))
+    else:
+        return -1
+    code[0] = <signed char>_rd(d, 1)
+    _need(d, n)
+    return n
+
+
+cdef int _scan(_Decoder d, int depth, list ids) except -1:
+    """Move past one value as _skip does, but into extensions too, appending the id of every
+    collection reference met."""
+    cdef Py_ssize_t i, n, saved
+    cdef int code = 0
+    if depth >= DEPTH_LIMIT:
+        _fail(d, f"value nested deeper than {DEPTH_LIMIT} levels")
+    _need(d, 1)
+    n = _container_items(d)
+    if n >= 0:
+        for i in range(n):
+            _scan(d, depth + 1, ids)
+        return 0
+    n = _ext_header(d, &code)
+    if n < 0:
+        return _skip(d, depth)
+    if not _structured(code):
+        d.pos += n
+        return 0
+    saved = d.end
+    d.end = d.pos + n
+    if code == EXT_REF:
+        ids.append(_dec_of(d, depth + 1, int, "a collection reference"))
+    while d.pos < d.end:
+        _scan(d, depth + 1, ids)
+    d.end = saved
+    return 0
 
 
 cdef object _dec_tz(_Decoder d, int depth):
@@ -2140,7 +2471,8 @@ def refs(data):
 
 
 cdef object _decode(object data, object ref_resolver, object ext_hook, bint strict,
-                    bytes field=None, object missing=None, object other=None):
+                    frozenset trust, bint opaque, bytes field=None, object missing=None,
+                    object other=None):
     global _spare_decoder
     cdef _Decoder d = _spare_decoder
     cdef Py_buffer view
@@ -2166,6 +2498,8 @@ cdef object _decode(object data, object ref_resolver, object ext_hook, bint stri
     d.ref_resolver = ref_resolver
     d.ext_hook = ext_hook
     d.strict = strict
+    d.trust = trust
+    d.opaque = opaque
     try:
         if field is not None:
             return _dec_field(d, field, missing, other)
@@ -2188,14 +2522,17 @@ cdef object _decode(object data, object ref_resolver, object ext_hook, bint stri
         d.buf = NULL
         d.ref_resolver = None
         d.ext_hook = None
+        d.trust = None
         _spare_decoder = d
 
 
-def loads(data, *, ref_resolver=None, ext_hook=None, strict=False):
+def loads(data, *, ref_resolver=None, ext_hook=None, strict=False, trust=None, opaque=False):
     """Decode one value from `data` (bytes-like). Damaged, truncated or forged bytes, and
-    trailing bytes after the value, raise DecodeError. `strict=True` refuses classes that
-    were not registered with register_class."""
-    return _decode(data, ref_resolver, ext_hook, strict)
+    trailing bytes after the value, raise DecodeError. Instances are built only of trusted
+    classes: registered ones, ones this process stored, and those of the modules named in
+    `trust` (already imported); any other class is a DecodeError, or with `opaque=True` an
+    Opaque holding its payload. `strict=True` admits registered classes only."""
+    return _decode(data, ref_resolver, ext_hook, strict, _trust_set(trust, "loads"), opaque)
 
 
 @cython.final
@@ -2205,16 +2542,20 @@ cdef class Decoder:
     ``loads(b, ref_resolver=r)`` without the keyword handling on every call (the layers
     above decode every value read through one per transaction)."""
 
-    def __init__(self, *, ref_resolver=None, ext_hook=None, strict=False):
+    def __init__(self, *, ref_resolver=None, ext_hook=None, strict=False, trust=None,
+                 opaque=False):
         self.ref_resolver = ref_resolver
         self.ext_hook = ext_hook
         self.strict = strict
+        self.trust = _trust_set(trust, "Decoder")
+        self.opaque = opaque
 
     @cython.binding(False)                 # a plain C method: called without cyfunction dispatch
     @cython.always_allow_keywords(False)   # METH_O: one positional argument, no parsing
     def decode(self, data):
         """Decode `data` exactly as loads() with this decoder's hooks does."""
-        return _decode(data, self.ref_resolver, self.ext_hook, self.strict)
+        return _decode(data, self.ref_resolver, self.ext_hook, self.strict, self.trust,
+                       self.opaque)
 
     def decode_field(self, data, str name, missing, other):
         """``decode(data).get(name, missing)`` for `data` encoding a plain dict, building
@@ -2224,8 +2565,8 @@ cdef class Decoder:
             key = name.encode("utf-8")
         except UnicodeEncodeError:     # a lone surrogate: such keys are stored apart
             return other
-        return _decode(data, self.ref_resolver, self.ext_hook, self.strict, key, missing,
-                       other)
+        return _decode(data, self.ref_resolver, self.ext_hook, self.strict, self.trust,
+                       self.opaque, key, missing, other)
 
     def decode_fields(self, list datas, str name, missing, other):
         """``[decode_field(d, name, missing, other) for d in datas]`` in one C loop."""
@@ -2235,6 +2576,6 @@ cdef class Decoder:
         except UnicodeEncodeError:
             return [other] * len(datas)
         for data in datas:
-            out.append(_decode(data, self.ref_resolver, self.ext_hook, self.strict, key,
-                               missing, other))
+            out.append(_decode(data, self.ref_resolver, self.ext_hook, self.strict, self.trust,
+                               self.opaque, key, missing, other))
         return out
