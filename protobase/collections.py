@@ -32,7 +32,7 @@ from .errors import QueryError, VectorError
 from .index import Index, IndexSpec, refuse_references
 from .query import Query, make_predicate
 from .query.expr import MISSING as FIELD_MISSING, extract, split_path
-from .state import MISSING, CollState, btree, hamt, idset
+from .state import MISSING, CollState, btree, codec, hamt, idset
 from ._core import load as _load_core
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class _Collection(_handle.HandleCore):
         sees the root, or None (nested deeper, or not named at all). A conflict is rare:
         the root's raw values are compared with the bytes of a reference to this one."""
         tx = self._tx
-        ref = _dumps(self, ref_hook=lambda obj, cid=self._cid: cid)
+        ref = codec.dumps(self, ref_hook=lambda obj, cid=self._cid: cid)
         root = tx._handles.get(0)
         if root is not None and root._mut is not None:
             struct = root._mut

@@ -286,7 +286,8 @@ def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability =
     # replace that file (not the link), and side files sit beside it. db.path reports it.
     path = os.path.realpath(os.fspath(path))
     store = LogStore.open(path, durability=durability, readonly=readonly, bytes_cache_size=cache_size,
-                          file_layer=file_layer, upgrade=_upgrade)
+                          file_layer=file_layer,
+                          upgrade=lambda old, new: _upgrade(old, new, trust))
     leftover = path + ".compact"
     if not readonly and os.path.exists(leftover):
         os.remove(leftover)          # an interrupted compaction; the database file is intact
@@ -298,12 +299,12 @@ def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability =
         raise
 
 
-def _upgrade(old, new):
+def _upgrade(old, new, trust):
     """LogStore.open's upgrade step for a file of an older format: the newest state of
     `old` copied into `new` (this build's format) as its one commit."""
     root_ptr = old.head[1]
     if root_ptr >= 0:
-        Database._write_copy(new, State.load(root_ptr, StoreIO(old)))
+        Database._write_copy(new, State.load(root_ptr, StoreIO(old, trust)), trust=trust)
 
 
 class Database:
@@ -936,10 +937,11 @@ class Database:
         self._hand_over(gather=False)
 
     @staticmethod
-    def _write_copy(store, state, changed=None):
+    def _write_copy(store, state, changed=None, trust=None):
         """Write a fresh copy of `state` (or only its `changed` collections on top of what
-        `store` already holds) as one commit of `store`; returns the copied State."""
-        io = StoreIO(store, self._trust)
+        `store` already holds) as one commit of `store`; returns the copied State. `trust`:
+        the modules the database trusts (for nodes whose keys are their Enum members)."""
+        io = StoreIO(store, trust)
         if changed is None:
             colls = hamt.Map().mutate()
             items = state.colls.items()
@@ -994,14 +996,16 @@ class Database:
                 with self._commit_lock:
                     self._settle_pending()
                     first = self._pending
-                copy = self._write_copy(new, first)          # the long part: commits go on
+                # the long part: commits go on meanwhile
+                copy = self._write_copy(new, first, trust=self._trust)
                 with self._commit_lock:
                     self._settle_pending()
                     last = self._pending
                     if last is not first:
                         changed = [cid for cid, cs in last.colls.items()
                                    if first.colls.get(cid) is not cs]
-                        copy = self._write_copy(new, last, changed=(copy, changed))
+                        copy = self._write_copy(new, last, changed=(copy, changed),
+                                                 trust=self._trust)
                     new.checkpoint()
                     io = StoreIO(new, self._trust)
                     head = State.load(new.head[1], io)
@@ -1051,7 +1055,7 @@ class Database:
             store = LogStore.open(tmp, durability="full",    # a backup is the same database
                                   database_id=self._store.database_id if self._store else None)
             try:
-                self._write_copy(store, state)
+                self._write_copy(store, state, trust=self._trust)
             finally:
                 store.close()
             self._backup_side_files(path, state.seq, written)
