@@ -13,9 +13,16 @@ import re
 import sys
 from pathlib import Path
 
-# Document the checkout this script sits in (built in place), not some installed copy.
+# Document the checkout this script sits in when it is built in place; when its compiled
+# core is not built (CI installs the package instead), the installed copy of it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import protobase  # noqa: E402
+try:
+    import protobase  # noqa: E402
+except ImportError:
+    del sys.path[0]
+    for _name in [m for m in sys.modules if m == "protobase" or m.startswith("protobase.")]:
+        del sys.modules[_name]
+    import protobase  # noqa: E402
 import protobase.cli as protobase_cli  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "api.md"

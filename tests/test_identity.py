@@ -293,23 +293,22 @@ def test_a_failed_upgrade_leaves_the_version_1_file_or_a_complete_upgrade(v1):
         assert _v1_contents(tx) == V1_EXPECTED
 
 
-def _cli(*args):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__)))
+def _cli(env, cwd, *args):
     return subprocess.run([sys.executable, "-m", "protobase", *args], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+                          text=True, timeout=120, env=env, cwd=cwd)
 
 
 def test_protobase_dump_reads_a_version_1_file_and_load_makes_a_new_version_2_database(
-        v1, tmp_path):
+        v1, tmp_path, child_env, child_cwd):
     raw = open(v1, "rb").read()
-    dumped = _cli("dump", v1)
+    dumped = _cli(child_env, child_cwd, "dump", v1)
     assert dumped.returncode == 0, dumped.stderr
     assert open(v1, "rb").read() == raw          # dump reads; it never upgrades
     assert '"changed"' in dumped.stdout and '"user 18"' in dumped.stdout
     new = str(tmp_path / "new.pb")
     dump_file = tmp_path / "dump.jsonl"
     dump_file.write_text(dumped.stdout)
-    loaded = _cli("load", new, str(dump_file))
+    loaded = _cli(child_env, child_cwd, "load", new, str(dump_file))
     assert loaded.returncode == 0, loaded.stderr
     with pb.open(new, readonly=True) as db, db.transaction() as tx:
         assert db.stats()["format_version"] == 2 and db.stats()["database_id"] is not None

@@ -295,31 +295,32 @@ for readonly in (True, False):
 """
 
 
-def _open_in_a_child(path):
+def _open_in_a_child(path, env, cwd):
     """pb.open(path) both ways in a child process, so that an open that blocks (a FIFO
     with no writer) fails the test by its timeout instead of hanging the suite."""
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pb.__file__)))
-    out = subprocess.run([sys.executable, "-c", _OPEN_EACH_WAY, str(path)], env=env,
+    out = subprocess.run([sys.executable, "-c", _OPEN_EACH_WAY, str(path)], env=env, cwd=cwd,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
 
 
-def test_opening_a_fifo_is_not_a_database_error_at_once_and_leaves_it_alone(tmp_path):
+def test_opening_a_fifo_is_not_a_database_error_at_once_and_leaves_it_alone(tmp_path, child_env,
+                                                                             child_cwd):
     fifo = tmp_path / "pipe.pb"
     os.mkfifo(fifo)
-    lines = _open_in_a_child(fifo)
+    lines = _open_in_a_child(fifo, child_env, child_cwd)
     assert len(lines) == 2 and all(l.startswith("NotADatabaseError") for l in lines), lines
     assert "FIFO" in lines[0] and "regular file" in lines[0]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.pb"]
 
 
-def test_opening_a_directory_or_a_device_is_not_a_database_error(tmp_path):
+def test_opening_a_directory_or_a_device_is_not_a_database_error(tmp_path, child_env,
+                                                                  child_cwd):
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "keep").write_bytes(b"x")
     for path, what in [(folder, "a directory"), ("/dev/null", "a character device")]:
-        lines = _open_in_a_child(path)
+        lines = _open_in_a_child(path, child_env, child_cwd)
         assert lines == [lines[0]] * 2 and lines[0].startswith("NotADatabaseError"), lines
         assert what in lines[0]
         with pytest.raises(pb.NotADatabaseError):
