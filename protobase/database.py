@@ -242,22 +242,15 @@ def _check_retries(retries):
 def _import_trusted(trust):
     """The modules named by open(trust=...), imported now (the codec itself never imports:
     a class is decoded only from a module the reading program named)."""
-    if trust is None:
-        return None
-    if isinstance(trust, (str, bytes)):
-        raise TypeError(f"trust takes a list of module names, not one {type(trust).__name__}: "
-                        f"write trust=[{trust!r}]")
-    names = list(trust)
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"trust takes module names (str), not {type(name).__name__}")
+    names = codec.trust_modules(trust, "pb.open()")
+    for name in sorted(names or ()):
         try:
             importlib.import_module(name)
         except ImportError as exc:
             raise InvalidArgumentError(
                 f"trust names module {name!r}, which cannot be imported ({exc}); fix the name, "
                 f"or install the module or put its folder on sys.path") from exc
-    return frozenset(names) or None
+    return names
 
 
 

@@ -2,7 +2,7 @@
 from typing import Any, Callable, Final, Iterable, Optional, Tuple, Union
 
 __all__ = ["dumps", "loads", "Encoder", "Decoder", "ExtDefault", "Opaque", "dumps_key",
-           "register_class", "refs", "MAX_DEPTH"]
+           "register_class", "refs", "trust_modules", "MAX_DEPTH"]
 
 __source_digest__: str
 
@@ -87,6 +87,10 @@ class Opaque:
 def dumps_key(key: Any) -> bytes:
     """Canonical bytes of a key: equal keys (as in a dict) give identical bytes. Non-key types
     raise SerializationError (a TypeError)."""
+
+def trust_modules(trust: Optional[Iterable[str]], who: str = ...) -> Optional[frozenset[str]]:
+    """`trust` checked as every trust= argument is (TypeError naming `who` otherwise): a
+    frozenset of dotted module names, or None."""
 
 def register_class(cls: type, name: str) -> None:
     """Store `cls` under the stable `name` and resolve `name` to `cls` when decoding.
