@@ -453,10 +453,13 @@ def _overfetch(index, trusted, q, k, ef, sel):
     n = len(index)
     fetch = min(n, _fetch(k, sel))
     while True:
-        labels = index.search(q, fetch, ef=max(ef, fetch))[0]
+        # hnswlib's recall of its top `fetch` is poor when ef barely exceeds fetch (0.945
+        # recall@10 at 30% measured in CI): the walk keeps twice as many candidates.
+        walk = max(ef, 2 * fetch)
+        labels = index.search(q, fetch, ef=walk)[0]
         keep = type(trusted).from_numpy(labels) & trusted     # order is not needed: top()
         if len(keep) >= k or len(labels) < fetch:             # ranks them again
-            plan = f"hnsw over-fetching {fetch} then filtering (ef={max(ef, fetch)})"
+            plan = f"hnsw over-fetching {fetch} then filtering (ef={walk})"
             return (*index.top(keep.to_numpy(), q, k), plan)
         if fetch >= n:
             ids, d = index.top(trusted.to_numpy(), q, k)
