@@ -208,7 +208,7 @@ def dump(db: Database, out: IO[bytes], fmt: str = "jsonl") -> TDict[str, int]:
     Returns {"collections": ..., "entries": ...}."""
     if fmt not in ("jsonl", "msgpack"):
         raise UsageError(f"unknown dump format {fmt!r}: use jsonl or msgpack")
-    w = _Writer(out, fmt, db._trust)
+    w = _Writer(out, fmt, db.trust)
     with db.transaction(readonly=True) as tx:
         root = tx.root
         w.write({"format": DUMP_FORMAT, "version": DUMP_VERSION, "root": 0})
@@ -400,7 +400,7 @@ def load(db: Database, stream: IO[bytes], fmt: Optional[str] = None,
 
     # No class code runs while reading a dump: classes of modules `db` trusts are decoded,
     # the others come back as the opaque payloads they were dumped as.
-    decode = codec.Decoder(ref_resolver=resolve, trust=db._trust, opaque=True).decode
+    decode = codec.Decoder(ref_resolver=resolve, trust=db.trust, opaque=True).decode
 
     with db.transaction() as tx, _progress(total=size, unit="B", unit_scale=True, desc="load") as bar:
         if len(tx.root):
@@ -477,15 +477,9 @@ def _open_existing(path: str, readonly: bool = True,
     # the open itself, as NotADatabaseError, without reading it (storage.fileio).
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
-    return _opaque(open_db(path, readonly=readonly, trust=trust))
-
-
-def _opaque(db: Database) -> Database:
-    """`db` with its reads in the command line's mode: an instance of a class it does not
-    trust is read as a codec.Opaque (its stored bytes), never decoded, so no application
-    code runs and nothing fails for want of the application's modules."""
-    db._opaque = True
-    return db
+    # Untrusted classes read as codec.Opaque: no application code runs, and nothing fails
+    # for want of the application's modules.
+    return open_db(path, readonly=readonly, trust=trust, opaque=True)
 
 
 def _size(n: Optional[float]) -> str:
@@ -686,7 +680,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: no such file")
     created = not os.path.exists(args.path)
     try:
-        with open(args.file, "rb") as f, _opaque(open_db(args.path, trust=args.trust)) as db:
+        with open(args.file, "rb") as f, open_db(args.path, trust=args.trust, opaque=True) as db:
             result = load(db, f, args.format, os.path.getsize(args.file))
     except BaseException:
         if created:                            # no half-made database left behind

@@ -256,7 +256,7 @@ def _import_trusted(trust):
 
 def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability = "full",
          readonly: bool = False, cache_size: int = 64 << 20, file_layer: Any = None,
-         trust: Optional[Iterable[str]] = None) -> "Database":
+         trust: Optional[Iterable[str]] = None, opaque: bool = False) -> "Database":
     """Open (creating if needed) the database at `path`; no path or ":memory:" opens an
     in-memory database with the same semantics and no files.
 
@@ -268,12 +268,16 @@ def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability =
     wraps the real file to inject I/O errors and simulated power loss in tests.
     trust: names of modules whose classes this database decodes (imported here; a missing one
     is an InvalidArgumentError). Classes registered with pb.register_class and classes this
-    process stored are decoded without it; any other class is a DecodeError, never an import."""
+    process stored are decoded without it; any other class is a DecodeError, never an import.
+    opaque: read an instance of any other class as a codec.Opaque (its stored bytes, carried
+    and written back unchanged) instead of raising: for tools that move data they do not
+    run, as `protobase dump`/`info`/`load` do."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
     trust = _import_trusted(trust)
     if path is None or path == ":memory:":
-        return Database(None, durability=durability, readonly=readonly, trust=trust)
+        return Database(None, durability=durability, readonly=readonly, trust=trust,
+                        opaque=opaque)
     from .storage import LogStore
     # The database is the file the path names: through a symbolic link, compaction must
     # replace that file (not the link), and side files sit beside it. db.path reports it.
@@ -286,7 +290,7 @@ def open(path: Union[str, os.PathLike, None] = None, *, durability: Durability =
         os.remove(leftover)          # an interrupted compaction; the database file is intact
     try:
         return Database(store, durability=durability, readonly=readonly, file_layer=file_layer,
-                        cache_size=cache_size, trust=trust)
+                        cache_size=cache_size, trust=trust, opaque=opaque)
     except BaseException:
         store.close()
         raise
@@ -304,12 +308,12 @@ class Database:
     """A ProtoBase database. Shared by threads; each Transaction belongs to one thread."""
 
     def __init__(self, store, *, durability="full", readonly=False, file_layer=None,
-                 cache_size=64 << 20, trust=None):
+                 cache_size=64 << 20, trust=None, opaque=False):
         self._store = store
         self._cache_size = cache_size
         self._file_layer = file_layer
         self._trust = trust          # frozenset of trusted module names, or None
-        self._opaque = False         # the command line's readers: untrusted classes stay Opaque
+        self._opaque = opaque        # tools' readers: untrusted classes stay codec.Opaque
         self._row_decode = codec.Decoder(ref_resolver=_no_ref, trust=trust).decode
         self._io = StoreIO(store, trust) if store is not None else None
         self._durability = durability
@@ -1128,6 +1132,16 @@ class Database:
         followed (the file compaction replaces and side files are named after); None in
         memory."""
         return None if self._store is None else self._store.path
+
+    @property
+    def trust(self) -> Optional[frozenset]:
+        """The module names given to open(trust=...) (a frozenset), or None."""
+        return self._trust
+
+    @property
+    def opaque(self) -> bool:
+        """Whether instances of untrusted classes read as codec.Opaque (open(opaque=True))."""
+        return self._opaque
 
     @property
     def durability(self) -> str:

@@ -56,9 +56,9 @@ class Transaction:
         # instead of being passed by keyword on each call.
         # The database's trusted modules admit their classes (and silence the warning about
         # storing them); the command line's opaque mode carries untrusted classes undecoded.
-        self._encode = codec.Encoder(ref_hook=self._hook, trust=db._trust).encode
-        self._decoder = codec.Decoder(ref_resolver=self._resolver, trust=db._trust,
-                                      opaque=db._opaque)  # index builds read fields
+        self._encode = codec.Encoder(ref_hook=self._hook, trust=db.trust).encode
+        self._decoder = codec.Decoder(ref_resolver=self._resolver, trust=db.trust,
+                                      opaque=db.opaque)  # index builds read fields
         self._decode = self._decoder.decode
 
     # -- the root ----------------------------------------------------------------------
